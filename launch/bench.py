@@ -1,0 +1,37 @@
+"""Benchmarks; results are written to benchmarks/ in the repo.
+
+    python launch/bench.py render   [--budget local]   # render speed (x real time), peak memory
+    python launch/bench.py metastep [--budget local]   # seconds / meta-step, peak memory, per model/backend/order
+    python launch/bench.py quality  [--budget local]   # the paper's Table 1 shape, with baselines
+    python launch/bench.py sharing                     # task set held once by 4 concurrent trials
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SUITES = {
+    "render": "metafx.bench.render",
+    "metastep": "metafx.bench.metastep",
+    "quality": "metafx.bench.quality",
+    "sharing": "metafx.bench.sharing",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suite", choices=sorted(SUITES))
+    ap.add_argument("--budget", default="local", choices=["smoke", "local", "paper"])
+    ap.add_argument("--space", default="lstm.yaml")
+    ap.add_argument("--out", default=None, help="output folder (default: benchmarks/ in the repo)")
+    args, rest = ap.parse_known_args(argv)
+    mod = importlib.import_module(SUITES[args.suite])
+    return int(mod.main(args, rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
