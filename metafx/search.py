@@ -1,0 +1,505 @@
+"""Distributed hyperparameter search: Ray Tune schedules trials, Optuna samples, ASHA prunes.
+
+The only module importing ray and optuna (DESIGN.md style rule 1).
+
+Data flow: the driver renders (or reuses) the task set once into the
+content-addressed cache; every trial on a node opens the same files memory-mapped
+(read-only), so the node holds one copy in its page cache however many trials
+run (see ``launch/bench.py sharing``). A node without the cache (multi-node,
+no shared file system) renders it once itself: the cache is atomic and keyed by
+content, so concurrent trials agree on one copy.
+
+MLflow: one writer. A Tune callback in the driver records every trial
+(:class:`metafx.tracking.Tracker`); trials never open the tracking store, they leave
+their artifacts in their final checkpoint, from where the driver logs them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from metafx.config import REPO_ROOT, Config, ConfigError, SearchParam, config_from_dict, dump_config, get_dotted
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = REPO_ROOT / "ray_results"
+FAILED_MARKER = "metafx_nonfinite.txt"
+
+
+# --------------------------------------------------------------------------- search space
+
+
+def _active(p: SearchParam, values: Mapping[str, Any], base: Mapping[str, Any]) -> bool:
+    """A conditional parameter exists only when every ``when`` key takes an allowed value."""
+    for key, allowed in p.when:
+        v = values[key] if key in values else get_dotted(base, key)
+        if v not in allowed:
+            return False
+    return True
+
+
+class DefineByRun:
+    """Optuna define-by-run space from the study's ``search.params`` (no computation inside).
+
+    Parameters are suggested in file order; one with ``when: {model.arch: lstm}`` is
+    suggested only in trials whose (sampled or fixed) ``model.arch`` is ``lstm``.
+    """
+
+    def __init__(self, params: tuple[SearchParam, ...], base: Mapping[str, Any]):
+        self.params = params
+        self.base = dict(base)
+
+    def __call__(self, trial) -> None:
+        values: dict[str, Any] = {}
+        for p in self.params:
+            if not _active(p, values, self.base):
+                continue
+            if p.dist == "categorical":
+                values[p.key] = trial.suggest_categorical(p.key, list(p.choices))
+            elif p.dist == "int":
+                values[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1))
+            else:
+                values[p.key] = trial.suggest_float(p.key, float(p.low), float(p.high), log=p.log)
+        return None
+
+
+def check_space(cfg: Config) -> None:
+    """Search-section checks that need the whole config; raises ConfigError before Ray starts."""
+    s = cfg.search
+    if not s.params:
+        raise ConfigError(f"{cfg.source_file}: search.params is empty: give at least one parameter to search")
+    searched = {p.key for p in s.params}
+    arch_choices = next((set(p.choices) for p in s.params if p.key == "model.arch"), {cfg.model.arch})
+    for p in s.params:
+        parts = p.key.split(".")
+        if parts[0] == "model" and len(parts) > 2 and parts[1] in ("lstm", "tcn", "transformer"):
+            conds = dict(p.when).get("model.arch")
+            possible = set(conds) & arch_choices if conds else arch_choices
+            if parts[1] not in possible:
+                raise ConfigError(
+                    f"{cfg.source_file}: search.params.{p.key}: the model never has this parameter here "
+                    f"(model.arch is {sorted(arch_choices)}{' with when ' + str(sorted(conds)) if conds else ''}); "
+                    f"remove it, or add `when: {{model.arch: {parts[1]}}}` with {parts[1]} among model.arch choices")
+        for key, _ in p.when:
+            if key not in searched and get_dotted(cfg.to_dict(), key) is None:
+                raise ConfigError(f"{cfg.source_file}: search.params.{p.key}.when: {key!r} is neither searched nor set")
+    if s.metric.split("/")[-1] not in ("query_l1_post", "query_l1_pre", "support_l1_post", "support_l1_pre") \
+            and not s.metric.startswith("val/"):
+        raise ConfigError(f"{cfg.source_file}: search.metric = {s.metric!r}: allowed are the reported training "
+                          "metrics, e.g. val/query_l1_post, query_l1_post")
+
+
+def trial_config(cfg: Config, sampled: Mapping[str, Any]) -> Config:
+    """The full configuration of one trial: the study's resolved config plus sampled values."""
+    over = {k: v for k, v in sampled.items() if "." in k}
+    return config_from_dict(cfg.to_dict(), cfg.source_file, overrides=over)
+
+
+# --------------------------------------------------------------------------- trainable
+
+
+def _trainable(config: dict[str, Any], base: dict[str, Any], source: str) -> None:
+    """Runs inside a Ray worker: one trial of meta-training, reporting to Tune."""
+    import torch
+    from ray import tune
+
+    from metafx.data.tasks import load_taskset
+    from metafx.maml import NonFiniteLossError
+    from metafx.train import meta_train
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    cfg = config_from_dict(base, Path(source), overrides={k: v for k, v in config.items() if "." in k})
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    marker = trial_dir / FAILED_MARKER
+    if marker.is_file():  # a deterministic non-finite loss: do not burn retries on it
+        raise NonFiniteLossError(marker.read_text())
+    taskset = load_taskset(cfg.data, progress=False)
+    ckpt = tune.get_checkpoint()
+    resume = None
+    if ckpt is not None:
+        resume = Path(ckpt.to_directory()) / "checkpoint.pt"
+    node = {"node_ip": _node_ip(), "hostname": socket.gethostname()}
+
+    def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
+        m = {**metrics, **node}
+        if ckpt_dir is not None:
+            tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        else:
+            tune.report(m)
+
+    try:
+        meta_train(cfg, taskset, report, resume_from=resume, workdir=trial_dir / "work",
+                   baselines=False, artifacts=True)
+    except NonFiniteLossError as e:
+        marker.write_text(str(e))
+        raise
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside a Ray worker the hostname is enough
+        return socket.gethostname()
+
+
+# --------------------------------------------------------------------------- MLflow callback
+
+
+_TRACKERS: dict[str, Any] = {}  # search name -> Tracker of this driver process
+_REPORTED = ("support_l1_pre", "support_l1_post", "query_l1_post", "outer_loss", "best_step", "params", "wall_seconds")
+
+
+def _callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class _NullTracker:
+    """Stands in when a search runs with tracking off."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+class MLflowTracking(_callback_base()):
+    """Records each trial as a nested MLflow run, from the driver (the single writer).
+
+    Tune pickles its callbacks into the experiment state; the Tracker (a live store
+    connection) is not pickled but looked up by search name, so a restored search
+    reattaches to the tracker of the resuming driver.
+    """
+
+    def __init__(self, search_name: str, cfg_raw: dict[str, Any], source: str, dataset_hash: str) -> None:
+        self.search_name = search_name
+        self.cfg_raw = cfg_raw
+        self.source = source
+        self.dataset_hash = dataset_hash
+        self.last: dict[str, dict] = {}
+
+    @property
+    def tracker(self):
+        return _TRACKERS.get(self.search_name) or _NullTracker()
+
+    def _cfg(self, sampled: Mapping[str, Any]) -> Config:
+        return config_from_dict(self.cfg_raw, Path(self.source), overrides={k: v for k, v in sampled.items() if "." in k})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        tcfg = self._cfg(trial.config)
+        params = {**tcfg.flat(), **{f"sampled.{k}": v for k, v in trial.config.items()}}
+        self.tracker.trial_run(trial.trial_id, params=params, tags={
+            "model": tcfg.model.arch, "budget": tcfg.budget, "dataset_hash": self.dataset_hash,
+            "ray_trial_id": trial.trial_id})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.last[trial.trial_id] = result
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        nums = {k: float(v) for k, v in result.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and ("/" in k or k in _REPORTED)}
+        self.tracker.log_metrics(trial.trial_id, nums, step=step)
+        if "node_ip" in result:
+            self.tracker.set_tags(trial.trial_id, {"node": result["node_ip"], "hostname": result.get("hostname", "")})
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = self.last.get(trial.trial_id) or trial.last_result or {}
+        finished = "test/query_l1_post" in last  # else ASHA stopped it before the final evaluation
+        if finished and trial.checkpoint is not None:
+            path = Path(trial.checkpoint.path)
+            if (path / "artifacts").is_dir():
+                self.tracker.log_artifacts(trial.trial_id, path / "artifacts")
+            for f in ("best.pt", "checkpoint.pt"):
+                if (path / f).is_file():
+                    self.tracker.log_artifact(trial.trial_id, path / f, "checkpoint")
+        self.tracker.end_trial(trial.trial_id, "FINISHED", stopped_early=not finished)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.tracker.end_trial(trial.trial_id, "FAILED", error=_trial_error(trial))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["last"] = {}
+        return state
+
+
+def _trial_error(trial) -> str:
+    try:
+        path = trial.error_file
+        if path and os.path.isfile(path):
+            return Path(path).read_text()[-20000:]
+    except Exception:  # noqa: BLE001 - error text is best effort; the status is what matters
+        pass
+    return str(getattr(trial, "error_msg", None) or "trial failed (see Ray logs)")
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    experiment_path: str
+    best_config_path: Path | None
+    best_checkpoint: str | None
+    best_metrics: dict[str, float]
+    table: list[dict[str, Any]]
+    parent_run_id: str | None
+
+
+def _init_ray(num_cpus: int | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 configure_logging=True, logging_level=logging.WARNING)
+
+
+def _check_storage(storage: str) -> None:
+    """Multi-node Tune needs shared storage (Ray 2.7+ does not sync to the head node)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    is_uri = "://" in storage
+    if len(alive) > 1 and not is_uri and not os.environ.get("METAFX_SHARED_STORAGE"):
+        raise ConfigError(
+            f"this Ray cluster has {len(alive)} nodes but --storage {storage!r} is a local path: trial checkpoints "
+            "would be lost when a trial moves node. Pass --storage on shared storage (s3://..., gs://..., or an NFS "
+            "path mounted on every node, then also set METAFX_SHARED_STORAGE=1 to confirm it is shared)")
+
+
+def run_search(
+    cfg: Config,
+    *,
+    name: str | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    resume: bool = False,
+    num_samples: int | None = None,
+    track: bool = True,
+    verbose: int = 1,
+) -> SearchOutcome:
+    """Run (or resume) the search described by ``cfg.search``.
+
+    Args:
+        cfg: the study config (budget applied).
+        name: search name (Tune experiment and MLflow parent run); default ``<study>-<budget>``.
+        storage: Tune storage path or URI; default ``ray_results/`` in the repo.
+        tracking_uri: MLflow tracking URI; default the SQLite store in ``mlruns/``.
+        resume: continue the interrupted search of this name.
+        num_samples: override ``search.num_samples``.
+        track: record to MLflow.
+
+    Returns:
+        SearchOutcome with the best configuration written as a study YAML.
+
+    Raises:
+        ConfigError: a bad search section, before Ray starts.
+    """
+    check_space(cfg)
+    name = name or f"{cfg.name}-{cfg.budget}"
+    storage = storage or str(DEFAULT_STORAGE)
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    exp_path = f"{storage.rstrip('/')}/{name}"
+    s = cfg.search
+
+    # The task set is rendered (or reused) once, here, before any trial starts.
+    from metafx.data.tasks import load_taskset
+
+    taskset = load_taskset(cfg.data)
+    manifest = dict(taskset.manifest)
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+    import optuna
+
+    _init_ray(None)
+    _check_storage(storage)
+
+    tracker = None
+    parent = None
+    if track:
+        from metafx.tracking import Tracker
+
+        tracker = Tracker(tracking_uri, experiment=cfg.name)
+        parent = tracker.start_search(cfg, name, manifest, resume=resume)
+
+    base = cfg.to_dict()
+    trainable = tune.with_parameters(_trainable, base=base, source=str(cfg.source_file))
+    resources = {"cpu": s.cpus_per_trial}
+    if s.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) > 0:
+        resources["gpu"] = s.gpus_per_trial
+    trainable = tune.with_resources(trainable, resources)
+
+    callbacks = []
+    if tracker:
+        _TRACKERS[name] = tracker
+        callbacks.append(MLflowTracking(name, base, str(cfg.source_file), taskset.hash))
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=s.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        verbose=verbose,
+    )
+    status = "FAILED"
+    try:
+        if resume:
+            if not tune.Tuner.can_restore(exp_path):
+                raise ConfigError(f"--resume: no search named {name!r} to resume under {storage} "
+                                  "(check --name and --storage)")
+            # Finished trials stay finished; unfinished ones continue from their checkpoints; the
+            # searcher's state (Optuna study) comes back from the experiment state.
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            searcher = OptunaSearch(
+                space=DefineByRun(s.params, base), metric=s.metric, mode=s.mode,
+                sampler=optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, s.num_samples // 3)),
+            )
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
+            if s.scheduler == "asha":
+                scheduler = ASHAScheduler(time_attr="step", max_t=cfg.maml.meta_steps, grace_period=s.grace_period,
+                                          reduction_factor=s.reduction_factor)
+            else:
+                scheduler = FIFOScheduler()
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
+                                            num_samples=num_samples or s.num_samples,
+                                            max_concurrent_trials=s.max_concurrent),
+                run_config=run_config,
+            )
+        results = tuner.fit()
+        outcome = _summarize(cfg, name, exp_path, results, parent)
+        status = "FINISHED"
+        if tracker:
+            tracker.end_search("FINISHED", outcome.__dict__, _summary_files(cfg, outcome, results, exp_path))
+        return outcome
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker:
+            tracker.close_dangling("KILLED" if status != "FAILED" else "FAILED")
+
+
+def _completed(results) -> list:
+    out = []
+    for r in results:
+        if r.error is None and r.metrics and "test/query_l1_post" in r.metrics:
+            out.append(r)
+    return out
+
+
+def _summarize(cfg: Config, name: str, exp_path: str, results, parent) -> SearchOutcome:
+    s = cfg.search
+    table = []
+    for r in results:
+        m = r.metrics or {}
+        row = {"trial": Path(r.path).name if r.path else "?", "status": "ERROR" if r.error else
+               ("done" if "test/query_l1_post" in m else "stopped"), "step": m.get("step")}
+        row.update({k: v for k, v in (r.config or {}).items()})
+        for k in (s.metric, "test/query_l1_post", "test/query_stft_post", "test/lsfir/query_l1_post"):
+            if k in m:
+                row[k] = m[k]
+        table.append(row)
+    done = _completed(results)
+    best_cfg_path, best_ckpt, best_metrics = None, None, {}
+    if done:
+        sign = 1 if s.mode == "min" else -1
+        best = min(done, key=lambda r: sign * r.metrics.get(s.metric, math.inf))
+        best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))}
+        tcfg = trial_config(cfg, best.config)
+        raw = tcfg.to_dict()
+        raw.pop("search", None)
+        out_dir = Path(exp_path) if "://" not in exp_path else REPO_ROOT / "ray_results" / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        best_cfg_path = out_dir / "best_config.yaml"
+        dump_config(raw, best_cfg_path, header=(
+            f"# Best configuration of search {name!r} ({s.metric} = {best.metrics.get(s.metric):.5g}).\n"
+            f"# Rerun: python launch/train.py --space {best_cfg_path}"))
+        best_ckpt = best.checkpoint.path if best.checkpoint else None
+    return SearchOutcome(name, exp_path, best_cfg_path, best_ckpt, best_metrics, table, parent)
+
+
+def _summary_files(cfg: Config, outcome: SearchOutcome, results, exp_path: str) -> list[Path]:
+    """Trial table (CSV, Markdown), best config and Optuna plots for the parent MLflow run."""
+    import csv
+
+    import optuna
+
+    out = Path(exp_path) if "://" not in exp_path else REPO_ROOT / "ray_results" / outcome.name
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    cols = sorted({k for row in outcome.table for k in row}, key=lambda k: (k not in ("trial", "status", "step"), k))
+    with open(out / "trials.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(outcome.table)
+    files.append(out / "trials.csv")
+    (out / "trials.md").write_text(format_table(outcome.table, cols))
+    files.append(out / "trials.md")
+    if outcome.best_config_path:
+        files.append(outcome.best_config_path)
+    # Optuna's plots from a study rebuilt from the finished trials (the searcher's own
+    # study does not survive Tuner.restore).
+    study = optuna.create_study(direction="minimize" if cfg.search.mode == "min" else "maximize")
+    dists = {p.key: _distribution(p) for p in cfg.search.params}
+    for r in results:
+        m = r.metrics or {}
+        v = m.get(cfg.search.metric)
+        if r.error is not None or v is None or not math.isfinite(float(v)):
+            continue
+        params = {k: v2 for k, v2 in (r.config or {}).items() if k in dists}
+        try:
+            study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                      value=float(v)))
+        except ValueError as e:
+            log.warning("trial %s not added to the Optuna summary: %s", r.path, e)
+    try:
+        from metafx.plots import optuna_plots
+
+        files += optuna_plots(study, out / "plots")
+    except (ImportError, ValueError, RuntimeError) as e:
+        log.warning("Optuna plots skipped: %s", e)
+    return files
+
+
+def _distribution(p: SearchParam):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if p.dist == "categorical":
+        return CategoricalDistribution(list(p.choices))
+    if p.dist == "int":
+        return IntDistribution(int(p.low), int(p.high), step=int(p.step or 1))
+    return FloatDistribution(float(p.low), float(p.high), log=p.log)
+
+
+def format_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
