@@ -105,8 +105,8 @@ class LSTMConfig:
 class TCNConfig:
     channels: int = 16
     blocks: int = 4
-    kernel: int = 13
-    dilation_growth: int = 10
+    kernel: int = 9
+    dilation_growth: int = 4
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,12 @@ class Config:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def tcn_receptive_field(t: TCNConfig) -> int:
+    """Samples of input one TCN output sample depends on: 1 + (k - 1) * sum_i growth**i."""
+    return 1 + (t.kernel - 1) * sum(t.dilation_growth ** i for i in range(t.blocks))
+
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -455,6 +461,12 @@ class _Validator:
                 f"{(maml.k_support + maml.k_query) * maml.slice_len / data.sample_rate:.2f} s of audio, but "
                 f"data.source.seconds = {data.source.seconds}: raise data.source.seconds or lower the slices"
             )
+        if model.arch == "tcn" and tcn_receptive_field(model.tcn) >= maml.slice_len:
+            raise ConfigError(
+                f"{self.path}: the TCN's receptive field ({tcn_receptive_field(model.tcn)} samples from "
+                f"model.tcn.kernel = {model.tcn.kernel}, blocks = {model.tcn.blocks}, dilation_growth = "
+                f"{model.tcn.dilation_growth}) must be shorter than maml.slice_len = {maml.slice_len}: "
+                "lower the kernel, blocks or dilation growth, or use longer slices")
         if model.arch == "transformer" and maml.slice_len > model.transformer.max_len:
             raise self.err("maml.slice_len", maml.slice_len, f"must be <= model.transformer.max_len = {model.transformer.max_len}")
         return Config(name, self.path, budget, data, model, maml, ev, search)
@@ -587,8 +599,8 @@ class _Validator:
         tcn = TCNConfig(
             channels=self.num(t, "channels", 16, lo=1, hi=1024, integer=True, full="model.tcn.channels"),
             blocks=self.num(t, "blocks", 4, lo=1, hi=32, integer=True, full="model.tcn.blocks"),
-            kernel=self.num(t, "kernel", 13, lo=1, hi=1025, integer=True, full="model.tcn.kernel"),
-            dilation_growth=self.num(t, "dilation_growth", 10, lo=1, hi=64, integer=True, full="model.tcn.dilation_growth"),
+            kernel=self.num(t, "kernel", 9, lo=1, hi=1025, integer=True, full="model.tcn.kernel"),
+            dilation_growth=self.num(t, "dilation_growth", 4, lo=1, hi=64, integer=True, full="model.tcn.dilation_growth"),
         )
         heads = self.num(x, "heads", 4, lo=1, hi=64, integer=True, full="model.transformer.heads")
         dm = self.num(x, "d_model", 128, lo=1, hi=4096, integer=True, full="model.transformer.d_model")

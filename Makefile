@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    set up, then run the main job (python launch/search.py --space lstm.yaml)
+#   make test   set up, then run the test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# CPU build by default (it lies on this machine's disk). On a CUDA machine: make setup TORCH_SPEC='torch>=2.4,<3'
+TORCH_SPEC ?= torch==2.13.0
+SPACE   ?= lstm.yaml
+BUDGET  ?= local
+export RAY_USAGE_STATS_ENABLED=0
+
+.PHONY: setup run test test-slow ui bench render clean-cache
+
+$(BIN)/.metafx-installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.metafx-installed
+
+run: setup
+	$(BIN)/python launch/search.py --space $(SPACE) --budget $(BUDGET)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Slow end-to-end tests (real browser on the MLflow UI, resume after SIGKILL, ...).
+test-slow: setup
+	bash .ci/browser-deps.sh
+	$(BIN)/python -m pytest -q -m slow
+
+# The MLflow UI on the embedded store, loopback only.
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000
+
+render: setup
+	$(BIN)/python launch/render.py --space $(SPACE) --budget $(BUDGET)
+
+bench: setup
+	$(BIN)/python launch/bench.py render --budget $(BUDGET)
+	$(BIN)/python launch/bench.py metastep --budget $(BUDGET)
+
+clean-cache:
+	rm -rf .cache ray_results

@@ -1,0 +1,123 @@
+"""Study files: every shipped YAML loads at every budget; bad search sections fail early and clearly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metafx.config import BUDGETS, SPACES_DIR, ConfigError, config_from_dict, dump_config, load_config, read_yaml
+
+SPACES = sorted(p.name for p in SPACES_DIR.glob("*.yaml"))
+
+
+def test_shipped_studies_exist():
+    assert {"lstm.yaml", "tcn.yaml", "transformer.yaml", "all.yaml"} <= set(SPACES)
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_every_study_loads(space, budget):
+    cfg = load_config(space, budget)
+    assert cfg.budget == budget
+    assert len(cfg.data.families) >= 1
+    n_tasks = sum(len(f.grid()) for f in cfg.data.families)
+    if budget in ("local", "paper"):
+        assert n_tasks >= 100, "local and paper budgets need at least 100 tasks"
+    if budget == "paper":
+        assert cfg.data.source.seconds >= 600 and cfg.maml.slice_len == 24000
+    assert cfg.search.params, "every shipped study has a search section"
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_every_key_is_commented(space):
+    """Every line that sets a key in the data/model/maml/eval/search sections carries a comment."""
+    text = (SPACES_DIR / space).read_text().splitlines()
+    section = None
+    for line in text:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith(" "):
+            section = line.split(":")[0]
+            continue
+        indent = len(line) - len(line.lstrip())
+        in_params = line.lstrip().startswith(("model.", "maml.", "data.", "eval.", "search."))
+        if section in ("data", "model", "maml", "eval", "search") and not in_params and indent <= 6:
+            assert "#" in line, f"{space}: uncommented key: {line.strip()}"
+
+
+def test_resolved_config_roundtrips(tmp_path):
+    cfg = load_config("lstm.yaml", "smoke", ["maml.inner_lr=0.05"])
+    out = tmp_path / "best.yaml"
+    dump_config(cfg.to_dict(), out)
+    again = load_config(out)
+    assert again.maml.inner_lr == 0.05
+    assert again.budget == "smoke"
+    assert again.data == cfg.data and again.model == cfg.model and again.maml == cfg.maml
+
+
+def test_override_parses_yaml_values():
+    cfg = load_config("lstm.yaml", "smoke", ["maml.first_order=true", "model.lstm.hidden=8", "maml.outer_loss={l1: 1, mrstft: 0.1}"])
+    assert cfg.maml.first_order is True and cfg.model.lstm.hidden == 8
+    assert dict(cfg.maml.outer_loss.terms) == {"l1": 1.0, "mrstft": 0.1}
+
+
+def _bad(tmp_path: Path, edit) -> str:
+    raw = read_yaml(SPACES_DIR / "lstm.yaml")
+    edit(raw)
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_config(p, "local")
+    msg = str(e.value)
+    assert str(p) in msg, "the error names the file"
+    return msg
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda r: r["search"]["params"].update({"maml.inner_lr": {"dist": "gaussian", "low": 0.1, "high": 1}}),
+     ["search.params.maml.inner_lr.dist", "gaussian", "loguniform"]),
+    (lambda r: r["search"]["params"].update({"maml.inner_lr": {"dist": "loguniform", "low": 0.5, "high": 0.1}}),
+     ["search.params.maml.inner_lr.low", "0.5", "<= high"]),
+    (lambda r: r["search"]["params"].update({"model.lstm.dropout": {"dist": "uniform", "low": 0, "high": 0.5}}),
+     ["model.lstm.dropout", "'dropout' is unknown", "hidden, skip"]),
+    (lambda r: r["search"].update({"num_samples": 0}), ["search.num_samples", "must be >= 1"]),
+    (lambda r: r["search"].update({"nmu_samples": 3}), ["unknown key 'search.nmu_samples'", "num_samples"]),
+    (lambda r: r["search"]["params"].update({"maml.inner_lr": {"dist": "loguniform", "low": 0, "high": 1}}),
+     ["loguniform needs low > 0"]),
+])
+def test_bad_search_section(tmp_path, edit, expect):
+    msg = _bad(tmp_path, edit)
+    for part in expect:
+        assert part in msg, f"{part!r} not in {msg!r}"
+
+
+def test_parameter_the_model_does_not_have(tmp_path):
+    """lstm.yaml's architecture is fixed to lstm: searching a TCN setting is refused before Ray starts."""
+    from metafx.search import check_space
+
+    raw = read_yaml(SPACES_DIR / "lstm.yaml")
+    raw["search"]["params"]["model.tcn.kernel"] = {"dist": "categorical", "choices": [3, 5]}
+    cfg = config_from_dict(raw, tmp_path / "x.yaml", budget="smoke")
+    with pytest.raises(ConfigError, match=r"model.tcn.kernel.*never has this parameter"):
+        check_space(cfg)
+
+
+def test_empty_search_is_refused(tmp_path):
+    from metafx.search import check_space
+
+    raw = read_yaml(SPACES_DIR / "lstm.yaml")
+    raw["search"]["params"] = {}
+    cfg = config_from_dict(raw, tmp_path / "x.yaml", budget="smoke")
+    with pytest.raises(ConfigError, match="search.params is empty"):
+        check_space(cfg)
+
+
+def test_tcn_receptive_field_checked():
+    with pytest.raises(ConfigError, match="receptive field"):
+        load_config("tcn.yaml", "smoke", ["model.tcn.dilation_growth=10", "model.tcn.blocks=4"])
+
+
+def test_unknown_study_lists_known():
+    with pytest.raises(ConfigError, match="lstm.yaml"):
+        load_config("nope.yaml")
