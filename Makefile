@@ -34,7 +34,7 @@ test-slow: setup
 
 # The MLflow UI on the embedded store, loopback only.
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 render: setup
 	$(BIN)/python launch/render.py --space $(SPACE) --budget $(BUDGET)

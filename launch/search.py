@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,19 +23,26 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from metafx.config import ConfigError, load_config  # noqa: E402
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", default="lstm.yaml", help="study name in search_spaces/ or a YAML path")
     ap.add_argument("--budget", choices=["smoke", "local", "paper"], default=None, help="default: local")
     ap.add_argument("--num-samples", type=int, default=None, help="override search.num_samples")
-    ap.add_argument("--resume", action="store_true", help="continue the interrupted search of this --name")
-    ap.add_argument("--name", default=None, help="search name (default <study>-<budget>)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted search: the one named by --name, else the latest of this study")
+    ap.add_argument("--name", default=None, help="search name (default <study>-<budget>-<date>-<time>)")
     ap.add_argument("--storage", default=None, help="Tune storage: a folder, or shared storage (s3://, NFS)")
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite in mlruns/)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--no-tracking", action="store_true", help="do not record to MLflow")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM (a scheduler or `ray job stop`) unwinds like Ctrl-C, so open MLflow runs are closed as KILLED.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         cfg = load_config(args.space, args.budget, args.set)
         if args.num_samples is not None and args.num_samples < 1:
@@ -47,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: continue with  python launch/search.py --space "
+              f"{args.space} --resume" + (f" --name {args.name}" if args.name else ""), file=sys.stderr)
+        return 130
     cols = [c for c in ("trial", "status", "step") if any(c in r for r in out.table)]
     metric_cols = [cfg.search.metric, "test/query_l1_post", "test/query_stft_post", "test/lsfir/query_l1_post"]
     param_cols = sorted({k for r in out.table for k in r if "." in k and k not in metric_cols})

@@ -126,7 +126,7 @@ def _trainable(config: dict[str, Any], base: dict[str, Any], source: str) -> Non
     resume = None
     if ckpt is not None:
         resume = Path(ckpt.to_directory()) / "checkpoint.pt"
-    node = {"node_ip": _node_ip(), "hostname": socket.gethostname()}
+    node = {"node_ip": _node_ip(), "node_id": _node_id(), "hostname": socket.gethostname()}
 
     def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
         m = {**metrics, **node}
@@ -141,6 +141,13 @@ def _trainable(config: dict[str, Any], base: dict[str, Any], source: str) -> Non
     except NonFiniteLossError as e:
         marker.write_text(str(e))
         raise
+
+
+def _node_id() -> str:
+    """Ray's node id: distinguishes two nodes on one host (the loopback cluster test)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _node_ip() -> str:
@@ -186,6 +193,7 @@ class MLflowTracking(_callback_base()):
         self.source = source
         self.dataset_hash = dataset_hash
         self.last: dict[str, dict] = {}
+        self.tagged: set[str] = set()
 
     @property
     def tracker(self):
@@ -197,9 +205,11 @@ class MLflowTracking(_callback_base()):
     def on_trial_start(self, iteration, trials, trial, **info):
         tcfg = self._cfg(trial.config)
         params = {**tcfg.flat(), **{f"sampled.{k}": v for k, v in trial.config.items()}}
+        from metafx import tracking as T
+
         self.tracker.trial_run(trial.trial_id, params=params, tags={
-            "model": tcfg.model.arch, "budget": tcfg.budget, "dataset_hash": self.dataset_hash,
-            "ray_trial_id": trial.trial_id})
+            T.TAG_MODEL: tcfg.model.arch, T.TAG_BUDGET: tcfg.budget, T.TAG_DATASET_HASH: self.dataset_hash,
+            T.TAG_RAY_TRIAL_ID: trial.trial_id})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result
@@ -207,8 +217,12 @@ class MLflowTracking(_callback_base()):
         nums = {k: float(v) for k, v in result.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and ("/" in k or k in _REPORTED)}
         self.tracker.log_metrics(trial.trial_id, nums, step=step)
-        if "node_ip" in result:
-            self.tracker.set_tags(trial.trial_id, {"node": result["node_ip"], "hostname": result.get("hostname", "")})
+        if "node_ip" in result and trial.trial_id not in self.tagged:
+            from metafx import tracking as T
+
+            self.tagged.add(trial.trial_id)
+            self.tracker.set_tags(trial.trial_id, {T.TAG_NODE: result["node_ip"], "metafx.node_id": result.get("node_id", ""),
+                                                   "metafx.hostname": result.get("hostname", "")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self.last.get(trial.trial_id) or trial.last_result or {}
@@ -227,7 +241,7 @@ class MLflowTracking(_callback_base()):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["last"] = {}
+        state["last"], state["tagged"] = {}, set()
         return state
 
 
@@ -310,11 +324,12 @@ def run_search(
         ConfigError: a bad search section, before Ray starts.
     """
     check_space(cfg)
-    name = name or f"{cfg.name}-{cfg.budget}"
     storage = storage or str(DEFAULT_STORAGE)
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
         Path(storage).mkdir(parents=True, exist_ok=True)
+    name = name or (latest_search(storage, cfg) if resume else None) or \
+        f"{cfg.name}-{cfg.budget}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_path = f"{storage.rstrip('/')}/{name}"
     s = cfg.search
 
@@ -392,7 +407,7 @@ def run_search(
         outcome = _summarize(cfg, name, exp_path, results, parent)
         status = "FINISHED"
         if tracker:
-            tracker.end_search("FINISHED", outcome.__dict__, _summary_files(cfg, outcome, results, exp_path))
+            tracker.end_search("FINISHED", outcome.__dict__, _summary_files(cfg, outcome, exp_path))
         return outcome
     except KeyboardInterrupt:
         status = "KILLED"
@@ -400,6 +415,14 @@ def run_search(
     finally:
         if tracker:
             tracker.close_dangling("KILLED" if status != "FAILED" else "FAILED")
+
+
+def latest_search(storage: str, cfg: Config) -> str | None:
+    """The most recent search of this study and budget under a local ``storage`` (for ``--resume``)."""
+    if "://" in storage or not Path(storage).is_dir():
+        return None
+    cands = [p for p in Path(storage).glob(f"{cfg.name}-{cfg.budget}-*") if p.is_dir()]
+    return max(cands, key=lambda p: p.stat().st_mtime).name if cands else None
 
 
 def _completed(results) -> list:
@@ -441,57 +464,22 @@ def _summarize(cfg: Config, name: str, exp_path: str, results, parent) -> Search
     return SearchOutcome(name, exp_path, best_cfg_path, best_ckpt, best_metrics, table, parent)
 
 
-def _summary_files(cfg: Config, outcome: SearchOutcome, results, exp_path: str) -> list[Path]:
-    """Trial table (CSV, Markdown), best config and Optuna plots for the parent MLflow run."""
-    import csv
+def _summary_files(cfg: Config, outcome: SearchOutcome, exp_path: str) -> list[Path]:
+    """Optuna's history and importance plots for the parent MLflow run.
 
-    import optuna
+    The study is rebuilt from the trial table: the searcher's own study does not
+    survive ``Tuner.restore``. (The tracker writes the trial table and best config itself.)
+    """
+    from metafx.plots import ArtifactError, optuna_plots, study_from_rows
 
     out = Path(exp_path) if "://" not in exp_path else REPO_ROOT / "ray_results" / outcome.name
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    cols = sorted({k for row in outcome.table for k in row}, key=lambda k: (k not in ("trial", "status", "step"), k))
-    with open(out / "trials.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(outcome.table)
-    files.append(out / "trials.csv")
-    (out / "trials.md").write_text(format_table(outcome.table, cols))
-    files.append(out / "trials.md")
-    if outcome.best_config_path:
-        files.append(outcome.best_config_path)
-    # Optuna's plots from a study rebuilt from the finished trials (the searcher's own
-    # study does not survive Tuner.restore).
-    study = optuna.create_study(direction="minimize" if cfg.search.mode == "min" else "maximize")
-    dists = {p.key: _distribution(p) for p in cfg.search.params}
-    for r in results:
-        m = r.metrics or {}
-        v = m.get(cfg.search.metric)
-        if r.error is not None or v is None or not math.isfinite(float(v)):
-            continue
-        params = {k: v2 for k, v2 in (r.config or {}).items() if k in dists}
-        try:
-            study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
-                                                      value=float(v)))
-        except ValueError as e:
-            log.warning("trial %s not added to the Optuna summary: %s", r.path, e)
     try:
-        from metafx.plots import optuna_plots
-
-        files += optuna_plots(study, out / "plots")
-    except (ImportError, ValueError, RuntimeError) as e:
+        study = study_from_rows([r for r in outcome.table if r["status"] != "ERROR"], cfg.search.metric,
+                                cfg.search.mode, cfg.search.params)
+        return optuna_plots(study, out / "plots")
+    except ArtifactError as e:
         log.warning("Optuna plots skipped: %s", e)
-    return files
-
-
-def _distribution(p: SearchParam):
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    if p.dist == "categorical":
-        return CategoricalDistribution(list(p.choices))
-    if p.dist == "int":
-        return IntDistribution(int(p.low), int(p.high), step=int(p.step or 1))
-    return FloatDistribution(float(p.low), float(p.high), log=p.log)
+        return []
 
 
 def format_table(rows: list[dict[str, Any]], cols: list[str]) -> str:

@@ -1,0 +1,509 @@
+"""Per-trial review artifacts: audio examples, output/spectrum plots, training curves.
+
+Everything a researcher needs to judge one trial in the MLflow UI without
+rerunning it (issue 5): for a fixed set of held-out test tasks the input, the
+target and the model's prediction before and after MAML adaptation as WAV
+files, a time-domain plot and a log-magnitude spectrum plot of target against
+prediction (the paper's Figures 4 and 5), and the three training curves of the
+paper's Figure 3.
+
+This module writes files only. It imports matplotlib (Agg backend), soundfile
+and scipy; never mlflow or ray. Optuna is imported lazily, only by
+:func:`optuna_plots` and :func:`study_from_rows`, to draw the search summary
+plots. The trials write these files into their checkpoint directory and the
+search driver uploads them (see :mod:`metafx.tracking`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+from scipy.signal import welch  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+#: Keys of an example dict given to :func:`write_trial_artifacts`.
+EXAMPLE_SIGNALS = ("input", "target", "pred_pre", "pred_post")
+#: Panels of ``training_curves.png``: (history key, panel title), paper Figure 3.
+CURVES = (
+    ("support_l1_pre", "support L1, before adaptation"),
+    ("support_l1_post", "support L1, after adaptation"),
+    ("query_l1_post", "query L1, after adaptation"),
+)
+_TIME_WINDOW_S = 0.02  # length of the time-domain plot window (20 ms, like Figures 4a/5a)
+_DPI = 110
+_SAFE = re.compile(r"[^A-Za-z0-9_.=-]+")
+
+
+class ArtifactError(ValueError):
+    """An example or history passed to the artifact writers is malformed."""
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def write_trial_artifacts(
+    out_dir: Path,
+    examples: Sequence[Mapping[str, Any]],
+    history: Sequence[Mapping[str, Any]],
+    sample_rate: int,
+) -> list[Path]:
+    """Write audio examples and review plots of one trial into ``out_dir``.
+
+    Layout (relative to ``out_dir``)::
+
+        audio/<task_id>/input.wav, target.wav, pred_pre.wav, pred_post.wav
+        plots/<task_id>_time.png       target vs predictions over a 20 ms window
+        plots/<task_id>_spectrum.png   Welch log-magnitude spectra, log frequency axis
+        plots/training_curves.png      the three curves of the paper's Figure 3
+
+    Predictions shorter than the target (a TCN's valid convolution drops its
+    receptive field) are aligned to the END of the target: in the WAVs they are
+    left-padded with zeros so every file of a task has the target's length and
+    the files line up sample by sample; the plots only use the region where
+    all signals exist. WAVs are 16-bit PCM; samples beyond [-1, 1] are clipped
+    and non-finite samples set to 0, each with a logged warning.
+
+    Args:
+        out_dir: directory to write into (created if missing), typically the
+            trial's final checkpoint directory.
+        examples: one dict per held-out test task with keys ``task_id`` (str),
+            ``family`` (str), ``params`` (dict of effect parameters, e.g.
+            ``{"cutoff": 1200.0, "resonance": 0.7}``) and 1-D float arrays
+            ``input``, ``target``, ``pred_pre``, ``pred_post``.
+        history: report dicts of the training run, each with ``step`` and any of
+            ``support_l1_pre``, ``support_l1_post``, ``query_l1_post`` and their
+            ``val/`` counterparts (e.g. ``val/query_l1_post``). May be empty.
+        sample_rate: sample rate of every signal, Hz.
+
+    Returns:
+        The written files, in writing order.
+
+    Shape:
+        ``input``, ``target``: (T,); ``pred_pre``, ``pred_post``: (T',) with T' <= T.
+
+    Raises:
+        ArtifactError: an example lacks a key, has a non-1-D signal, a prediction
+            longer than its target, an input of different length than its target,
+            or two examples share a task_id; or ``sample_rate`` is not positive.
+    """
+    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise ArtifactError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    seen: set[str] = set()
+    for i, ex in enumerate(examples):
+        sig, meta = _check_example(ex, i)
+        safe_id = _safe_name(meta["task_id"])
+        if safe_id in seen:
+            raise ArtifactError(f"examples[{i}]: task_id {meta['task_id']!r} is used twice (as file name {safe_id!r})")
+        seen.add(safe_id)
+        written += _write_example_audio(out_dir / "audio" / safe_id, sig, sample_rate, meta["task_id"])
+        written.append(_plot_time(out_dir / "plots" / f"{safe_id}_time.png", sig, sample_rate, meta))
+        written.append(_plot_spectrum(out_dir / "plots" / f"{safe_id}_spectrum.png", sig, sample_rate, meta))
+    curves = plot_training_curves(out_dir / "plots" / "training_curves.png", history)
+    if curves is not None:
+        written.append(curves)
+    return written
+
+
+def plot_training_curves(path: Path, history: Sequence[Mapping[str, Any]]) -> Path | None:
+    """Draw the three training curves of the paper's Figure 3 into one PNG.
+
+    Panels: pre-adaptation support L1, post-adaptation support L1 and
+    post-adaptation query L1 against the meta-step; where a history entry has
+    the ``val/`` version of a key, the validation curve is overlaid. Non-finite
+    values are left out. The y axis is logarithmic when every value is positive.
+
+    Args:
+        path: PNG file to write (parent directories are created).
+        history: report dicts with ``step`` and any of the curve keys.
+
+    Returns:
+        ``path``, or None when the history holds no finite curve value at all
+        (nothing is written then).
+
+    Raises:
+        ArtifactError: a history entry with a curve value has no integer ``step``.
+    """
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for j, h in enumerate(history):
+        for base, _ in CURVES:
+            for key in (base, f"val/{base}"):
+                if key not in h:
+                    continue
+                v = _finite(h[key])
+                if v is None:
+                    continue
+                step = h.get("step")
+                if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+                    raise ArtifactError(f"history[{j}] has {key} but its 'step' is {step!r}, expected an integer")
+                xs, ys = series.setdefault(key, ([], []))
+                xs.append(int(step))
+                ys.append(v)
+    if not series:
+        log.debug("no finite training-curve values in a history of %d entries; %s not written", len(history), path)
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
+    try:
+        for ax, (base, title) in zip(axes, CURVES):
+            drawn = False
+            for key, style, label in ((base, "-", "train"), (f"val/{base}", "o--", "validation")):
+                if key in series:
+                    xs, ys = series[key]
+                    order = np.argsort(xs, kind="stable")
+                    ax.plot(np.asarray(xs)[order], np.asarray(ys)[order], style, label=label, ms=3, lw=1.2)
+                    drawn = True
+            if drawn:
+                vals = [y for k in (base, f"val/{base}") if k in series for y in series[k][1]]
+                if min(vals) > 0:
+                    ax.set_yscale("log")
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "not reported", ha="center", va="center", transform=ax.transAxes, color="gray")
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("meta-step")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].set_ylabel("L1")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def trial_table_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Render trial rows as a GitHub-flavoured Markdown table.
+
+    Floats are shown with 4 significant digits, missing values as empty cells;
+    ``|`` and newlines inside values are escaped so the table stays intact.
+
+    Args:
+        rows: one mapping per trial.
+        columns: the columns to show, in order (keys of the rows).
+
+    Returns:
+        The table text, ending in a newline.
+
+    Raises:
+        ArtifactError: ``columns`` is empty.
+    """
+    if not columns:
+        raise ArtifactError("trial_table_markdown needs at least one column")
+    lines = [
+        "| " + " | ".join(_md_cell(c) for c in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for r in rows:
+        lines.append("| " + " | ".join(_md_cell(format_value(r.get(c))) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_value(v: Any) -> str:
+    """Human-readable cell text: floats with 4 significant digits, None as empty.
+
+    Args:
+        v: any value.
+
+    Returns:
+        The text.
+    """
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.4g}"
+    return str(v)
+
+
+def study_from_rows(
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    mode: str = "min",
+    search_params: Iterable[Any] | None = None,
+) -> Any:
+    """Rebuild an Optuna study from finished trial rows (for the summary plots).
+
+    Useful when the live study is not at hand (e.g. after ``Tuner.restore`` or
+    from an MLflow read-back): each row with a finite ``metric`` becomes a
+    COMPLETE trial. Distributions come from ``search_params`` (the
+    :class:`metafx.config.SearchParam` list of the study) when given, else are
+    inferred from the values seen (float range, int range or categorical).
+
+    Args:
+        rows: mappings holding the metric and the parameter values under their
+            dotted keys (``maml.inner_lr``), either at top level or in a
+            ``params`` sub-mapping.
+        metric: the objective's key in the rows, e.g. ``val/query_l1_post``.
+        mode: ``min`` or ``max``.
+        search_params: the searched parameters (objects with ``key``, ``dist``,
+            ``low``, ``high``, ``step``, ``log``, ``choices``), or None.
+
+    Returns:
+        An in-memory ``optuna.Study``.
+
+    Raises:
+        ArtifactError: ``mode`` is not min/max or no row has a finite metric.
+    """
+    import optuna  # plotting only; search.py owns the real study
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if mode not in ("min", "max"):
+        raise ArtifactError(f"mode must be 'min' or 'max', got {mode!r}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    scored = [(r, _finite(r.get(metric))) for r in rows]
+    scored = [(r, v) for r, v in scored if v is not None]
+    if not scored:
+        raise ArtifactError(f"no trial row has a finite value of metric {metric!r}; cannot build a study")
+
+    def values_of(r: Mapping[str, Any]) -> dict[str, Any]:
+        sub = r.get("params")
+        return dict(sub) if isinstance(sub, Mapping) else dict(r)
+
+    dists: dict[str, Any] = {}
+    if search_params is not None:
+        for sp in search_params:
+            if sp.dist == "categorical":
+                dists[sp.key] = CategoricalDistribution(list(sp.choices))
+            elif sp.dist == "int":
+                dists[sp.key] = IntDistribution(int(sp.low), int(sp.high), step=int(sp.step or 1))
+            else:
+                dists[sp.key] = FloatDistribution(float(sp.low), float(sp.high), log=bool(sp.log))
+    else:
+        keys = {k for r, _ in scored for k in values_of(r) if k != metric}
+        for k in sorted(keys):
+            vals = [values_of(r)[k] for r, _ in scored if k in values_of(r)]
+            if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in vals):
+                dists[k] = IntDistribution(int(min(vals)), int(max(vals)))
+            elif all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in vals):
+                lo, hi = float(min(vals)), float(max(vals))
+                dists[k] = FloatDistribution(lo, hi, log=lo > 0 and hi / lo >= 100)
+            elif all(isinstance(x, (str, bool, int, float)) or x is None for x in vals):
+                dists[k] = CategoricalDistribution(sorted(set(vals), key=repr))
+    study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
+    for r, v in scored:
+        vals = values_of(r)
+        params, used = {}, {}
+        for k, d in dists.items():
+            if k not in vals:
+                continue  # conditional parameter absent in this trial
+            x = vals[k]
+            if isinstance(d, CategoricalDistribution) and x not in d.choices:
+                log.warning("row value %s=%r is not among the search choices %s; left out of the study", k, x, d.choices)
+                continue
+            if isinstance(d, (FloatDistribution, IntDistribution)):
+                if isinstance(x, bool) or not isinstance(x, (int, float, np.number)) or not d.low <= x <= d.high:
+                    log.warning("row value %s=%r is outside the search range [%s, %s]; left out", k, x, d.low, d.high)
+                    continue
+                x = int(x) if isinstance(d, IntDistribution) else float(x)
+            params[k], used[k] = x, d
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=used, value=v))
+    return study
+
+
+def optuna_plots(study: Any, out_dir: Path) -> list[Path]:
+    """Optuna's optimization-history and parameter-importance plots as PNGs.
+
+    Uses ``optuna.visualization.matplotlib``. Parameter importances need at
+    least two completed trials and a parameter that varies; when Optuna cannot
+    compute them the plot is skipped with a logged warning rather than failing
+    the search summary.
+
+    Args:
+        study: an ``optuna.Study`` (live, or from :func:`study_from_rows`).
+        out_dir: directory to write ``optuna_history.png`` and
+            ``optuna_importances.png`` into (created if missing).
+
+    Returns:
+        The written files (possibly empty when no trial completed).
+    """
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    out_dir = Path(out_dir)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        log.warning("the study has no completed trial; no Optuna plots written")
+        return []
+    written: list[Path] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = ovm.plot_optimization_history(study)
+        try:
+            ax.figure.set_size_inches(8, 4.5)
+            ax.figure.tight_layout()
+            written.append(_save(ax.figure, out_dir / "optuna_history.png"))
+        finally:
+            plt.close(ax.figure)
+        keys = {k for t in done for k in t.params}
+        if len(done) < 2 or not any(len({repr(t.params.get(k)) for t in done}) > 1 for k in keys):
+            log.warning("parameter importances need >= 2 completed trials with a varying parameter; skipped")
+            return written
+        try:
+            ax = ovm.plot_param_importances(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            log.warning("Optuna could not compute parameter importances (%s: %s); plot skipped", type(e).__name__, e)
+            return written
+        try:
+            ax.figure.set_size_inches(8, 4.5)
+            ax.figure.tight_layout()
+            written.append(_save(ax.figure, out_dir / "optuna_importances.png"))
+        finally:
+            plt.close(ax.figure)
+    return written
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_example(ex: Mapping[str, Any], i: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    missing = [k for k in ("task_id", "family", "params", *EXAMPLE_SIGNALS) if k not in ex]
+    if missing:
+        raise ArtifactError(f"examples[{i}] lacks key(s) {', '.join(missing)}; each example needs task_id, family, params, {', '.join(EXAMPLE_SIGNALS)}")
+    sig: dict[str, np.ndarray] = {}
+    for k in EXAMPLE_SIGNALS:
+        a = np.asarray(ex[k], dtype=np.float64)
+        if a.ndim != 1 or a.size == 0:
+            raise ArtifactError(f"examples[{i}] ({ex['task_id']}): {k} must be a non-empty 1-D array, got shape {a.shape}")
+        sig[k] = a
+    n = sig["target"].size
+    if sig["input"].size != n:
+        raise ArtifactError(f"examples[{i}] ({ex['task_id']}): input has {sig['input'].size} samples, target {n}; they must match")
+    for k in ("pred_pre", "pred_post"):
+        if sig[k].size > n:
+            raise ArtifactError(f"examples[{i}] ({ex['task_id']}): {k} has {sig[k].size} samples, more than the target's {n}")
+    params = ex["params"]
+    if not isinstance(params, Mapping):
+        raise ArtifactError(f"examples[{i}] ({ex['task_id']}): params must be a mapping, got {type(params).__name__}")
+    return sig, {"task_id": str(ex["task_id"]), "family": str(ex["family"]), "params": dict(params)}
+
+
+def _write_example_audio(d: Path, sig: Mapping[str, np.ndarray], sr: int, task_id: str) -> list[Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    n = sig["target"].size
+    out = []
+    for k in EXAMPLE_SIGNALS:
+        a = sig[k]
+        bad = ~np.isfinite(a)
+        if bad.any():
+            log.warning("task %s: %s has %d non-finite samples; written as 0", task_id, k, int(bad.sum()))
+            a = np.where(bad, 0.0, a)
+        peak = float(np.max(np.abs(a))) if a.size else 0.0
+        if peak > 1.0:
+            log.warning("task %s: %s peaks at %.3g (> 1.0); clipped in the 16-bit WAV", task_id, k, peak)
+            a = np.clip(a, -1.0, 1.0)
+        if a.size < n:  # end-aligned: pad the front so files line up with the target
+            a = np.concatenate([np.zeros(n - a.size), a])
+        p = d / f"{k}.wav"
+        sf.write(p, a.astype(np.float32), sr, subtype="PCM_16")
+        out.append(p)
+    return out
+
+
+def _aligned(sig: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """All signals cut to the common END-aligned region; also returns its start index in the target."""
+    n = sig["target"].size
+    m = min(sig["pred_pre"].size, sig["pred_post"].size)
+    return {k: np.nan_to_num(v[v.size - m:]) for k, v in sig.items()}, n - m
+
+
+def _title(meta: Mapping[str, Any], what: str) -> str:
+    ps = ", ".join(f"{k}={format_value(v)}" for k, v in meta["params"].items())
+    return f"{meta['family']} [{meta['task_id']}] {ps}\n{what}"
+
+
+def _plot_time(path: Path, sig: Mapping[str, np.ndarray], sr: int, meta: Mapping[str, Any]) -> Path:
+    a, offset = _aligned(sig)
+    m = a["target"].size
+    w = max(1, min(m, int(round(_TIME_WINDOW_S * sr))))
+    # Show the loudest window of the target (coarse search) so the plot is not silence.
+    start = 0
+    if m > w:
+        e = np.concatenate([[0.0], np.cumsum(a["target"] ** 2)])
+        hop = max(1, w // 4)
+        starts = np.arange(0, m - w + 1, hop)
+        start = int(starts[np.argmax(e[starts + w] - e[starts])])
+    t = (offset + start + np.arange(w)) / sr * 1e3  # ms from the start of the target
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    try:
+        ax.plot(t, a["target"][start:start + w], color="black", lw=1.6, label="target")
+        ax.plot(t, a["pred_pre"][start:start + w], color="tab:orange", lw=1.0, alpha=0.9, label="prediction, before adaptation")
+        ax.plot(t, a["pred_post"][start:start + w], color="tab:blue", lw=1.0, alpha=0.9, label="prediction, after adaptation")
+        ax.set_xlabel("time (ms)")
+        ax.set_ylabel("amplitude")
+        ax.set_title(_title(meta, "time domain"), fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _plot_spectrum(path: Path, sig: Mapping[str, np.ndarray], sr: int, meta: Mapping[str, Any]) -> Path:
+    a, _ = _aligned(sig)
+    m = a["target"].size
+    # 2048-sample segments (23 Hz at 48 kHz) with Welch's 50 % overlap: several averages
+    # even for a short example, so the curves are smooth enough to compare.
+    nper = int(min(m, 2048, max(256, m // 4)))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    try:
+        styles = (
+            ("input", "input (dry)", dict(color="gray", lw=0.9, alpha=0.7)),
+            ("target", "target", dict(color="black", lw=1.6)),
+            ("pred_pre", "prediction, before adaptation", dict(color="tab:orange", lw=1.0)),
+            ("pred_post", "prediction, after adaptation", dict(color="tab:blue", lw=1.0)),
+        )
+        for k, label, st in styles:
+            f, pxx = welch(a[k], fs=sr, nperseg=nper)
+            keep = f > 0  # log axis: drop DC
+            ax.semilogx(f[keep], 10 * np.log10(pxx[keep] + 1e-20), label=label, **st)
+        for name, v in meta["params"].items():
+            if re.search(r"cutoff|freq|fc", str(name), re.I) and isinstance(v, (int, float)) and 0 < v < sr / 2:
+                ax.axvline(float(v), color="tab:red", ls=":", lw=1, label=f"{name} = {format_value(v)} Hz")
+        ax.set_xlim(max(sr / nper, 10.0), sr / 2)
+        ax.set_xlabel("frequency (Hz)")
+        ax.set_ylabel("power spectral density (dB)")
+        ax.set_title(_title(meta, "log-magnitude spectrum (Welch)"), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def _finite(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _safe_name(s: str) -> str:
+    return _SAFE.sub("_", s).strip("._") or "task"
+
+
+def _md_cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
