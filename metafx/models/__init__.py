@@ -1,0 +1,78 @@
+"""Model registry: every audio-effect model behind one interface.
+
+Contract (tested over the whole registry in tests/test_models.py):
+
+* ``forward(x)`` maps a dry batch ``(B, 1, T)`` to a wet prediction ``(B, 1, T')``;
+* ``output_len(T)`` gives ``T'`` (``T`` for the LSTM and the transformer, shorter for
+  the TCN's valid convolutions);
+* every model is causal: output sample ``t`` depends on input samples up to ``t`` (the
+  TCN's batch-statistics BatchNorm aside, which normalizes with the statistics of
+  the whole batch of slices), and a shorter output is aligned with the *end* of the
+  input, so a target is cropped with :func:`crop_like`;
+* sizes come from the study YAML (``model.<arch>`` section), so a search can vary them;
+* no buffer changes in ``forward`` (MAML's ``functional_call`` must be pure).
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from metafx.config import ModelConfig
+from metafx.models.lstm import LSTMModel
+from metafx.models.tcn import TCN
+from metafx.models.transformer import AudioTransformer
+
+MODELS: dict[str, type[nn.Module]] = {
+    "lstm": LSTMModel,
+    "tcn": TCN,
+    "transformer": AudioTransformer,
+}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Build the model named by ``cfg.arch`` with the sizes of its config section.
+
+    Args:
+        cfg: the ``model`` section of a study config.
+
+    Returns:
+        A freshly initialized ``nn.Module`` (float32, CPU; move it yourself).
+
+    Raises:
+        ValueError: unknown ``cfg.arch``.
+    """
+    if cfg.arch not in MODELS:
+        raise ValueError(f"unknown model.arch {cfg.arch!r}; registered models: {', '.join(sorted(MODELS))}")
+    return MODELS[cfg.arch].from_config(getattr(cfg, cfg.arch))
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable scalar parameters (what the paper's Table 1 reports)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def crop_like(y: Tensor, pred: Tensor) -> Tensor:
+    """Crop a target to a prediction's length, keeping its last samples.
+
+    Causal models with valid convolutions (the TCN) predict the last ``T'`` samples
+    of the slice, so the target keeps its last ``T'`` samples too (the paper crops the
+    label "to the same size").
+
+    Args:
+        y: target, (B, 1, T).
+        pred: prediction, (B, 1, T') with ``T' <= T``.
+
+    Returns:
+        ``y[..., T - T':]``, (B, 1, T'); ``y`` itself when the lengths match.
+
+    Raises:
+        ValueError: if the prediction is longer than the target.
+    """
+    T, Tp = y.shape[-1], pred.shape[-1]
+    if Tp == T:
+        return y
+    if Tp > T:
+        raise ValueError(f"crop_like: prediction has {Tp} samples, more than the target's {T}")
+    return y[..., T - Tp :]
+
+
+__all__ = ["MODELS", "AudioTransformer", "LSTMModel", "TCN", "build_model", "count_params", "crop_like"]

@@ -1,0 +1,149 @@
+"""Temporal convolutional network, TCN-100-N of Steinmetz & Reiss (paper section 4.2.1).
+
+Structure of micro-tcn ("Efficient neural networks for real-time modeling of analog
+dynamic range compression", Steinmetz & Reiss 2022; github.com/csteinmetz1/micro-tcn),
+without the parameter conditioning (the task is inferred by MAML, not given):
+
+    block i (i = 0 .. blocks-1), dilation d_i = dilation_growth ** i:
+        h = PReLU(BatchNorm1d(Conv1d(x, kernel, dilation d_i, valid padding, no bias)))
+        out = h + crop_end(Conv1d_1x1(x))      # residual, grouped like micro-tcn
+    head: Conv1d 1x1 (channels -> 1)
+
+Every convolution is *valid* (no padding), so the output is shorter than the input
+by the receptive field minus one: ``T' = T - (rf - 1)`` with
+``rf = 1 + (kernel - 1) * sum_i growth ** i``. Output sample ``t`` depends on input
+samples ``t .. t + rf - 1`` only, i.e. the output is aligned with the *end* of the
+input (causal); the target is cropped to its last ``T'`` samples
+(:func:`metafx.models.crop_like`), as the paper does.
+
+Sizes. The paper's "TCN 16k" is micro-tcn's TCN-100 (4 blocks, kernel 5, growth 10,
+32 channels): 16,065 parameters and a 4,445-sample receptive field (about 100 ms at
+44.1 kHz, hence the name). Its slices are 0.5 s long; at shorter slices the receptive
+field has to shrink (fewer blocks or a smaller growth), or no output is left.
+
+Differences from micro-tcn, on purpose:
+
+* BatchNorm uses **batch statistics always** (``track_running_stats=False``). In the
+  MAML inner loop, in the outer loop and at evaluation, every forward pass
+  normalizes each channel with the mean and variance over the batch and time of the
+  slices it is given (the support slices during adaptation, the query slices for the
+  query loss): transductive batch norm, as in the original MAML code (Finn et al.
+  2017). There are no running-statistics buffers, so ``torch.func.functional_call``
+  and ``higher`` are pure functions of the parameters and nothing is mutated by the
+  inner loop; train and eval mode behave the same. The price: an output sample
+  depends, through the normalization statistics, on the whole batch of slices and
+  not only on its own past (at evaluation, on the query slices). The affine scale
+  and shift of each BatchNorm are ordinary parameters: meta-learned in the outer loop and adapted
+  in the inner loop like every other weight.
+* No ``tanh`` on the output: the targets are a linear filter's output and the other
+  models' heads are linear too.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from metafx.config import TCNConfig
+
+
+def tcn_receptive_field(kernel: int, blocks: int, dilation_growth: int) -> int:
+    """Receptive field in samples of a stack of valid dilated convolutions.
+
+    Args:
+        kernel: Conv1d kernel size.
+        blocks: number of blocks.
+        dilation_growth: block ``i`` has dilation ``dilation_growth ** i``.
+
+    Returns:
+        ``1 + (kernel - 1) * sum_i dilation_growth ** i``.
+    """
+    return 1 + (kernel - 1) * sum(dilation_growth**i for i in range(blocks))
+
+
+class TCNBlock(nn.Module):
+    """Conv1d (valid, dilated) -> BatchNorm1d (batch statistics) -> PReLU, + cropped 1x1 residual.
+
+    Shape:
+        (B, in_ch, T) -> (B, out_ch, T - dilation * (kernel - 1)).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, dilation: int):
+        super().__init__()
+        self.shrink = dilation * (kernel - 1)
+        self.conv = nn.Conv1d(in_ch, out_ch, kernel_size=kernel, dilation=dilation, padding=0, bias=False)
+        # Batch statistics always; see the module docstring.
+        self.bn = nn.BatchNorm1d(out_ch, track_running_stats=False)
+        self.act = nn.PReLU(out_ch)
+        # micro-tcn's residual: a 1x1 convolution grouped per input channel (C weights).
+        groups = in_ch if out_ch % in_ch == 0 else 1
+        self.res = nn.Conv1d(in_ch, out_ch, kernel_size=1, groups=groups, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.bn(self.conv(x)))  # (B, out_ch, T - shrink)
+        r = self.res(x)[..., self.shrink :]  # (B, out_ch, T) -> last T - shrink samples (causal crop)
+        return h + r
+
+
+class TCN(nn.Module):
+    """TCN-100-N: ``blocks`` TCN blocks of ``channels`` channels and a 1x1 output conv.
+
+    Args:
+        channels: channels of every block.
+        blocks: number of blocks.
+        kernel: kernel size of the dilated convolutions.
+        dilation_growth: dilation of block ``i`` is ``dilation_growth ** i``.
+
+    Shape:
+        forward: (B, 1, T) -> (B, 1, T - rf + 1) with ``rf = self.receptive_field``.
+    """
+
+    def __init__(self, channels: int = 16, blocks: int = 4, kernel: int = 13, dilation_growth: int = 10):
+        super().__init__()
+        if min(channels, blocks, kernel, dilation_growth) < 1:
+            raise ValueError(
+                f"TCN: channels, blocks, kernel and dilation_growth must be >= 1, got "
+                f"{channels}, {blocks}, {kernel}, {dilation_growth}"
+            )
+        self.receptive_field = tcn_receptive_field(kernel, blocks, dilation_growth)
+        self.blocks = nn.ModuleList(
+            TCNBlock(1 if i == 0 else channels, channels, kernel, dilation_growth**i) for i in range(blocks)
+        )
+        self.head = nn.Conv1d(channels, 1, kernel_size=1)
+
+    @classmethod
+    def from_config(cls, cfg: TCNConfig) -> "TCN":
+        """Build from the ``model.tcn`` section."""
+        return cls(channels=cfg.channels, blocks=cfg.blocks, kernel=cfg.kernel, dilation_growth=cfg.dilation_growth)
+
+    def output_len(self, T: int) -> int:
+        """Output length for an input of ``T`` samples (may be <= 0: too short an input)."""
+        return T - self.receptive_field + 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Predict the last ``T - rf + 1`` samples of the wet signal.
+
+        Args:
+            x: dry input, (B, 1, T).
+
+        Returns:
+            (B, 1, T - rf + 1), aligned with the end of the input.
+
+        Raises:
+            ValueError: if ``x`` is not (B, 1, T) or ``T`` is shorter than the receptive field.
+        """
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"TCN expects (B, 1, T), got {tuple(x.shape)}")
+        T = x.shape[-1]
+        if T < self.receptive_field:
+            raise ValueError(
+                f"TCN: input of {T} samples is shorter than the receptive field of {self.receptive_field} "
+                f"samples; lengthen maml.slice_len or shrink model.tcn (blocks, kernel, dilation_growth)"
+            )
+        for block in self.blocks:
+            x = block(x)  # (B, C, T_i) -> (B, C, T_i - d_i (k - 1))
+        return self.head(x)  # (B, 1, T - rf + 1)
+
+    def extra_repr(self) -> str:
+        return f"receptive_field={self.receptive_field}"
+
+
+__all__ = ["TCN", "TCNBlock", "tcn_receptive_field"]

@@ -1,0 +1,133 @@
+"""Metrics: shared contract, known values and scales, the high-frequency error."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+
+from metafx.config import LOSS_TERMS, LossConfig
+from metafx.metrics import METRICS, esr, hf_error, l1, make_loss, mrstft, mrstft_resolutions, stft, stft_resolution
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to other load on the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+SR = 48000
+
+
+def _noise(B=2, T=4096, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (0.125 * torch.randn(B, 1, T, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def _lowpass(x: torch.Tensor, cutoff: float, order: int = 8) -> torch.Tensor:
+    sos = scipy.signal.butter(order, cutoff, fs=SR, output="sos")
+    return torch.from_numpy(scipy.signal.sosfilt(sos, x.double().numpy(), axis=-1)).to(x.dtype)
+
+
+def test_registry_matches_config_terms():
+    assert set(METRICS) == set(LOSS_TERMS)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_metric_contract(name):
+    fn = METRICS[name]
+    y = _noise()
+    zero = fn(y, y)
+    assert zero.dim() == 0 and float(zero) == pytest.approx(0.0, abs=1e-6)
+    pred = (0.5 * y).requires_grad_(True)
+    v = fn(pred, y)
+    assert v.dim() == 0 and torch.isfinite(v) and v.item() > 0
+    v.backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
+    # A shorter prediction is compared with the end of the target.
+    short = y[..., 1000:]
+    assert float(fn(short, y)) == pytest.approx(0.0, abs=1e-6)
+    # float64 works too (auraloss windows follow the dtype).
+    y64 = y.double()
+    assert float(fn(y64, y64)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_metric_shape_errors():
+    with pytest.raises(ValueError, match=r"\(B, 1, T\)"):
+        l1(torch.zeros(2, 4096), torch.zeros(2, 4096))
+    with pytest.raises(ValueError, match="batch sizes"):
+        l1(torch.zeros(2, 1, 64), torch.zeros(3, 1, 64))
+
+
+def test_l1_and_esr_values():
+    y = _noise(dtype=torch.float64)
+    assert float(l1(y + 0.1, y)) == pytest.approx(0.1)
+    assert float(esr(torch.zeros_like(y), y)) == pytest.approx(1.0, rel=1e-6)
+    assert float(esr(0.5 * y, y)) == pytest.approx(0.25, rel=1e-6)
+    # Pre-emphasis 1 - 0.95 z^-1 weights high frequencies: a low-frequency error costs less
+    # than a high-frequency error of the same energy.
+    t = torch.arange(y.shape[-1], dtype=torch.float64)
+    lo, hi = torch.sin(2 * math.pi * 100 * t / SR), torch.sin(2 * math.pi * 10000 * t / SR)
+    assert float(esr(y + 0.05 * lo, y)) < 0.1 * float(esr(y + 0.05 * hi, y))
+
+
+def test_stft_scale_matches_design_notes():
+    """auraloss STFTLoss defaults: half gain 0.5 + ln 2 = 1.19; white noise vs low-passed copy large."""
+    y = _noise(T=8192)
+    assert float(stft(0.5 * y, y)) == pytest.approx(0.5 + math.log(2), abs=0.01)
+    lp = _lowpass(y, 1000.0)
+    assert float(stft(y, lp)) > 6.0
+    assert float(mrstft(y, lp)) > 6.0
+
+
+def test_short_slices_fall_back_to_fitting_resolutions():
+    assert stft_resolution(2048) == (1024, 256, 1024)
+    assert stft_resolution(700) == (512, 128, 512)
+    assert [r[0] for r in mrstft_resolutions(2048)] == [1024, 2048, 512]
+    assert [r[0] for r in mrstft_resolutions(1024)] == [1024, 512]
+    assert [r[0] for r in mrstft_resolutions(300)] == [256]
+    y = _noise(T=300)
+    assert float(stft(y, y)) == pytest.approx(0.0, abs=1e-6)
+    assert float(mrstft(0.5 * y, y)) > 0.5
+    with pytest.raises(ValueError, match="too short"):
+        stft(y[..., :8], y[..., :8])
+
+
+def test_make_loss_weighted_sum():
+    y = _noise()
+    pred = 0.7 * y + 0.01
+    fn = make_loss(LossConfig(terms=(("l1", 1.0), ("mrstft", 0.1), ("esr", 2.0))))
+    expected = l1(pred, y) + 0.1 * mrstft(pred, y) + 2.0 * esr(pred, y)
+    assert float(fn(pred, y)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(make_loss(LossConfig())(pred, y)) == pytest.approx(float(l1(pred, y)))
+    with pytest.raises(ValueError, match="unknown loss term"):
+        make_loss(LossConfig(terms=(("sisdr", 1.0),)))
+
+
+def test_hf_error_sees_only_the_band_above_the_cutoff():
+    cutoff = 2000.0
+    y = _lowpass(_noise(T=8192, dtype=torch.float64), cutoff)
+    t = torch.arange(y.shape[-1], dtype=torch.float64)
+    # Differences far below the cutoff do not count ...
+    low_diff = y + 0.2 * torch.sin(2 * math.pi * 60 * t / SR)
+    assert float(hf_error(low_diff, y, cutoff, SR)) < 0.1
+    assert float(l1(low_diff, y)) > 0.05
+    # ... keeping the high frequencies (the paper's failure) is tens of dB.
+    x = _noise(T=8192, dtype=torch.float64)
+    assert float(hf_error(x, _lowpass(x, cutoff), cutoff, SR)) > 20.0
+    assert float(hf_error(y, y, cutoff, SR)) == 0.0
+    # One cutoff per batch item; the margin moves the band edge.
+    v = hf_error(x, _lowpass(x, cutoff), torch.tensor([cutoff, 4 * cutoff]), SR, margin=1.5)
+    assert torch.isfinite(v)
+    with pytest.raises(ValueError, match="no STFT bin"):
+        hf_error(x, x, 30000.0, SR)
+
+
+def test_hf_error_short_slices_and_float32():
+    x = _noise(T=600)
+    v = hf_error(x, _lowpass(x, 1000.0), 1000.0, SR)
+    assert v.dtype == torch.float32 and float(v) > 10.0

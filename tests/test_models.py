@@ -1,0 +1,146 @@
+"""Model registry contract, paper parameter counts, and per-model behaviour."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metafx.config import LSTMConfig, ModelConfig, TCNConfig, TransformerConfig
+from metafx.models import MODELS, build_model, count_params, crop_like
+from metafx.models.lstm import lstm_param_count
+from metafx.models.tcn import tcn_receptive_field
+from metafx.models.transformer import mu_law_decode, mu_law_encode
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to other load on the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# Tiny sizes of every registered model (keep in sync with MODELS: checked below).
+TINY = {
+    "lstm": ModelConfig(arch="lstm", lstm=LSTMConfig(hidden=8, skip=True)),
+    "tcn": ModelConfig(arch="tcn", tcn=TCNConfig(channels=4, blocks=3, kernel=3, dilation_growth=2)),
+    "transformer": ModelConfig(
+        arch="transformer", transformer=TransformerConfig(d_model=8, heads=2, layers=2, ff=16, levels=256, max_len=512)
+    ),
+}
+
+
+def test_tiny_configs_cover_the_registry():
+    assert set(TINY) == set(MODELS)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_model_contract(arch):
+    torch.manual_seed(0)
+    model = build_model(TINY[arch])
+    B, T = 3, 200
+    x = 0.3 * torch.randn(B, 1, T)
+    y = model(x)
+    assert y.shape == (B, 1, model.output_len(T))
+    assert 0 < model.output_len(T) <= T
+    assert torch.isfinite(y).all()
+    target = 0.3 * torch.randn(B, 1, T)
+    (y - crop_like(target, y)).abs().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{arch}: no gradient reaches {name}"
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{arch}: zero gradient for {name}"
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_forward_is_pure_and_mode_independent(arch):
+    """No buffer changes in forward and train/eval give the same output (MAML needs a pure forward)."""
+    torch.manual_seed(0)
+    model = build_model(TINY[arch])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = 0.3 * torch.randn(2, 1, 128)
+    y_train = model.train()(x)
+    y_eval = model.eval()(x)
+    torch.testing.assert_close(y_train, y_eval)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_causal(arch):
+    """A change at sample t0 leaves every earlier output sample unchanged."""
+    torch.manual_seed(0)
+    model = build_model(TINY[arch]).double()
+    x = 0.3 * torch.randn(1, 1, 100, dtype=torch.float64)
+    x2 = x.clone()
+    x2[..., 60] += 0.5
+    y, y2 = model(x), model(x2)
+    torch.testing.assert_close(y[..., :60], y2[..., :60], rtol=0, atol=1e-12)
+    assert (y[..., 60:] - y2[..., 60:]).abs().max() > 1e-6
+
+
+def test_paper_parameter_counts():
+    """Table 1 of the paper: LSTM 265k, LSTM-small 17k, TCN 16k, Transformer 1219k / 617k."""
+    n = lambda cfg: count_params(build_model(cfg))  # noqa: E731
+    assert n(ModelConfig(arch="lstm", lstm=LSTMConfig(hidden=256))) == lstm_param_count(256) == 265_473
+    assert n(ModelConfig(arch="lstm", lstm=LSTMConfig(hidden=64))) == lstm_param_count(64) == 17_217
+    # micro-tcn TCN-100: 4 blocks, kernel 5, growth 10, 32 channels.
+    assert n(ModelConfig(arch="tcn", tcn=TCNConfig(channels=32, blocks=4, kernel=5, dilation_growth=10))) == 16_065
+    # PyTorch's default feed-forward width 2048 reproduces the paper's counts.
+    big = TransformerConfig(d_model=128, heads=4, layers=2, ff=2048)
+    small = TransformerConfig(d_model=68, heads=2, layers=2, ff=2048)
+    assert n(ModelConfig(arch="transformer", transformer=big)) == 1_218_945
+    assert n(ModelConfig(arch="transformer", transformer=small)) == 616_845
+
+
+def test_tcn_receptive_field_and_alignment():
+    cfg = TINY["tcn"].tcn
+    model = build_model(TINY["tcn"])
+    rf = tcn_receptive_field(cfg.kernel, cfg.blocks, cfg.dilation_growth)
+    assert rf == 1 + 2 * (1 + 2 + 4) == model.receptive_field
+    assert model.output_len(100) == 100 - rf + 1
+    assert tcn_receptive_field(5, 4, 10) == 4445  # TCN-100
+    with pytest.raises(ValueError, match="receptive field"):
+        model(torch.zeros(1, 1, rf - 1))
+    assert not list(model.buffers()), "BatchNorm must not keep running statistics"
+
+
+def test_crop_like_keeps_the_end():
+    y = torch.arange(10.0).view(1, 1, 10)
+    pred = torch.zeros(1, 1, 4)
+    torch.testing.assert_close(crop_like(y, pred), torch.tensor([[[6.0, 7.0, 8.0, 9.0]]]))
+    assert crop_like(y, y) is y
+    with pytest.raises(ValueError, match="more than"):
+        crop_like(pred, y)
+
+
+def test_mu_law_round_trip():
+    x = torch.linspace(-1, 1, 10001, dtype=torch.float64)
+    tok = mu_law_encode(x, 256)
+    assert tok.dtype == torch.int64 and tok.min() == 0 and tok.max() == 255
+    xr = mu_law_decode(tok, 256, torch.float64)
+    # Mu-law error is relative: small near 0, at most ~3% of full scale at the top.
+    assert (xr - x).abs().max() < 0.035
+    quiet = x.abs() < 0.01
+    assert (xr - x)[quiet].abs().max() < 3e-4
+    assert mu_law_encode(torch.tensor([2.0, -2.0]), 256).tolist() == [255, 0]  # clipped
+
+
+def test_transformer_limits_and_skip():
+    cfg = TINY["transformer"].transformer
+    model = build_model(TINY["transformer"])
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(1, 1, cfg.max_len + 1))
+    from metafx.models.transformer import AudioTransformer
+
+    torch.manual_seed(0)
+    a = AudioTransformer(8, 2, 1, 16, max_len=64, skip=False)
+    torch.manual_seed(0)
+    b = AudioTransformer(8, 2, 1, 16, max_len=64, skip=True)
+    x = 0.3 * torch.randn(1, 1, 64)
+    torch.testing.assert_close(b(x) - a(x), mu_law_decode(mu_law_encode(x, 256), 256))
+
+
+def test_build_model_rejects_unknown_arch():
+    with pytest.raises(ValueError, match="registered models"):
+        build_model(ModelConfig(arch="wavenet"))
