@@ -672,7 +672,8 @@ class _Validator:
         params_raw = d.get("params") or {}
         if not isinstance(params_raw, dict):
             raise self.err(k + "params", params_raw, "expected a mapping dotted.key -> {dist: ..., ...}")
-        params = tuple(self.search_param(pk, spec, raw) for pk, spec in params_raw.items())
+        # A parameter set to null (e.g. by a budget) is not searched.
+        params = tuple(self.search_param(pk, spec, raw) for pk, spec in params_raw.items() if spec is not None)
         sched = self.choice(d, "scheduler", "asha", ("asha", "fifo"), k + "scheduler")
         mode = self.choice(d, "mode", "min", ("min", "max"), k + "mode")
         metric = d.get("metric", "val/query_l1_post")

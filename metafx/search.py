@@ -392,7 +392,9 @@ def run_search(
             )
             searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
             if s.scheduler == "asha":
-                scheduler = ASHAScheduler(time_attr="step", max_t=cfg.maml.meta_steps, grace_period=s.grace_period,
+                # max_t one past the last meta-step: ASHA stops a trial that reaches max_t, and the
+                # final report (test metrics, artifacts) comes after the last meta-step's report.
+                scheduler = ASHAScheduler(time_attr="step", max_t=cfg.maml.meta_steps + 1, grace_period=s.grace_period,
                                           reduction_factor=s.reduction_factor)
             else:
                 scheduler = FIFOScheduler()

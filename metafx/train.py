@@ -172,6 +172,19 @@ def _mean_rows(rows: Sequence[dict[str, float]], prefix: str) -> dict[str, float
     return {f"{prefix}{k}": float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
 
+def adaptation_engine(cfg: Config):
+    """The module implementing ``meta_step`` and ``adapt_and_predict`` for ``cfg.maml.method``.
+
+    Gradient-based methods (``maml``, ``joint``) use :mod:`metafx.maml`; ``ridge`` (closed-form
+    adaptation of a linear head) uses :mod:`metafx.closed_form`.
+    """
+    if cfg.maml.method == "ridge":
+        from metafx import closed_form
+
+        return closed_form
+    return engine
+
+
 def evaluate_adaptation(model, episodes: Sequence[Episode], cfg: Config, device, inner_loss) -> tuple[list[dict], list]:
     """Pre- and post-adaptation metrics of ``model`` on each episode's query slices.
 
@@ -182,7 +195,7 @@ def evaluate_adaptation(model, episodes: Sequence[Episode], cfg: Config, device,
     rows, preds = [], []
     for ep in episodes:
         ep = _to(ep, device)
-        pre, post = engine.adapt_and_predict(model, ep, cfg.maml, inner_loss)
+        pre, post = adaptation_engine(cfg).adapt_and_predict(model, ep, cfg.maml, inner_loss)
         r = _metric_row(pre, ep.query_y, ep, cfg, "pre")
         r.update(_metric_row(post, ep.query_y, ep, cfg, "post"))
         rows.append(r)
@@ -398,7 +411,7 @@ def meta_train(
         if mc.method == "joint":
             stats = joint_step(model, eps, mc, opt, outer_loss, step=step)
         else:
-            stats = engine.meta_step(model, eps, mc, opt, inner_loss, outer_loss, step=step)
+            stats = adaptation_engine(cfg).meta_step(model, eps, mc, opt, inner_loss, outer_loss, step=step)
         for k, v in stats.items():
             acc.setdefault(k, []).append(float(v))
         if step % mc.eval_every == 0 or step == mc.meta_steps:
