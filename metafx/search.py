@@ -270,29 +270,128 @@ class SearchOutcome:
 
 
 def _init_ray(num_cpus: int | None) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local Ray.
+
+    Local (no ``RAY_ADDRESS``): a single node whose every server listens on 127.0.0.1 only,
+    no dashboard, usage stats off, and Ray's token authentication on as Ray 2.59+ ships it
+    for ``ray.init()`` (a token is generated into ``~/.ray/auth_token`` if none exists).
+    On Linux Ray rewrites ``127.0.0.1`` to the host's routable address and then binds its
+    gRPC servers (GCS, raylet, workers) to 0.0.0.0; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+    set while the node starts (its processes inherit it), keeps the loopback address. It
+    is only set for a node this function starts: no other node can join it.
+
+    Cluster (``RAY_ADDRESS=host:port``): a driver launched by ``ray job submit`` inherits
+    ``RAY_AUTH_MODE`` and the token location from the cluster. A driver started by hand
+    must set ``RAY_AUTH_MODE=token`` itself: ``ray.init(address=...)`` never switches
+    token mode on by its own, and the GCS then rejects the connection.
+
+    Raises:
+        ConfigError: the cluster at ``RAY_ADDRESS`` cannot be reached or refused us, with the fix.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:
+            mode = os.environ.get("RAY_AUTH_MODE")
+            hint = ("RAY_AUTH_MODE is not 'token' here: a Ray 2.59+ cluster with token authentication rejects "
+                    "this driver. Set RAY_AUTH_MODE=token and provide the cluster's token in ~/.ray/auth_token, "
+                    "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN (on the head: `ray get-auth-token`); or submit with "
+                    "`ray job submit`, whose drivers inherit it" if (mode or "").lower() != "token" else
+                    "check that the token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN) is the "
+                    "cluster's (`ray get-auth-token` on the head) and that the GCS port is reachable")
+            raise ConfigError(f"cannot join the Ray cluster at RAY_ADDRESS={address!r} ({e}); {hint}") from e
+        return
+
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    saved_flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by the GCS, raylet and workers
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable at import
+    try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  configure_logging=True, logging_level=logging.WARNING)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved_env
 
 
 def _check_storage(storage: str) -> None:
-    """Multi-node Tune needs shared storage (Ray 2.7+ does not sync to the head node)."""
+    """Refuse trial storage that not every node of the cluster sees (before any trial starts).
+
+    Multi-node Tune needs ``storage_path`` on shared storage: since Ray 2.7 nothing is
+    synced to the head node, so a trial that is retried or restored on another node finds
+    its checkpoints only there. A URI (``s3://``, ``gs://``, ...) is shared. A local path
+    (or ``file://``) on a cluster of more than one node is refused unless
+    ``METAFX_SHARED_STORAGE=1`` declares it shared (an NFS/Lustre mount on every node);
+    the declaration is then checked: a file the driver writes there must be readable, with
+    the same content, from a task on every alive node.
+
+    Raises:
+        ConfigError: a local path on a multi-node cluster without the declaration, or a node
+            that does not see the declared shared path.
+    """
     import ray
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    is_uri = "://" in storage
-    if len(alive) > 1 and not is_uri and not os.environ.get("METAFX_SHARED_STORAGE"):
+    local = storage[len("file://"):] if storage.startswith("file://") else storage
+    if "://" in local:
+        return  # object storage: shared by construction
+    declared = os.environ.get("METAFX_SHARED_STORAGE", "").strip().lower() in ("1", "true", "yes")
+    if len(alive) <= 1:
+        if os.environ.get("RAY_ADDRESS") and not declared:
+            log.warning("--storage %s is a local path: fine on this one-node cluster, but trials that move to a "
+                        "node added later (autoscaling) lose their checkpoints; use shared storage on a cluster",
+                        storage)
+        return
+    if not declared:
         raise ConfigError(
             f"this Ray cluster has {len(alive)} nodes but --storage {storage!r} is a local path: trial checkpoints "
             "would be lost when a trial moves node. Pass --storage on shared storage (s3://..., gs://..., or an NFS "
             "path mounted on every node, then also set METAFX_SHARED_STORAGE=1 to confirm it is shared)")
+
+    import secrets
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = secrets.token_hex(16)
+    marker = Path(local) / f".metafx-shared-check-{token}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(path: str, expected: str) -> bool:
+        try:
+            with open(path) as fh:
+                return fh.read() == expected
+        except OSError:
+            return False
+
+    try:
+        refs = {n["NodeID"]: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(marker), token) for n in alive}
+        try:
+            seen = dict(zip(refs, ray.get(list(refs.values()), timeout=180)))
+        except ray.exceptions.GetTimeoutError:
+            log.warning("could not check within 180 s that every node sees --storage %s; trusting "
+                        "METAFX_SHARED_STORAGE=1", storage)
+            return
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in alive if not seen.get(n["NodeID"])]
+    if blind:
+        raise ConfigError(
+            f"METAFX_SHARED_STORAGE=1 but --storage {storage!r} is not shared: node(s) {', '.join(blind)} do not "
+            f"see a file the driver wrote there. Mount it on every node, or use s3://... / gs://...")
 
 
 def run_search(
@@ -440,7 +539,8 @@ def _summarize(cfg: Config, name: str, exp_path: str, results, parent) -> Search
     table = []
     for r in results:
         m = r.metrics or {}
-        row = {"trial": Path(r.path).name if r.path else "?", "status": "ERROR" if r.error else
+        row = {"trial": m.get("trial_id") or (Path(r.path).name.split("_")[2] if r.path else "?"),
+               "status": "ERROR" if r.error else
                ("done" if "test/query_l1_post" in m else "stopped"), "step": m.get("step")}
         row.update({k: v for k, v in (r.config or {}).items()})
         for k in (s.metric, "test/query_l1_post", "test/query_stft_post", "test/lsfir/query_l1_post"):

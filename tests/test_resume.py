@@ -1,0 +1,95 @@
+"""`--resume` after the search driver is SIGKILLed mid-search (real Ray, Optuna, MLflow)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from metafx.config import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+N = 4
+ARGS = ["--space", "lstm.yaml", "--budget", "smoke", "--num-samples", str(N), "--name", "resume-test",
+        "--set", "model.lstm.hidden=8", "--set", "maml.meta_steps=24", "--set", "maml.eval_every=3",
+        "--set", "maml.checkpoint_every=3", "--set", "search.scheduler=fifo", "--set", "search.max_concurrent=2"]
+
+
+def _results(exp: Path) -> dict[str, list[dict]]:
+    out = {}
+    for f in exp.glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        out[f.parent.name] = rows
+    return out
+
+
+def _run(tmp: Path, extra: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    cmd = [sys.executable, str(REPO_ROOT / "launch" / "search.py"), *ARGS, "--storage", str(tmp / "ray"),
+           "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--set", f"data.cache_dir={tmp / 'cache'}", *extra]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True,
+                            stdout=open(tmp / f"log{len(list(tmp.glob('log*')))}.txt", "w"), stderr=subprocess.STDOUT, **kw)
+
+
+def test_resume_after_sigkill(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    exp = tmp_path / "ray" / "resume-test"
+    p = _run(tmp_path, [])
+    try:
+        # Wait until one trial has finished and another has a checkpoint but is unfinished.
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            res = _results(exp)
+            done = [k for k, rows in res.items() if rows and "test/query_l1_post" in rows[-1]]
+            partial = [k for k, rows in res.items() if rows and "test/query_l1_post" not in rows[-1]
+                       and rows[-1].get("step", 0) >= 6]
+            if done and partial:
+                break
+            if p.poll() is not None:
+                pytest.fail(f"search ended before it could be interrupted:\n{(tmp_path / 'log0.txt').read_text()[-3000:]}")
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial finished in time:\n" + (tmp_path / "log0.txt").read_text()[-3000:])
+        time.sleep(2)  # let Tune write its experiment state once more
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        p.wait()
+    before = _results(exp)
+    finished_before = {k: len(rows) for k, rows in before.items() if rows and "test/query_l1_post" in rows[-1]}
+    unfinished_before = {k: rows[-1]["step"] for k, rows in before.items()
+                         if rows and "test/query_l1_post" not in rows[-1]}
+    assert finished_before and unfinished_before
+
+    p2 = _run(tmp_path, ["--resume"])
+    try:
+        assert p2.wait(timeout=600) == 0, (tmp_path / "log1.txt").read_text()[-4000:]
+    finally:
+        if p2.poll() is None:
+            os.killpg(p2.pid, signal.SIGKILL)
+    after = _results(exp)
+    assert len(after) == N, sorted(after)
+    for k, n in finished_before.items():  # finished trials are neither lost nor run again
+        assert len(after[k]) == n, k
+    for k, step in unfinished_before.items():
+        rows = after[k]
+        assert "test/query_l1_post" in rows[-1], k
+        resumed = rows[len(before[k]):]
+        # Continued from a checkpoint: after the interruption no report restarts at the first eval step.
+        assert resumed and min(r["step"] for r in resumed) > 3, (k, [r["step"] for r in rows])
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_ml = client.get_experiment_by_name("lstm")
+    runs = client.search_runs([exp_ml.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1, "the resumed search continues the same parent run"
+    assert len(children) == N, "no duplicate trial runs"
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert parents[0].info.status == "FINISHED"
