@@ -19,6 +19,7 @@ SUITES = {
     "metastep": "metafx.bench.metastep",
     "quality": "metafx.bench.quality",
     "sharing": "metafx.bench.sharing",
+    "leaderboard": "metafx.bench.leaderboard",
 }
 
 

@@ -29,13 +29,7 @@ from metafx.models.tcn import TCN
 from metafx.models.transformer import AudioTransformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to other load on the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread: set for the whole suite in conftest.py.
 
 SR = 48000
 

@@ -12,13 +12,7 @@ from metafx.config import LOSS_TERMS, LossConfig
 from metafx.metrics import METRICS, esr, hf_error, l1, make_loss, mrstft, mrstft_resolutions, stft, stft_resolution
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to other load on the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread: set for the whole suite in conftest.py.
 
 SR = 48000
 

@@ -11,13 +11,7 @@ from metafx.models.tcn import tcn_receptive_field
 from metafx.models.transformer import mu_law_decode, mu_law_encode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to other load on the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread: set for the whole suite in conftest.py.
 
 # Tiny sizes of every registered model (keep in sync with MODELS: checked below).
 TINY = {
