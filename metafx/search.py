@@ -31,7 +31,7 @@ from metafx.config import REPO_ROOT, Config, ConfigError, SearchParam, config_fr
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = REPO_ROOT / "ray_results"
-FAILED_MARKER = "metafx_nonfinite.txt"
+NONFINITE_KEY = "error_nonfinite"  # result key of a trial ended by a non-finite loss
 
 
 # --------------------------------------------------------------------------- search space
@@ -118,9 +118,6 @@ def _trainable(config: dict[str, Any], base: dict[str, Any], source: str) -> Non
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cfg = config_from_dict(base, Path(source), overrides={k: v for k, v in config.items() if "." in k})
     trial_dir = Path(tune.get_context().get_trial_dir())
-    marker = trial_dir / FAILED_MARKER
-    if marker.is_file():  # a deterministic non-finite loss: do not burn retries on it
-        raise NonFiniteLossError(marker.read_text())
     taskset = load_taskset(cfg.data, progress=False)
     ckpt = tune.get_checkpoint()
     resume = None
@@ -139,8 +136,10 @@ def _trainable(config: dict[str, Any], base: dict[str, Any], source: str) -> Non
         meta_train(cfg, taskset, report, resume_from=resume, workdir=trial_dir / "work",
                    baselines=False, artifacts=True)
     except NonFiniteLossError as e:
-        marker.write_text(str(e))
-        raise
+        # Divergence is deterministic: retrying from a checkpoint would diverge again. End the
+        # trial with its message (the MLflow run is marked FAILED) and let the search go on.
+        tune.report({"step": cfg.maml.meta_steps + 1, cfg.search.metric: math.inf,
+                     NONFINITE_KEY: str(e)[-2000:], **node})
 
 
 def _node_id() -> str:
@@ -226,6 +225,9 @@ class MLflowTracking(_callback_base()):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self.last.get(trial.trial_id) or trial.last_result or {}
+        if NONFINITE_KEY in last:
+            self.tracker.end_trial(trial.trial_id, "FAILED", error=str(last[NONFINITE_KEY]))
+            return
         finished = "test/query_l1_post" in last  # else ASHA stopped it before the final evaluation
         if finished and trial.checkpoint is not None:
             path = Path(trial.checkpoint.path)
@@ -540,7 +542,7 @@ def _summarize(cfg: Config, name: str, exp_path: str, results, parent) -> Search
     for r in results:
         m = r.metrics or {}
         row = {"trial": m.get("trial_id") or (Path(r.path).name.split("_")[2] if r.path else "?"),
-               "status": "ERROR" if r.error else
+               "status": "ERROR" if r.error or NONFINITE_KEY in m else
                ("done" if "test/query_l1_post" in m else "stopped"), "step": m.get("step")}
         row.update({k: v for k, v in (r.config or {}).items()})
         for k in (s.metric, "test/query_l1_post", "test/query_stft_post", "test/lsfir/query_l1_post"):

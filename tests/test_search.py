@@ -117,3 +117,31 @@ def test_mlflow_store_read_back(smoke_search):
     for w in wavs:
         data, sr = sf.read(w)
         assert sr == cfg.data.sample_rate and len(data) > 0
+
+
+def test_nonfinite_trials_fail_without_stopping_the_search(tmp_path):
+    """Every trial diverges (inner lr 1e38): each ends as an error with its message, the search completes."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from metafx.search import run_search
+
+    cfg = load_config("lstm.yaml", "smoke", {"data.cache_dir": str(tmp_path / "cache"), "search.num_samples": 2,
+                                             "maml.inner_lr": 1e38, "maml.inner_steps": 2, "model.lstm.hidden": 8,
+                                             "search.params.maml.inner_lr": None})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    try:
+        out = run_search(cfg, name="nan", storage=str(tmp_path / "ray"), tracking_uri=uri, verbose=0)
+    finally:
+        ray.shutdown()
+    assert [r["status"] for r in out.table] == ["ERROR", "ERROR"]
+    assert out.best_config_path is None
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    for c in children:
+        assert c.info.status == "FAILED"
+        assert "non-finite" in c.data.tags["metafx.error"].lower()
+        assert "step 1" in c.data.tags["metafx.error"] or "step 1" in c.data.tags.get("mlflow.note.content", "")
