@@ -64,6 +64,7 @@ def test_override_parses_yaml_values():
 
 def _bad(tmp_path: Path, edit) -> str:
     raw = read_yaml(SPACES_DIR / "lstm.yaml")
+    raw["budgets"] = {}  # no budget override may hide the edit
     edit(raw)
     p = tmp_path / "study.yaml"
     p.write_text(yaml.safe_dump(raw))
