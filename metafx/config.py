@@ -32,8 +32,9 @@ EFFECTS_DIR = Path(__file__).resolve().parent / "data" / "effects"
 BUDGETS = ("smoke", "local", "paper")
 DEFAULT_BUDGET = "local"
 
-ARCHS = ("lstm", "tcn", "transformer")
-METHODS = ("maml", "joint")
+ARCHS = ("lstm", "tcn", "transformer", "arx")
+METHODS = ("maml", "joint", "ridge")  # ridge: closed-form head (metafx.closed_form), only with model.arch arx
+ARX_FEATURES = ("none", "learned")
 BACKENDS = ("func", "higher")
 LOSS_TERMS = ("l1", "esr", "stft", "mrstft")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
@@ -91,7 +92,7 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
-    cache_dir: Path = REPO_ROOT / ".cache" / "datasets"
+    cache_dir: Path = Path("~/.cache/metafx/datasets").expanduser()
     render_workers: int = 0  # 0 = one thread per core
 
 
@@ -120,11 +121,38 @@ class TransformerConfig:
 
 
 @dataclass(frozen=True)
+class ARXConfig:
+    """Meta-learned features + a per-task linear ARX head fitted in closed form (metafx/models/arx.py).
+
+    Defaults: the prototype's best Moog setting (classical ARX(13, 12) regressors [1, x] with a
+    meta-learned per-coefficient ridge and prior mean; learned features did not help on Moog).
+    """
+
+    nb: int = 13  # MA taps per feature channel (b_0 .. b_{nb-1})
+    na: int = 12  # AR order (a_1 .. a_na); 0 = FIR head on the features
+    features: str = "none"  # "none": channels [1, x] | "learned": plus the meta-learned channels below
+    hidden: int = 32  # width of the pointwise and gate MLPs (features: learned)
+    n_point: int = 12  # pointwise nonlinear channels MLP(x)
+    n_env: int = 6  # log one-pole envelope channels of |x| (learned time constants)
+    n_gate: int = 8  # x * sigmoid(MLP(envelopes)) channels (need n_env >= 1)
+    n_start: int = 0  # "time since slice start" inputs of the gate MLP (zero initial state is known)
+    ridge: float = 1e-8  # initial relative ridge of the b coefficients of [1, x]
+    ridge_a: float = 1e-8  # initial relative ridge of the AR coefficients
+    ridge_feat: float | None = None  # initial relative ridge of the learned channels' b; None = ridge
+    per_coef_ridge: bool = True  # one meta-learned ridge per coefficient (else one for b, one for a)
+    ridge_lr_scale: float = 16.0  # log-ridge learning rate = ridge_lr_scale * maml.outer_lr
+    rmax: float = 0.999  # pole radius clamp of the fitted A(z)
+    fft_pad: int = 4  # IIR simulated by FFT over fft_pad * T samples (wrap-around < rmax^((pad-1)T))
+    cosine_lr: bool = True  # cosine annealing of the outer learning rate over maml.meta_steps
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = "lstm"
     lstm: LSTMConfig = field(default_factory=LSTMConfig)
     tcn: TCNConfig = field(default_factory=TCNConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    arx: ARXConfig = field(default_factory=ARXConfig)
 
 
 @dataclass(frozen=True)
@@ -467,6 +495,18 @@ class _Validator:
                 f"model.tcn.kernel = {model.tcn.kernel}, blocks = {model.tcn.blocks}, dilation_growth = "
                 f"{model.tcn.dilation_growth}) must be shorter than maml.slice_len = {maml.slice_len}: "
                 "lower the kernel, blocks or dilation growth, or use longer slices")
+        if maml.method == "ridge" and model.arch != "arx":
+            raise ConfigError(
+                f"{self.path}: maml.method = 'ridge' (closed-form head fit) needs model.arch = 'arx', got "
+                f"model.arch = {model.arch!r}: set model.arch: arx, or use maml.method maml | joint")
+        if model.arch == "arx" and maml.method != "ridge":
+            raise ConfigError(
+                f"{self.path}: model.arch = 'arx' is adapted in closed form and needs maml.method = 'ridge', got "
+                f"maml.method = {maml.method!r}: set maml.method: ridge, or use model.arch lstm | tcn | transformer")
+        if model.arch == "arx" and max(model.arx.nb - 1, model.arx.na) >= maml.slice_len:
+            raise ConfigError(
+                f"{self.path}: model.arx.nb = {model.arx.nb} / na = {model.arx.na} leave no equation in a slice of "
+                f"maml.slice_len = {maml.slice_len} samples: lower the orders or use longer slices")
         if model.arch == "transformer" and maml.slice_len > model.transformer.max_len:
             raise self.err("maml.slice_len", maml.slice_len, f"must be <= model.transformer.max_len = {model.transformer.max_len}")
         return Config(name, self.path, budget, data, model, maml, ev, search)
@@ -505,7 +545,9 @@ class _Validator:
         if vf + tf >= 1:
             raise self.err("data.val_fraction", vf, f"val_fraction + test_fraction ({vf + tf}) must be < 1")
         cache = d.get("cache_dir")
-        cache = self._path(cache) if cache else Path(os.environ.get("METAFX_CACHE", REPO_ROOT / ".cache" / "datasets"))
+        # Default outside the checkout: a `ray job submit` working directory is deleted after the job,
+        # and every node would render again into a fresh one.
+        cache = self._path(cache) if cache else Path(os.environ.get("METAFX_CACHE", "~/.cache/metafx/datasets")).expanduser()
         return DataConfig(
             sample_rate=sr,
             source=source,
@@ -587,7 +629,7 @@ class _Validator:
         return tuple(float(lo + (hi - lo) * i / (num - 1)) for i in range(num))
 
     def model(self, d: Any) -> ModelConfig:
-        d = self.section(d, "model", ("arch", "lstm", "tcn", "transformer"))
+        d = self.section(d, "model", ("arch", "lstm", "tcn", "transformer", "arx"))
         arch = self.choice(d, "arch", "lstm", ARCHS, "model.arch")
         l = self.section(d.get("lstm"), "model.lstm", ("hidden", "skip"))
         t = self.section(d.get("tcn"), "model.tcn", ("channels", "blocks", "kernel", "dilation_growth"))
@@ -614,7 +656,50 @@ class _Validator:
             levels=self.num(x, "levels", 256, lo=2, hi=65536, integer=True, full="model.transformer.levels"),
             max_len=self.num(x, "max_len", 32768, lo=1, integer=True, full="model.transformer.max_len"),
         )
-        return ModelConfig(arch=arch, lstm=lstm, tcn=tcn, transformer=tr)
+        return ModelConfig(arch=arch, lstm=lstm, tcn=tcn, transformer=tr, arx=self.arx(d.get("arx")))
+
+    def arx(self, d: Any) -> ARXConfig:
+        d = self.section(d, "model.arx", tuple(ARXConfig.__dataclass_fields__))
+        k = "model.arx."
+        features = self.choice(d, "features", "none", ARX_FEATURES, k + "features")
+        n_env = self.num(d, "n_env", 6, lo=0, hi=64, integer=True, full=k + "n_env")
+        n_gate = self.num(d, "n_gate", 8, lo=0, hi=256, integer=True, full=k + "n_gate")
+        n_point = self.num(d, "n_point", 12, lo=0, hi=256, integer=True, full=k + "n_point")
+        n_start = self.num(d, "n_start", 0, lo=0, hi=16, integer=True, full=k + "n_start")
+        if features == "learned":
+            if n_point + n_gate + n_env == 0:
+                raise self.err(k + "features", features, "learned features need n_point, n_gate or n_env >= 1 "
+                               "(or use features: none)")
+            if n_gate and not n_env:
+                raise self.err(k + "n_gate", n_gate, "gates are driven by the envelopes: set model.arx.n_env >= 1 "
+                               "or n_gate: 0")
+            if n_start and not n_gate:
+                raise self.err(k + "n_start", n_start, "n_start feeds the gate MLP: set model.arx.n_gate >= 1 or n_start: 0")
+        per_coef = self.boolean(d, "per_coef_ridge", True, k + "per_coef_ridge")
+        rf = d.get("ridge_feat")
+        if rf is not None:
+            rf = self.num(d, "ridge_feat", None, lo=0, lo_open=True, hi=1e6, full=k + "ridge_feat")
+            if not per_coef:
+                raise self.err(k + "ridge_feat", rf, "a separate ridge for the learned channels needs "
+                               "model.arx.per_coef_ridge: true (or ridge_feat: null)")
+        return ARXConfig(
+            nb=self.num(d, "nb", 13, lo=1, hi=4096, integer=True, full=k + "nb"),
+            na=self.num(d, "na", 12, lo=0, hi=256, integer=True, full=k + "na"),
+            features=features,
+            hidden=self.num(d, "hidden", 32, lo=1, hi=4096, integer=True, full=k + "hidden"),
+            n_point=n_point,
+            n_env=n_env,
+            n_gate=n_gate,
+            n_start=n_start,
+            ridge=self.num(d, "ridge", 1e-8, lo=0, lo_open=True, hi=1e6, full=k + "ridge"),
+            ridge_a=self.num(d, "ridge_a", 1e-8, lo=0, lo_open=True, hi=1e6, full=k + "ridge_a"),
+            ridge_feat=rf,
+            per_coef_ridge=per_coef,
+            ridge_lr_scale=self.num(d, "ridge_lr_scale", 16.0, lo=0, hi=1e4, full=k + "ridge_lr_scale"),
+            rmax=self.num(d, "rmax", 0.999, lo=0, lo_open=True, hi=0.99999, full=k + "rmax"),
+            fft_pad=self.num(d, "fft_pad", 4, lo=2, hi=64, integer=True, full=k + "fft_pad"),
+            cosine_lr=self.boolean(d, "cosine_lr", True, k + "cosine_lr"),
+        )
 
     def loss(self, d: Any, key: str) -> LossConfig:
         if d is None:
@@ -712,7 +797,7 @@ class _Validator:
                 )
             t = fields[part].type
             cls = {"LSTMConfig": LSTMConfig, "TCNConfig": TCNConfig, "TransformerConfig": TransformerConfig,
-                   "SourceConfig": SourceConfig, "LossConfig": LossConfig}.get(str(t).split(" ")[0], None)
+                   "ARXConfig": ARXConfig, "SourceConfig": SourceConfig, "LossConfig": LossConfig}.get(str(t).split(" ")[0], None)
             if cls is LossConfig:
                 break
         dist = spec.get("dist")

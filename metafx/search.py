@@ -192,7 +192,7 @@ class MLflowTracking(_callback_base()):
         self.source = source
         self.dataset_hash = dataset_hash
         self.last: dict[str, dict] = {}
-        self.tagged: set[str] = set()
+        self.tagged: dict[str, str] = {}
 
     @property
     def tracker(self):
@@ -216,10 +216,10 @@ class MLflowTracking(_callback_base()):
         nums = {k: float(v) for k, v in result.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and ("/" in k or k in _REPORTED)}
         self.tracker.log_metrics(trial.trial_id, nums, step=step)
-        if "node_ip" in result and trial.trial_id not in self.tagged:
-            from metafx import tracking as T
+        if "node_ip" in result and self.tagged.get(trial.trial_id) != result.get("node_id"):
+            from metafx import tracking as T  # the node changes when a retry lands on another node
 
-            self.tagged.add(trial.trial_id)
+            self.tagged[trial.trial_id] = result.get("node_id")
             self.tracker.set_tags(trial.trial_id, {T.TAG_NODE: result["node_ip"], "metafx.node_id": result.get("node_id", ""),
                                                    "metafx.hostname": result.get("hostname", "")})
 
@@ -230,12 +230,14 @@ class MLflowTracking(_callback_base()):
             return
         finished = "test/query_l1_post" in last  # else ASHA stopped it before the final evaluation
         if finished and trial.checkpoint is not None:
-            path = Path(trial.checkpoint.path)
-            if (path / "artifacts").is_dir():
-                self.tracker.log_artifacts(trial.trial_id, path / "artifacts")
-            for f in ("best.pt", "checkpoint.pt"):
-                if (path / f).is_file():
-                    self.tracker.log_artifact(trial.trial_id, path / f, "checkpoint")
+            # as_directory: a local folder even when the storage is s3:// or another remote store.
+            with trial.checkpoint.as_directory() as d:
+                path = Path(d)
+                if (path / "artifacts").is_dir():
+                    self.tracker.log_artifacts(trial.trial_id, path / "artifacts")
+                for f in ("best.pt", "checkpoint.pt"):
+                    if (path / f).is_file():
+                        self.tracker.log_artifact(trial.trial_id, path / f, "checkpoint")
         self.tracker.end_trial(trial.trial_id, "FINISHED", stopped_early=not finished)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -243,7 +245,7 @@ class MLflowTracking(_callback_base()):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["last"], state["tagged"] = {}, set()
+        state["last"], state["tagged"] = {}, {}
         return state
 
 
@@ -434,21 +436,20 @@ def run_search(
     exp_path = f"{storage.rstrip('/')}/{name}"
     s = cfg.search
 
-    # The task set is rendered (or reused) once, here, before any trial starts.
-    from metafx.data.tasks import load_taskset
-
-    taskset = load_taskset(cfg.data)
-    manifest = dict(taskset.manifest)
-
+    import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
-    import optuna
+
+    from metafx.data.tasks import load_taskset
 
     _init_ray(None)
-    _check_storage(storage)
+    _check_storage(storage)  # refuse a bad --storage before a long render
+    # The task set is rendered (or reused) once, here, before any trial starts.
+    taskset = load_taskset(cfg.data)
+    manifest = dict(taskset.manifest)
 
     tracker = None
     parent = None
