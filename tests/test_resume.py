@@ -93,3 +93,33 @@ def test_resume_after_sigkill(tmp_path):
     assert len(children) == N, "no duplicate trial runs"
     assert all(r.info.status != "RUNNING" for r in runs)
     assert parents[0].info.status == "FINISHED"
+
+
+def test_ctrl_c_closes_every_run(tmp_path):
+    """SIGINT to the driver mid-search: it exits, and no MLflow run is left RUNNING (trials end KILLED)."""
+    from mlflow.tracking import MlflowClient
+
+    exp = tmp_path / "ray" / "resume-test"
+    p = _run(tmp_path, [])
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            res = _results(exp)
+            if any(rows and rows[-1].get("step", 0) >= 3 for rows in res.values()):
+                break
+            if p.poll() is not None:
+                pytest.fail("search ended before it could be interrupted")
+            time.sleep(0.5)
+        os.kill(p.pid, signal.SIGINT)  # the driver only, as Ctrl-C in its terminal would
+        p.wait(timeout=180)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # whatever the driver left behind
+        except ProcessLookupError:
+            pass
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("lstm").experiment_id], max_results=100)
+    assert runs, "the search recorded nothing before the interrupt"
+    assert all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert any(r.info.status == "KILLED" for r in children)
