@@ -80,7 +80,7 @@ def check_space(cfg: Config) -> None:
     arch_choices = next((set(p.choices) for p in s.params if p.key == "model.arch"), {cfg.model.arch})
     for p in s.params:
         parts = p.key.split(".")
-        if parts[0] == "model" and len(parts) > 2 and parts[1] in ("lstm", "tcn", "transformer"):
+        if parts[0] == "model" and len(parts) > 2 and parts[1] in ("lstm", "tcn", "transformer", "arx"):
             conds = dict(p.when).get("model.arch")
             possible = set(conds) & arch_choices if conds else arch_choices
             if parts[1] not in possible:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metafx.config import LSTMConfig, ModelConfig, TCNConfig, TransformerConfig
+from metafx.config import ARXConfig, LSTMConfig, ModelConfig, TCNConfig, TransformerConfig
 from metafx.models import MODELS, build_model, count_params, crop_like
 from metafx.models.lstm import lstm_param_count
 from metafx.models.tcn import tcn_receptive_field
@@ -20,6 +20,8 @@ TINY = {
     "transformer": ModelConfig(
         arch="transformer", transformer=TransformerConfig(d_model=8, heads=2, layers=2, ff=16, levels=256, max_len=512)
     ),
+    "arx": ModelConfig(arch="arx", arx=ARXConfig(nb=3, na=2, features="learned", hidden=4, n_point=2, n_env=2, n_gate=2,
+                                                 n_start=1, ridge_feat=1e-3)),
 }
 
 
@@ -31,6 +33,13 @@ def test_tiny_configs_cover_the_registry():
 def test_model_contract(arch):
     torch.manual_seed(0)
     model = build_model(TINY[arch])
+    if arch == "arx":
+        # forward() is the prior-mean head, the identity at start: give every channel a nonzero prior so
+        # that every feature parameter is used. The log-ridges act only in fit() (their meta-gradient is
+        # checked against finite differences in tests/test_closed_form.py).
+        with torch.no_grad():
+            model.prior.normal_(0, 0.05)
+    fit_only = set(getattr(model, "fit_only_parameters", lambda: ())())
     B, T = 3, 200
     x = 0.3 * torch.randn(B, 1, T)
     y = model(x)
@@ -40,6 +49,9 @@ def test_model_contract(arch):
     target = 0.3 * torch.randn(B, 1, T)
     (y - crop_like(target, y)).abs().mean().backward()
     for name, p in model.named_parameters():
+        if name in fit_only:
+            assert p.grad is None, f"{arch}: {name} is declared fit-only but forward uses it"
+            continue
         assert p.grad is not None, f"{arch}: no gradient reaches {name}"
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, f"{arch}: zero gradient for {name}"
@@ -60,7 +72,7 @@ def test_forward_is_pure_and_mode_independent(arch):
         torch.testing.assert_close(v, before[k])
 
 
-@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+@pytest.mark.parametrize("arch", ["lstm", "transformer", "arx"])
 def test_causal(arch):
     """A change at sample t0 leaves every earlier output sample unchanged."""
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from metafx.config import ModelConfig
+from metafx.models.arx import MetaARX
 from metafx.models.lstm import LSTMModel
 from metafx.models.tcn import TCN
 from metafx.models.transformer import AudioTransformer
@@ -25,6 +26,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "lstm": LSTMModel,
     "tcn": TCN,
     "transformer": AudioTransformer,
+    "arx": MetaARX,  # closed-form ARX head on meta-learned features; trained with maml.method ridge
 }
 
 
@@ -75,4 +77,4 @@ def crop_like(y: Tensor, pred: Tensor) -> Tensor:
     return y[..., T - Tp :]
 
 
-__all__ = ["MODELS", "AudioTransformer", "LSTMModel", "TCN", "build_model", "count_params", "crop_like"]
+__all__ = ["MODELS", "AudioTransformer", "LSTMModel", "MetaARX", "TCN", "build_model", "count_params", "crop_like"]

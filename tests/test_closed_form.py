@@ -1,0 +1,218 @@
+"""Closed-form ANIL (model.arch arx, maml.method ridge): the fit, the simulation, the meta-gradient, a real trial."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+
+from metafx import closed_form
+from metafx.config import ConfigError, load_config
+from metafx.data.tasks import load_taskset
+from metafx.models import build_model
+from metafx.models.arx import ARXHead, MetaARX, iir_fft, pole_radius, stabilize
+from metafx.train import meta_train
+
+
+def _arx_data(b, a, K, L, seed=0):
+    """K zero-state slices of white noise through y = B(z)/A(z) x (scipy), float64 (K, 1, L)."""
+    rng = np.random.default_rng(seed)
+    x = 0.3 * rng.standard_normal((K, L))
+    y = scipy.signal.lfilter(b, a, x, axis=-1)
+    return torch.from_numpy(x)[:, None], torch.from_numpy(y)[:, None]
+
+
+B_TRUE = [0.2, -0.1, 0.05]
+A_TRUE = np.poly([0.9 * np.exp(0.3j), 0.9 * np.exp(-0.3j)]).real  # poles at radius 0.9
+
+
+def test_ridge_fit_recovers_a_known_arx_system():
+    """Noise-free data of an ARX(3, 2) system: the equation-error fit returns its coefficients."""
+    model = MetaARX(nb=3, na=2, features="none", ridge=1e-14, ridge_a=1e-14).double()
+    sx, sy = _arx_data(B_TRUE, A_TRUE, K=3, L=600)
+    head = model.fit(sx, sy)
+    assert head.b.shape == (2, 3) and head.a.shape == (3,)
+    torch.testing.assert_close(head.b[1], torch.tensor(B_TRUE, dtype=torch.float64), atol=1e-8, rtol=0)
+    # No DC (the constant channel has a single tap: its lags are collinear inside a slice).
+    assert float(head.b[0].detach().abs().sum()) < 1e-8
+    torch.testing.assert_close(head.a, torch.tensor(A_TRUE), atol=1e-8, rtol=0)
+    # ... and simulating it on new input reproduces the system's output.
+    qx, qy = _arx_data(B_TRUE, A_TRUE, K=2, L=500, seed=1)
+    torch.testing.assert_close(model.predict(qx, head), qy, atol=1e-8, rtol=0)
+    # A batch of tasks gives the same heads as one at a time.
+    sx2, sy2 = _arx_data([0.5], [1.0, -0.5], K=3, L=600, seed=2)
+    hb = model.fit(torch.stack([sx, sx2]), torch.stack([sy, sy2]))
+    torch.testing.assert_close(hb.a[0], head.a)
+    h2 = model.fit(sx2, sy2)  # an over-parametrized fit (pole-zero cancellation): check the response
+    torch.testing.assert_close(hb.a[1], h2.a)
+    torch.testing.assert_close(hb.b[1], h2.b)
+    qy2 = torch.from_numpy(scipy.signal.lfilter([0.5], [1.0, -0.5], qx.numpy(), axis=-1))
+    torch.testing.assert_close(model.predict(qx, h2), qy2, atol=1e-8, rtol=0)
+
+
+def test_fft_iir_simulation_matches_lfilter():
+    rng = np.random.default_rng(3)
+    poles = [0.97 * np.exp(0.05j), 0.97 * np.exp(-0.05j), 0.6, -0.5]
+    a = np.poly(poles).real
+    u = rng.standard_normal((2, 3, 1000))
+    ref = scipy.signal.lfilter([1.0], a, u, axis=-1)
+    got = iir_fft(torch.from_numpy(u), torch.from_numpy(a)[None].expand(2, -1), pad=4)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-9)
+    # The whole head (MA part on [1, x] + AR part) against lfilter.
+    model = MetaARX(nb=4, na=4, features="none").double()
+    b = torch.zeros(2, 4, dtype=torch.float64)
+    b[1] = torch.tensor([0.3, -0.2, 0.1, 0.05])
+    head = ARXHead(b=b, a=torch.from_numpy(a))
+    x = torch.from_numpy(rng.standard_normal((3, 1, 800)))
+    ref = scipy.signal.lfilter(b[1].numpy(), a, x.numpy(), axis=-1)
+    np.testing.assert_allclose(model.predict(x, head).numpy(), ref, atol=1e-9)
+
+
+def test_pole_clamping_keeps_an_unstable_fit_finite():
+    """Data of an unstable system (pole at 1.01): the fit is unstable, the simulation is clamped and finite."""
+    a_unstable = np.poly([1.01, 0.5]).real
+    sx, sy = _arx_data([1.0], a_unstable, K=2, L=400)  # grows by 1.01^400 ~ 54: still fine to fit
+    model = MetaARX(nb=1, na=2, features="none", ridge=1e-12, ridge_a=1e-12, rmax=0.999).double()
+    with torch.no_grad():
+        head = model.fit(sx, sy)
+    assert float(pole_radius(head.a)) == pytest.approx(1.01, abs=1e-6)
+    a_clamped, r = stabilize(head.a[None], 0.999)
+    assert float(r[0]) > 1.0 and float(pole_radius(a_clamped)[0]) == pytest.approx(0.999, abs=1e-9)
+    qx, _ = _arx_data([1.0], [1.0], K=2, L=20000, seed=5)  # long query: unclamped it would reach 1.01^20000
+    free = scipy.signal.lfilter(head.b[1].numpy(), head.a.numpy(), qx.numpy(), axis=-1)
+    assert not np.isfinite(free).all() or np.abs(free).max() > 1e30
+    with torch.no_grad():
+        pred = model.predict(qx, head)
+    assert torch.isfinite(pred).all() and pred.abs().max() < 1e4
+
+
+def _tiny_learned(dtype=torch.float64) -> MetaARX:
+    torch.manual_seed(0)
+    m = MetaARX(nb=2, na=2, features="learned", hidden=3, n_point=2, n_env=2, n_gate=2, n_start=1,
+                ridge=1e-3, ridge_a=1e-3, ridge_feat=1e-2).to(dtype)
+    with torch.no_grad():  # a prior that uses every channel, so every parameter matters
+        m.prior.normal_(0, 0.05)
+    return m
+
+
+class _FitPredict(torch.nn.Module):
+    """forward = fit on the support set, simulate on the query set (for torch.func.functional_call)."""
+
+    def __init__(self, model: MetaARX):
+        super().__init__()
+        self.m = model
+
+    def forward(self, sx, sy, qx):
+        return self.m.predict(qx, self.m.fit(sx, sy))
+
+
+def test_meta_gradient_through_the_solve_matches_finite_differences():
+    """float64: d(query loss)/d(features, log-ridges, prior mean) through the ridge solve and the FFT IIR."""
+    fp = _FitPredict(_tiny_learned())
+    sx, sy = _arx_data(B_TRUE, A_TRUE, K=2, L=48, seed=7)
+    qx, qy = _arx_data(B_TRUE, A_TRUE, K=2, L=48, seed=8)
+    sy, qy = torch.tanh(3 * sy), torch.tanh(3 * qy)  # a mildly nonlinear target
+    names = [n for n, _ in fp.named_parameters()]
+    buffers = dict(fp.named_buffers())
+
+    def query_loss(*flat):
+        pred = torch.func.functional_call(fp, ({**dict(zip(names, flat)), **buffers}), (sx, sy, qx))
+        return ((pred - qy) ** 2).mean()
+
+    inputs = tuple(p.detach().clone().requires_grad_(True) for p in fp.parameters())
+    assert torch.autograd.gradcheck(query_loss, inputs, eps=1e-6, atol=1e-7, rtol=1e-4)
+    grads = torch.autograd.grad(query_loss(*inputs), inputs)
+    for n, g in zip(names, grads):  # every meta-parameter matters
+        assert g.abs().sum() > 0, n
+
+
+def test_forward_is_the_prior_head_and_identity_at_start():
+    model = MetaARX(nb=3, na=2, features="learned", hidden=4, n_point=2, n_env=1, n_gate=1)
+    x = 0.3 * torch.randn(3, 1, 256)
+    y = model(x)
+    assert y.shape == (3, 1, 256) and model.output_len(256) == 256
+    torch.testing.assert_close(y, x, atol=1e-5, rtol=0)  # w0 = identity before meta-training
+    assert set(model.fit_only_parameters()) <= {n for n, _ in model.named_parameters()}
+
+
+def test_ridge_and_arx_go_together():
+    with pytest.raises(ConfigError, match="needs maml.method = 'ridge'"):
+        load_config("arx.yaml", "smoke", {"maml.method": "maml"})
+    with pytest.raises(ConfigError, match="needs model.arch = 'arx'"):
+        load_config("lstm.yaml", "smoke", {"maml.method": "ridge"})
+    with pytest.raises(ConfigError, match="model.arx.n_gate"):
+        load_config("arx.yaml", "smoke", {"model.arx.features": "learned", "model.arx.n_env": 0})
+    cfg = load_config("arx.yaml", "smoke", {"model.arx.nb": 5})
+    assert isinstance(build_model(cfg.model), MetaARX) and cfg.model.arx.nb == 5
+
+
+# --------------------------------------------------------------------------- a real trial
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("arx-datasets")
+    cfg = load_config("arx.yaml", "smoke", {"data.cache_dir": str(cache)})
+    return cfg, load_taskset(cfg.data, progress=False)
+
+
+@pytest.mark.parametrize("features", ["none", "learned"])
+def test_meta_training_on_a_rendered_task_set(smoke, features):
+    cfg, taskset = smoke
+    if features == "learned":
+        # A small ridge on the learned channels: with a strong one, the first Adam steps move the prior
+        # mean of those channels off zero, and a resonant 1/A(z) amplifies that offset (6 steps cannot undo it).
+        cfg = load_config("arx.yaml", "smoke", {"data.cache_dir": str(cfg.data.cache_dir), "model.arx.features": "learned",
+                                                "model.arx.hidden": 8, "model.arx.n_point": 4, "model.arx.nb": 4,
+                                                "model.arx.na": 4, "model.arx.ridge_feat": 1e-6})
+    reports = []
+    res = meta_train(cfg, taskset, lambda m, ck: reports.append(m))
+    m = res.metrics
+    for r in reports:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
+    for k in ("test/query_l1_post", "test/query_stft_post", "test/query_hf_post", "test/query_l1_pre"):
+        assert math.isfinite(m[k]), k
+    assert m["test/query_l1_post"] < m["test/identity_l1"]
+    assert m["test/query_l1_post"] < 0.5 * m["test/query_l1_pre"], "the fit must improve on the prior head"
+
+
+def test_resume_matches_uninterrupted(smoke, tmp_path):
+    """The cosine schedule and the optimizer state live in the checkpoint: resuming is exact."""
+    cfg, taskset = smoke
+    meta_train(cfg, taskset, None, workdir=tmp_path / "full", evaluate=False)
+    saved = tmp_path / "saved"
+
+    def report(m, ck):
+        if ck is not None and not saved.exists():
+            shutil.copytree(ck, saved)
+
+    meta_train(cfg, taskset, report, workdir=tmp_path / "part", evaluate=False)
+    st = torch.load(saved / "checkpoint.pt", weights_only=True)
+    assert st["step"] < cfg.maml.meta_steps
+    meta_train(cfg, taskset, None, workdir=tmp_path / "resumed", resume_from=saved, evaluate=False)
+    full = torch.load(Path(tmp_path / "full/checkpoint/checkpoint.pt"), weights_only=True)["model"]
+    res = torch.load(Path(tmp_path / "resumed/checkpoint/checkpoint.pt"), weights_only=True)["model"]
+    for k in full:
+        torch.testing.assert_close(res[k], full[k], rtol=0, atol=0)
+
+
+def test_non_finite_query_raises_naming_the_task(smoke):
+    cfg, taskset = smoke
+    from metafx.data.tasks import EpisodeSampler
+    from metafx.maml import NonFiniteLossError
+
+    model = build_model(cfg.model)
+    ep = EpisodeSampler(taskset, "train", 2, 2, cfg.maml.slice_len, seed=0).sample()
+    ep.query_y = ep.query_y.clone()
+    ep.query_y[0, 0, 5] = float("nan")
+    opt = closed_form.make_outer_optimizer(model, cfg.maml)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"meta-step 3.*task=") as e:
+        closed_form.meta_step(model, [ep], cfg.maml, opt, step=3)
+    assert ep.task_id in str(e.value)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
