@@ -1,7 +1,7 @@
 """Closed-form adaptation (``maml.method: ridge``): meta-training of :class:`metafx.models.arx.MetaARX`.
 
-The same interface as :mod:`metafx.maml` (``meta_step``, ``adapt_and_predict``,
-``make_outer_optimizer``), selected by :func:`metafx.train.adaptation_engine`. The inner
+The same interface as :mod:`metafx.maml` (``meta_step``, ``adapt_and_predict``; the outer
+optimizer is :func:`metafx.maml.make_outer_optimizer`), selected by :func:`metafx.train.adaptation_engine`. The inner
 loop is not a gradient loop but an exact solve: per task, the linear ARX head is fitted
 by ridge regression on the support slices (equation error, float64 normal equations:
 :meth:`MetaARX.fit_features`) and simulated on the query slices from a zero state (FFT
@@ -35,27 +35,6 @@ from metafx.metrics import l1, make_loss
 from metafx.models.arx import ARXHead, MetaARX, pole_radius
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def make_outer_optimizer(model: nn.Module, cfg: MAMLConfig) -> torch.optim.Optimizer:
-    """Adam on every trainable parameter at ``cfg.outer_lr`` (the same as :func:`metafx.maml.make_outer_optimizer`).
-
-    No separate group is needed for the log-ridges (see the module docstring), so
-    ``metafx.train`` may create the optimizer with either function.
-    """
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.outer_lr)
-
-
-def cosine_factor(step: int, total: int) -> float:
-    """``(1 + cos(pi (step - 1) / total)) / 2`` for 1-based ``step``, clipped to [0, 1]."""
-    s = min(max(step - 1, 0), total)
-    return 0.5 * (1.0 + math.cos(math.pi * s / max(total, 1)))
-
-
-def _check_model(model: nn.Module) -> MetaARX:
-    if not isinstance(model, MetaARX):
-        raise TypeError(f"maml.method 'ridge' needs model.arch 'arx' (MetaARX), got {type(model).__name__}")
-    return model
 
 
 def _tensors(ep: Any, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
@@ -95,7 +74,7 @@ def meta_step(
         episodes: the meta-batch; objects with ``support_x``, ``support_y``, ``query_x``,
             ``query_y`` (K, 1, L) and optionally ``task``, ``family``, ``params``.
         cfg: the ``maml`` section (grad_clip, meta_steps, outer_loss).
-        optimizer: e.g. :func:`make_outer_optimizer`.
+        optimizer: e.g. :func:`metafx.maml.make_outer_optimizer`.
         inner_loss_fn: unused (the fit is a least-squares solve); accepted for the shared interface.
         outer_loss_fn: query loss; default ``make_loss(cfg.outer_loss)``.
         step: the 1-based meta-step (error messages and the learning-rate schedule).
@@ -216,4 +195,4 @@ def adapt_and_predict(
     return pre.detach(), post.detach()
 
 
-__all__ = ["adapt_and_predict", "cosine_factor", "make_outer_optimizer", "meta_step"]
+__all__ = ["adapt_and_predict", "cosine_factor", "meta_step"]

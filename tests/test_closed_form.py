@@ -13,6 +13,7 @@ import torch
 from metafx import closed_form
 from metafx.config import ConfigError, load_config
 from metafx.data.tasks import load_taskset
+from metafx.maml import make_outer_optimizer
 from metafx.models import build_model
 from metafx.models.arx import ARXHead, MetaARX, iir_fft, pole_radius, stabilize
 from metafx.train import meta_train
@@ -209,7 +210,7 @@ def test_non_finite_query_raises_naming_the_task(smoke):
     ep = EpisodeSampler(taskset, "train", 2, 2, cfg.maml.slice_len, seed=0).sample()
     ep.query_y = ep.query_y.clone()
     ep.query_y[0, 0, 5] = float("nan")
-    opt = closed_form.make_outer_optimizer(model, cfg.maml)
+    opt = make_outer_optimizer(model, cfg.maml)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match=r"meta-step 3.*task=") as e:
         closed_form.meta_step(model, [ep], cfg.maml, opt, step=3)
