@@ -37,6 +37,18 @@ from metafx.models.arx import ARXHead, MetaARX, pole_radius
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def cosine_factor(step: int, total: int) -> float:
+    """``(1 + cos(pi (step - 1) / total)) / 2`` for 1-based ``step``, clipped to [0, 1]."""
+    s = min(max(step - 1, 0), total)
+    return 0.5 * (1.0 + math.cos(math.pi * s / max(total, 1)))
+
+
+def _check_model(model: nn.Module) -> MetaARX:
+    if not isinstance(model, MetaARX):
+        raise TypeError(f"maml.method 'ridge' needs model.arch 'arx' (MetaARX), got {type(model).__name__}")
+    return model
+
+
 def _tensors(ep: Any, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
     out = []
     for name in ("support_x", "support_y", "query_x", "query_y"):
