@@ -322,9 +322,8 @@ def evaluate_test(model, cfg: Config, taskset: TaskSet, device, inner_loss, *, b
         out.update(single_task_baseline(cfg, taskset, test_eps, device))
     examples = []
     for ep, (pre, post) in list(zip(test_eps, preds))[:n_examples]:
-        t = taskset.tasks[ep.task]
         examples.append({
-            "task_id": str(t["id"]), "family": ep.family, "params": dict(ep.params),
+            "task_id": ep.task_id, "family": ep.family, "params": dict(ep.params),
             "input": ep.query_x[0, 0].numpy().copy(), "target": ep.query_y[0, 0].numpy().copy(),
             "pred_pre": pre[0, 0].numpy().copy(), "pred_post": post[0, 0].numpy().copy(),
         })
@@ -436,8 +435,7 @@ def meta_train(
         result.metrics["best_step"] = float(best["step"])
         result.metrics["params"] = float(result.params)
         result.examples = examples
-        result.wall_seconds = time.time() - t0
-        result.metrics["wall_seconds"] = result.wall_seconds
+        result.metrics["wall_seconds"] = time.time() - t0
         if artifacts:
             from metafx.plots import write_trial_artifacts  # matplotlib only when artifacts are wanted
             write_trial_artifacts(ckpt_dir / "artifacts", examples, history, cfg.data.sample_rate)
