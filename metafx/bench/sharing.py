@@ -65,9 +65,9 @@ def main(args, rest) -> int:
         def memory(self) -> dict:
             return {"pid": os.getpid(), **_rollup()}
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=N_TRIALS, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="WARNING")
+    from metafx.search import _init_ray
+
+    _init_ray(N_TRIALS)  # the search's own local Ray: loopback only, as trials run
     try:
         actors = [Trial.remote(str(ts.path)) for _ in range(N_TRIALS)]
         t0 = time.time()
