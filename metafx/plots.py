@@ -339,13 +339,7 @@ def optuna_plots(study: Any, out_dir: Path) -> list[Path]:
     written: list[Path] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = ovm.plot_optimization_history(study)
-        try:
-            ax.figure.set_size_inches(8, 4.5)
-            ax.figure.tight_layout()
-            written.append(_save(ax.figure, out_dir / "optuna_history.png"))
-        finally:
-            plt.close(ax.figure)
+        written.append(_save_axes(ovm.plot_optimization_history(study), out_dir / "optuna_history.png"))
         keys = {k for t in done for k in t.params}
         if len(done) < 2 or not any(len({repr(t.params.get(k)) for t in done}) > 1 for k in keys):
             log.warning("parameter importances need >= 2 completed trials with a varying parameter; skipped")
@@ -355,12 +349,7 @@ def optuna_plots(study: Any, out_dir: Path) -> list[Path]:
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             log.warning("Optuna could not compute parameter importances (%s: %s); plot skipped", type(e).__name__, e)
             return written
-        try:
-            ax.figure.set_size_inches(8, 4.5)
-            ax.figure.tight_layout()
-            written.append(_save(ax.figure, out_dir / "optuna_importances.png"))
-        finally:
-            plt.close(ax.figure)
+        written.append(_save_axes(ax, out_dir / "optuna_importances.png"))
     return written
 
 
@@ -489,6 +478,16 @@ def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI)
     return path
+
+
+def _save_axes(ax: Any, path: Path) -> Path:
+    """Size, save and close the figure of an Optuna matplotlib plot."""
+    try:
+        ax.figure.set_size_inches(8, 4.5)
+        ax.figure.tight_layout()
+        return _save(ax.figure, path)
+    finally:
+        plt.close(ax.figure)
 
 
 def _finite(v: Any) -> float | None:

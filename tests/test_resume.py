@@ -29,6 +29,18 @@ def _results(exp: Path) -> dict[str, list[dict]]:
     return out
 
 
+def _wait_until(p: subprocess.Popen, exp: Path, tmp: Path, ready, timeout: float) -> None:
+    """Poll the trials' result files until ``ready(results)``; fail if the search ends or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready(_results(exp)):
+            return
+        if p.poll() is not None:
+            pytest.fail(f"search ended before it could be interrupted:\n{(tmp / 'log0.txt').read_text()[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail("the search did not reach the interruption point in time:\n" + (tmp / "log0.txt").read_text()[-3000:])
+
+
 def _run(tmp: Path, extra: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     cmd = [sys.executable, str(REPO_ROOT / "launch" / "search.py"), *ARGS, "--storage", str(tmp / "ray"),
@@ -44,19 +56,13 @@ def test_resume_after_sigkill(tmp_path):
     p = _run(tmp_path, [])
     try:
         # Wait until one trial has finished and another has a checkpoint but is unfinished.
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            res = _results(exp)
+        def ready(res):
             done = [k for k, rows in res.items() if rows and "test/query_l1_post" in rows[-1]]
             partial = [k for k, rows in res.items() if rows and "test/query_l1_post" not in rows[-1]
                        and rows[-1].get("step", 0) >= 6]
-            if done and partial:
-                break
-            if p.poll() is not None:
-                pytest.fail(f"search ended before it could be interrupted:\n{(tmp_path / 'log0.txt').read_text()[-3000:]}")
-            time.sleep(0.5)
-        else:
-            pytest.fail("no trial finished in time:\n" + (tmp_path / "log0.txt").read_text()[-3000:])
+            return done and partial
+
+        _wait_until(p, exp, tmp_path, ready, timeout=400)
         time.sleep(2)  # let Tune write its experiment state once more
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray it started
@@ -102,14 +108,8 @@ def test_ctrl_c_closes_every_run(tmp_path):
     exp = tmp_path / "ray" / "resume-test"
     p = _run(tmp_path, [])
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            res = _results(exp)
-            if any(rows and rows[-1].get("step", 0) >= 3 for rows in res.values()):
-                break
-            if p.poll() is not None:
-                pytest.fail("search ended before it could be interrupted")
-            time.sleep(0.5)
+        _wait_until(p, exp, tmp_path, lambda res: any(rows and rows[-1].get("step", 0) >= 3 for rows in res.values()),
+                    timeout=300)
         os.kill(p.pid, signal.SIGINT)  # the driver only, as Ctrl-C in its terminal would
         p.wait(timeout=180)
     finally:
