@@ -15,12 +15,10 @@ their artifacts in their final checkpoint, from where the driver logs them.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

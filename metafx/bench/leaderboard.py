@@ -162,7 +162,7 @@ def run_family(family: str, budget: str, opts: dict[str, Any]) -> dict[str, Any]
     from metafx import metrics as M
     from metafx.config import load_config
     from metafx.data.tasks import EpisodeSampler, load_taskset
-    from metafx.models import build_model, count_params
+    from metafx.models import build_model
     from metafx.train import evaluate_test, joint_baseline, pick_device, single_task_baseline
 
     block = dict(FAMILIES[family])

@@ -287,7 +287,6 @@ class MetaARX(nn.Module):
         self.nb, self.na, self.rmax, self.fft_pad = int(nb), int(na), float(rmax), int(fft_pad)
         self.features, self.cosine_lr, self.ridge_lr_scale = features, bool(cosine_lr), float(ridge_lr_scale)
         self.phi = Features(features == "learned", hidden, n_point, n_env, n_gate, n_start)
-        M = self.phi.channels
         if per_coef_ridge:
             lb = torch.full((self.n_b,), math.log(ridge))  # (DC, x lags, learned channels' lags)
             lb[1 + nb:] = math.log(ridge if ridge_feat is None else ridge_feat)
