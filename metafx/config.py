@@ -32,8 +32,15 @@ EFFECTS_DIR = Path(__file__).resolve().parent / "data" / "effects"
 BUDGETS = ("smoke", "local", "paper")
 DEFAULT_BUDGET = "local"
 
-ARCHS = ("lstm", "tcn", "transformer", "arx")
-METHODS = ("maml", "joint", "ridge")  # ridge: closed-form head (metafx.closed_form), only with model.arch arx
+ARCHS = ("lstm", "tcn", "transformer", "arx", "ssm")
+# maml: adapt every weight (paper); anil: adapt only the output head; cavia: adapt only a FiLM context
+# vector; encoder: infer the context from the support pairs (amortized), optionally refined by inner
+# steps; joint: no inner loop in training (ablation); ridge: closed-form head (metafx.closed_form),
+# only with model.arch arx.
+METHODS = ("maml", "anil", "cavia", "encoder", "joint", "ridge")
+CONTEXT_METHODS = ("cavia", "encoder")  # need model.context_dim >= 1 and a model with FiLM
+FILM_ARCHS = ("lstm", "tcn", "ssm")
+OUTER_SCHEDULES = ("constant", "cosine")
 ARX_FEATURES = ("none", "learned")
 BACKENDS = ("func", "higher")
 LOSS_TERMS = ("l1", "esr", "stft", "mrstft")
@@ -147,12 +154,28 @@ class ARXConfig:
 
 
 @dataclass(frozen=True)
+class SSMConfig:
+    """Diagonal complex linear recurrence computed by FFT convolution (metafx/models/ssm.py)."""
+
+    channels: int = 16  # H: width of every layer
+    state: int = 16  # N: complex diagonal modes per channel
+    layers: int = 2
+    r_min: float = 0.9  # initial pole radii drawn in [r_min, r_max] (per sample)
+    r_max: float = 0.9999
+    skip: bool = True  # add the dry input to the output
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = "lstm"
     lstm: LSTMConfig = field(default_factory=LSTMConfig)
     tcn: TCNConfig = field(default_factory=TCNConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     arx: ARXConfig = field(default_factory=ARXConfig)
+    ssm: SSMConfig = field(default_factory=SSMConfig)
+    context_dim: int = 0  # FiLM context size (methods cavia, encoder); 0 = no context
+    encoder_hidden: int = 64  # width of the amortized task encoder's MLP (method encoder)
+    encoder_bands: int = 32  # log-spaced bands of the encoder's transfer-function features
 
 
 @dataclass(frozen=True)
@@ -164,7 +187,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class MAMLConfig:
-    method: str = "maml"  # "maml" | "joint" (no inner loop in training)
+    method: str = "maml"  # see METHODS
     backend: str = "func"  # "func" (torch.func) | "higher"
     first_order: bool = False
     inner_steps: int = 1
@@ -182,6 +205,15 @@ class MAMLConfig:
     val_episodes: int = 8
     checkpoint_every: int = 50
     seed: int = 0
+    # MAML++ stabilizers (Antoniou et al. 2019), usable with maml, anil, cavia and encoder:
+    learn_inner_lr: bool = False  # learned per-step, per-tensor inner learning rates (LSLR), init inner_lr
+    multi_step_loss: bool = False  # query loss after every inner step, weights annealed to the last step
+    msl_steps: int = 100  # meta-steps over which the multi-step weights anneal to the last step
+    outer_schedule: str = "constant"  # "constant" | "cosine" annealing of outer_lr over meta_steps
+
+    def stabilized(self) -> bool:
+        """True when a MAML++ stabilizer (other than grad_clip) is on."""
+        return self.learn_inner_lr or self.multi_step_loss or self.outer_schedule != "constant"
 
 
 @dataclass(frozen=True)
@@ -495,6 +527,20 @@ class _Validator:
                 f"model.tcn.kernel = {model.tcn.kernel}, blocks = {model.tcn.blocks}, dilation_growth = "
                 f"{model.tcn.dilation_growth}) must be shorter than maml.slice_len = {maml.slice_len}: "
                 "lower the kernel, blocks or dilation growth, or use longer slices")
+        if maml.method in CONTEXT_METHODS and (model.context_dim < 1 or model.arch not in FILM_ARCHS):
+            raise ConfigError(
+                f"{self.path}: maml.method = {maml.method!r} adapts a FiLM context and needs model.context_dim >= 1 "
+                f"and model.arch in {' | '.join(FILM_ARCHS)}; got model.context_dim = {model.context_dim}, "
+                f"model.arch = {model.arch!r}: set model.context_dim (e.g. 16) and a FiLM model, or use maml.method maml | anil")
+        if model.context_dim and model.arch not in FILM_ARCHS:
+            raise self.err("model.context_dim", model.context_dim,
+                           f"model.arch {model.arch!r} takes no context: set model.context_dim: 0 or use "
+                           f"{' | '.join(FILM_ARCHS)}")
+        if maml.backend == "higher" and (maml.method not in ("maml", "joint") or maml.stabilized()):
+            raise ConfigError(
+                f"{self.path}: maml.backend = 'higher' runs plain MAML only (the paper's setting); maml.method = "
+                f"{maml.method!r} and the MAML++ stabilizers (learn_inner_lr, multi_step_loss, outer_schedule) run "
+                "on the func backend: set maml.backend: func")
         if maml.method == "ridge" and model.arch != "arx":
             raise ConfigError(
                 f"{self.path}: maml.method = 'ridge' (closed-form head fit) needs model.arch = 'arx', got "
@@ -502,7 +548,7 @@ class _Validator:
         if model.arch == "arx" and maml.method != "ridge":
             raise ConfigError(
                 f"{self.path}: model.arch = 'arx' is adapted in closed form and needs maml.method = 'ridge', got "
-                f"maml.method = {maml.method!r}: set maml.method: ridge, or use model.arch lstm | tcn | transformer")
+                f"maml.method = {maml.method!r}: set maml.method: ridge, or use model.arch lstm | tcn | transformer | ssm")
         if model.arch == "arx" and max(model.arx.nb - 1, model.arx.na) >= maml.slice_len:
             raise ConfigError(
                 f"{self.path}: model.arx.nb = {model.arx.nb} / na = {model.arx.na} leave no equation in a slice of "
@@ -629,7 +675,8 @@ class _Validator:
         return tuple(float(lo + (hi - lo) * i / (num - 1)) for i in range(num))
 
     def model(self, d: Any) -> ModelConfig:
-        d = self.section(d, "model", ("arch", "lstm", "tcn", "transformer", "arx"))
+        d = self.section(d, "model", ("arch", "lstm", "tcn", "transformer", "arx", "ssm", "context_dim",
+                                      "encoder_hidden", "encoder_bands"))
         arch = self.choice(d, "arch", "lstm", ARCHS, "model.arch")
         l = self.section(d.get("lstm"), "model.lstm", ("hidden", "skip"))
         t = self.section(d.get("tcn"), "model.tcn", ("channels", "blocks", "kernel", "dilation_growth"))
@@ -656,7 +703,26 @@ class _Validator:
             levels=self.num(x, "levels", 256, lo=2, hi=65536, integer=True, full="model.transformer.levels"),
             max_len=self.num(x, "max_len", 32768, lo=1, integer=True, full="model.transformer.max_len"),
         )
-        return ModelConfig(arch=arch, lstm=lstm, tcn=tcn, transformer=tr, arx=self.arx(d.get("arx")))
+        m = self.section(d.get("ssm"), "model.ssm", tuple(SSMConfig.__dataclass_fields__))
+        k = "model.ssm."
+        r_min = self.num(m, "r_min", 0.9, lo=0, lo_open=True, hi=0.999999, full=k + "r_min")
+        r_max = self.num(m, "r_max", 0.9999, lo=0, lo_open=True, hi=0.999999, full=k + "r_max")
+        if r_min > r_max:
+            raise self.err(k + "r_min", r_min, f"must be <= model.ssm.r_max = {r_max}")
+        ssm = SSMConfig(
+            channels=self.num(m, "channels", 16, lo=1, hi=4096, integer=True, full=k + "channels"),
+            state=self.num(m, "state", 16, lo=1, hi=4096, integer=True, full=k + "state"),
+            layers=self.num(m, "layers", 2, lo=1, hi=64, integer=True, full=k + "layers"),
+            r_min=r_min,
+            r_max=r_max,
+            skip=self.boolean(m, "skip", True, k + "skip"),
+        )
+        return ModelConfig(
+            arch=arch, lstm=lstm, tcn=tcn, transformer=tr, arx=self.arx(d.get("arx")), ssm=ssm,
+            context_dim=self.num(d, "context_dim", 0, lo=0, hi=4096, integer=True, full="model.context_dim"),
+            encoder_hidden=self.num(d, "encoder_hidden", 64, lo=1, hi=4096, integer=True, full="model.encoder_hidden"),
+            encoder_bands=self.num(d, "encoder_bands", 32, lo=2, hi=1024, integer=True, full="model.encoder_bands"),
+        )
 
     def arx(self, d: Any) -> ARXConfig:
         d = self.section(d, "model.arx", tuple(ARXConfig.__dataclass_fields__))
@@ -704,8 +770,15 @@ class _Validator:
     def loss(self, d: Any, key: str) -> LossConfig:
         if d is None:
             return LossConfig()
-        if isinstance(d, str):
-            d = {d: 1.0}
+        if isinstance(d, str):  # "l1", or a weighted sum "5*l1+stft" (what a categorical search can choose)
+            terms: dict[str, float] = {}
+            for part in d.replace(" ", "").split("+"):
+                w, _, name = part.rpartition("*")
+                try:
+                    terms[name] = float(w) if w else 1.0
+                except ValueError:
+                    raise self.err(key, d, "expected a term name or a weighted sum like '5*l1+stft'") from None
+            d = terms
         d = self.section(d, key, LOSS_TERMS)
         if not d:
             raise self.err(key, d, f"give at least one term with a weight, from {', '.join(LOSS_TERMS)}")
@@ -734,6 +807,10 @@ class _Validator:
             val_episodes=self.num(d, "val_episodes", 8, lo=1, integer=True, full=k + "val_episodes"),
             checkpoint_every=self.num(d, "checkpoint_every", 50, lo=1, integer=True, full=k + "checkpoint_every"),
             seed=self.num(d, "seed", 0, integer=True, full=k + "seed"),
+            learn_inner_lr=self.boolean(d, "learn_inner_lr", False, k + "learn_inner_lr"),
+            multi_step_loss=self.boolean(d, "multi_step_loss", False, k + "multi_step_loss"),
+            msl_steps=self.num(d, "msl_steps", 100, lo=1, integer=True, full=k + "msl_steps"),
+            outer_schedule=self.choice(d, "outer_schedule", "constant", OUTER_SCHEDULES, k + "outer_schedule"),
         )
 
     def eval(self, d: Any) -> EvalConfig:
@@ -797,7 +874,7 @@ class _Validator:
                 )
             t = fields[part].type
             cls = {"LSTMConfig": LSTMConfig, "TCNConfig": TCNConfig, "TransformerConfig": TransformerConfig,
-                   "ARXConfig": ARXConfig, "SourceConfig": SourceConfig, "LossConfig": LossConfig}.get(str(t).split(" ")[0], None)
+                   "ARXConfig": ARXConfig, "SSMConfig": SSMConfig, "SourceConfig": SourceConfig, "LossConfig": LossConfig}.get(str(t).split(" ")[0], None)
             if cls is LossConfig:
                 break
         dist = spec.get("dist")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metafx.config import ARXConfig, LSTMConfig, ModelConfig, TCNConfig, TransformerConfig
+from metafx.config import ARXConfig, LSTMConfig, ModelConfig, SSMConfig, TCNConfig, TransformerConfig
 from metafx.models import MODELS, build_model, count_params, crop_like
 from metafx.models.lstm import lstm_param_count
 from metafx.models.tcn import tcn_receptive_field
@@ -22,6 +22,7 @@ TINY = {
     ),
     "arx": ModelConfig(arch="arx", arx=ARXConfig(nb=3, na=2, features="learned", hidden=4, n_point=2, n_env=2, n_gate=2,
                                                  n_start=1, ridge_feat=1e-3)),
+    "ssm": ModelConfig(arch="ssm", ssm=SSMConfig(channels=4, state=3, layers=2)),
 }
 
 

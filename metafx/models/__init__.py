@@ -3,14 +3,23 @@
 Contract (tested over the whole registry in tests/test_models.py):
 
 * ``forward(x)`` maps a dry batch ``(B, 1, T)`` to a wet prediction ``(B, 1, T')``;
-* ``output_len(T)`` gives ``T'`` (``T`` for the LSTM and the transformer, shorter for
-  the TCN's valid convolutions);
+* ``output_len(T)`` gives ``T'`` (``T`` for the LSTM, the SSM and the transformer,
+  shorter for the TCN's valid convolutions);
 * every model is causal: output sample ``t`` depends on input samples up to ``t`` (the
   TCN's batch-statistics BatchNorm aside, which normalizes with the statistics of
   the whole batch of slices), and a shorter output is aligned with the *end* of the
   input, so a target is cropped with :func:`crop_like`;
 * sizes come from the study YAML (``model.<arch>`` section), so a search can vary them;
-* no buffer changes in ``forward`` (MAML's ``functional_call`` must be pure).
+* no buffer changes in ``forward`` (MAML's ``functional_call`` must be pure);
+* ``head_prefixes``: class attribute, the parameter-name prefixes of the output head
+  (ANIL adapts only those), e.g. ``("head.",)``.
+
+Task context (the models of :data:`CONTEXT_ARCHS`: lstm, tcn, ssm): built with
+``context_dim > 0`` (``model.context_dim``), ``forward(x, ctx=None)`` takes a context of
+shape ``(context_dim,)``, ``(1, context_dim)`` or ``(B, context_dim)`` (None = zeros) that
+FiLM-modulates the hidden layers (the LSTM also gets it as an input at every step). With
+``context_dim == 0`` they are the unconditioned models, same parameters and outputs, and
+a ``ctx`` argument is a ValueError.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ from torch import Tensor, nn
 from metafx.config import ModelConfig
 from metafx.models.arx import MetaARX
 from metafx.models.lstm import LSTMModel
+from metafx.models.ssm import SSM
 from metafx.models.tcn import TCN
 from metafx.models.transformer import AudioTransformer
 
@@ -27,24 +37,36 @@ MODELS: dict[str, type[nn.Module]] = {
     "tcn": TCN,
     "transformer": AudioTransformer,
     "arx": MetaARX,  # closed-form ARX head on meta-learned features; trained with maml.method ridge
+    "ssm": SSM,  # diagonal complex linear recurrence (LRU / S4D), FFT convolution
 }
+CONTEXT_ARCHS: tuple[str, ...] = ("lstm", "tcn", "ssm")  # models whose forward takes a FiLM context
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Build the model named by ``cfg.arch`` with the sizes of its config section.
 
     Args:
-        cfg: the ``model`` section of a study config.
+        cfg: the ``model`` section of a study config; ``cfg.context_dim`` (0 if absent)
+            is passed to the models of :data:`CONTEXT_ARCHS`.
 
     Returns:
         A freshly initialized ``nn.Module`` (float32, CPU; move it yourself).
 
     Raises:
-        ValueError: unknown ``cfg.arch``.
+        ValueError: unknown ``cfg.arch``, or ``context_dim > 0`` for a model that takes no context.
     """
     if cfg.arch not in MODELS:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; registered models: {', '.join(sorted(MODELS))}")
-    return MODELS[cfg.arch].from_config(getattr(cfg, cfg.arch))
+    context_dim = getattr(cfg, "context_dim", 0)
+    section = getattr(cfg, cfg.arch)
+    if cfg.arch in CONTEXT_ARCHS:
+        return MODELS[cfg.arch].from_config(section, context_dim=context_dim)
+    if context_dim:
+        raise ValueError(
+            f"model.arch {cfg.arch} takes no context (model.context_dim must be 0): use {' | '.join(CONTEXT_ARCHS)} "
+            f"(got model.context_dim = {context_dim})"
+        )
+    return MODELS[cfg.arch].from_config(section)
 
 
 def count_params(model: nn.Module) -> int:
@@ -77,4 +99,15 @@ def crop_like(y: Tensor, pred: Tensor) -> Tensor:
     return y[..., T - Tp :]
 
 
-__all__ = ["MODELS", "AudioTransformer", "LSTMModel", "MetaARX", "TCN", "build_model", "count_params", "crop_like"]
+__all__ = [
+    "CONTEXT_ARCHS",
+    "MODELS",
+    "SSM",
+    "AudioTransformer",
+    "LSTMModel",
+    "MetaARX",
+    "TCN",
+    "build_model",
+    "count_params",
+    "crop_like",
+]

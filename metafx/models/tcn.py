@@ -37,12 +37,20 @@ Differences from micro-tcn, on purpose:
   in the inner loop like every other weight.
 * No ``tanh`` on the output: the targets are a linear filter's output and the other
   models' heads are linear too.
+
+Task context (``context_dim > 0``, optional): a context vector FiLM-modulates every
+block after its activation, ``h * (1 + gamma) + beta`` with ``(gamma, beta)`` from a
+per-block ``Linear(context_dim -> 2 * channels)`` (``blocks.i.film``; see
+:func:`metafx.models.lstm.apply_film`), before the residual add. With
+``context_dim == 0`` (the default) there is no FiLM module and the model is exactly
+micro-tcn's.
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from metafx.config import TCNConfig
+from metafx.models.film import apply_film, context_batch, make_film
 
 
 def tcn_receptive_field(kernel: int, blocks: int, dilation_growth: int) -> int:
@@ -60,13 +68,13 @@ def tcn_receptive_field(kernel: int, blocks: int, dilation_growth: int) -> int:
 
 
 class TCNBlock(nn.Module):
-    """Conv1d (valid, dilated) -> BatchNorm1d (batch statistics) -> PReLU, + cropped 1x1 residual.
+    """Conv1d (valid, dilated) -> BatchNorm1d (batch statistics) -> PReLU [-> FiLM], + cropped 1x1 residual.
 
     Shape:
-        (B, in_ch, T) -> (B, out_ch, T - dilation * (kernel - 1)).
+        (B, in_ch, T) [, ctx (1 or B, context_dim)] -> (B, out_ch, T - dilation * (kernel - 1)).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, dilation: int):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, dilation: int, context_dim: int = 0):
         super().__init__()
         self.shrink = dilation * (kernel - 1)
         self.conv = nn.Conv1d(in_ch, out_ch, kernel_size=kernel, dilation=dilation, padding=0, bias=False)
@@ -76,9 +84,14 @@ class TCNBlock(nn.Module):
         # micro-tcn's residual: a 1x1 convolution grouped per input channel (C weights).
         groups = in_ch if out_ch % in_ch == 0 else 1
         self.res = nn.Conv1d(in_ch, out_ch, kernel_size=1, groups=groups, bias=False)
+        if context_dim:  # no module without a context: same parameter names as micro-tcn
+            self.film = make_film(context_dim, out_ch)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor | None = None) -> Tensor:
+        """``ctx``: None, or the checked context (1 or B, context_dim) of :func:`context_batch`."""
         h = self.act(self.bn(self.conv(x)))  # (B, out_ch, T - shrink)
+        if ctx is not None:
+            h = apply_film(h, self.film, ctx)
         r = self.res(x)[..., self.shrink :]  # (B, out_ch, T) -> last T - shrink samples (causal crop)
         return h + r
 
@@ -91,44 +104,63 @@ class TCN(nn.Module):
         blocks: number of blocks.
         kernel: kernel size of the dilated convolutions.
         dilation_growth: dilation of block ``i`` is ``dilation_growth ** i``.
+        context_dim: size of the task context (0 = none: micro-tcn's model).
 
     Shape:
-        forward: (B, 1, T) -> (B, 1, T - rf + 1) with ``rf = self.receptive_field``.
+        forward: (B, 1, T) [, ctx (context_dim,) | (1, context_dim) | (B, context_dim)]
+        -> (B, 1, T - rf + 1) with ``rf = self.receptive_field``.
     """
 
-    def __init__(self, channels: int = 16, blocks: int = 4, kernel: int = 13, dilation_growth: int = 10):
+    head_prefixes: tuple[str, ...] = ("head.",)
+
+    def __init__(
+        self, channels: int = 16, blocks: int = 4, kernel: int = 13, dilation_growth: int = 10, context_dim: int = 0
+    ):
         super().__init__()
         if min(channels, blocks, kernel, dilation_growth) < 1:
             raise ValueError(
                 f"TCN: channels, blocks, kernel and dilation_growth must be >= 1, got "
                 f"{channels}, {blocks}, {kernel}, {dilation_growth}"
             )
+        if context_dim < 0:
+            raise ValueError(f"TCN: context_dim must be >= 0, got {context_dim}")
+        self.context_dim = context_dim
         self.receptive_field = tcn_receptive_field(kernel, blocks, dilation_growth)
         self.blocks = nn.ModuleList(
-            TCNBlock(1 if i == 0 else channels, channels, kernel, dilation_growth**i) for i in range(blocks)
+            TCNBlock(1 if i == 0 else channels, channels, kernel, dilation_growth**i, context_dim)
+            for i in range(blocks)
         )
         self.head = nn.Conv1d(channels, 1, kernel_size=1)
 
     @classmethod
-    def from_config(cls, cfg: TCNConfig) -> "TCN":
-        """Build from the ``model.tcn`` section."""
-        return cls(channels=cfg.channels, blocks=cfg.blocks, kernel=cfg.kernel, dilation_growth=cfg.dilation_growth)
+    def from_config(cls, cfg: TCNConfig, context_dim: int = 0) -> "TCN":
+        """Build from the ``model.tcn`` section (and ``model.context_dim``)."""
+        return cls(
+            channels=cfg.channels,
+            blocks=cfg.blocks,
+            kernel=cfg.kernel,
+            dilation_growth=cfg.dilation_growth,
+            context_dim=context_dim,
+        )
 
     def output_len(self, T: int) -> int:
         """Output length for an input of ``T`` samples (may be <= 0: too short an input)."""
         return T - self.receptive_field + 1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor | None = None) -> Tensor:
         """Predict the last ``T - rf + 1`` samples of the wet signal.
 
         Args:
             x: dry input, (B, 1, T).
+            ctx: task context, (context_dim,), (1, context_dim) or (B, context_dim);
+                None = zeros. Must be None when ``context_dim == 0``.
 
         Returns:
             (B, 1, T - rf + 1), aligned with the end of the input.
 
         Raises:
-            ValueError: if ``x`` is not (B, 1, T) or ``T`` is shorter than the receptive field.
+            ValueError: if ``x`` is not (B, 1, T), ``T`` is shorter than the receptive field, or
+                ``ctx`` does not fit ``context_dim``.
         """
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"TCN expects (B, 1, T), got {tuple(x.shape)}")
@@ -138,12 +170,15 @@ class TCN(nn.Module):
                 f"TCN: input of {T} samples is shorter than the receptive field of {self.receptive_field} "
                 f"samples; lengthen maml.slice_len or shrink model.tcn (blocks, kernel, dilation_growth)"
             )
+        c = context_batch(ctx, self.context_dim, x, "TCN")  # None or (B', context_dim)
         for block in self.blocks:
-            x = block(x)  # (B, C, T_i) -> (B, C, T_i - d_i (k - 1))
+            x = block(x, c)  # (B, C, T_i) -> (B, C, T_i - d_i (k - 1))
         return self.head(x)  # (B, 1, T - rf + 1)
 
     def extra_repr(self) -> str:
-        return f"receptive_field={self.receptive_field}"
+        return f"receptive_field={self.receptive_field}" + (
+            f", context_dim={self.context_dim}" if self.context_dim else ""
+        )
 
 
 __all__ = ["TCN", "TCNBlock", "tcn_receptive_field"]

@@ -117,6 +117,8 @@ class AudioTransformer(nn.Module):
         forward: (B, 1, T) -> (B, 1, T), ``T <= max_len``.
     """
 
+    head_prefixes: tuple[str, ...] = ("head.",)  # the output Linear (ANIL adapts only these)
+
     def __init__(
         self,
         d_model: int = 128,
