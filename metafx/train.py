@@ -175,14 +175,28 @@ def _mean_rows(rows: Sequence[dict[str, float]], prefix: str) -> dict[str, float
 def adaptation_engine(cfg: Config):
     """The module implementing ``meta_step`` and ``adapt_and_predict`` for ``cfg.maml.method``.
 
-    Gradient-based methods (``maml``, ``joint``) use :mod:`metafx.maml`; ``ridge`` (closed-form
-    adaptation of a linear head) uses :mod:`metafx.closed_form`.
+    Plain MAML as in the paper (``maml`` without MAML++ stabilizers) and ``joint`` use
+    :mod:`metafx.maml` (both backends); ``anil``, ``cavia``, ``encoder`` and any method with a
+    stabilizer use :mod:`metafx.meta`; ``ridge`` (closed-form adaptation of a linear head) uses
+    :mod:`metafx.closed_form`.
     """
     if cfg.maml.method == "ridge":
         from metafx import closed_form
 
         return closed_form
+    if cfg.maml.method in ("anil", "cavia", "encoder") or (cfg.maml.method == "maml" and cfg.maml.stabilized()):
+        from metafx import meta
+
+        return meta
     return engine
+
+
+def build_learner(cfg: Config) -> torch.nn.Module:
+    """The meta-learned module of ``cfg``: the bare model, or a :class:`metafx.meta.MetaLearner`."""
+    eng = adaptation_engine(cfg)
+    if eng.__name__ == "metafx.meta":
+        return eng.build(cfg)
+    return build_model(cfg.model)
 
 
 def evaluate_adaptation(model, episodes: Sequence[Episode], cfg: Config, device, inner_loss) -> tuple[list[dict], list]:
@@ -370,7 +384,7 @@ def meta_train(
     device = pick_device()
     mc = cfg.maml
     torch.manual_seed(mc.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_learner(cfg).to(device)
     opt = engine.make_outer_optimizer(model, mc)
     inner_loss = M.make_loss(mc.inner_loss)
     outer_loss = M.make_loss(mc.outer_loss)

@@ -1,0 +1,469 @@
+"""Gradient meta-learning beyond plain MAML: ANIL, CAVIA, an amortized task encoder, MAML++ stabilizers.
+
+The paper adapts every weight of the network in the inner loop (plain MAML,
+:mod:`metafx.maml`). That is slow (second order through an LSTM), unstable, and, on
+a few seconds of support audio, over-parameterized: the task is a handful of knob
+settings. This engine adapts less, and learns how to adapt:
+
+``maml.method``
+
+* ``maml``: every weight, as the paper (here with the stabilizers below on).
+* ``anil`` (Raghu et al. 2020): only the output head (the model's ``head_prefixes``); the
+  body is meta-learned features. Second order is cheap: the inner gradient only
+  goes through the head.
+* ``cavia`` (Zintgraf et al. 2019): only a context vector of ``model.context_dim``
+  numbers, zero at the start of every task, that conditions the network through
+  FiLM (``forward(x, ctx)`` of the LSTM, TCN and SSM); every weight is meta-learned.
+* ``encoder``: amortized inference (the paper's "black-box meta-learning" future
+  work): :class:`TaskEncoder` maps the support pairs to the context in one forward
+  pass, then ``maml.inner_steps`` CAVIA steps refine it (0 = pure amortized
+  inference: no inner loop, no second order, one forward per task).
+
+MAML++ stabilizers (Antoniou et al. 2019), any of them with any method:
+
+* ``maml.learn_inner_lr``: one learned inner learning rate per inner step and per
+  adapted tensor (LSLR), initialized at ``maml.inner_lr``, meta-learned with the rest;
+* ``maml.multi_step_loss``: the outer loss is a weighted sum of the query losses after
+  every inner step; weights go from uniform to the last step over ``maml.msl_steps``
+  meta-steps (the first steps get a gradient signal from the start);
+* ``maml.outer_schedule: cosine``: cosine annealing of the outer learning rate over
+  ``maml.meta_steps`` (``initial_lr`` stored in the optimizer, so resume is exact);
+* ``maml.grad_clip``: clipping of the meta-gradient norm.
+
+The meta-learned object is a :class:`MetaLearner`: the network (``net``), the encoder
+and the learned learning rates, one ``nn.Module`` so that the outer optimizer,
+checkpoints and parameter counts see all of it. Same interface as :mod:`metafx.maml`
+(``meta_step``, ``adapt_and_predict``, ``make_outer_optimizer``), selected by
+:func:`metafx.train.adaptation_engine`; func backend only (``higher`` stays the
+reproduction path of plain MAML; the config refuses other combinations).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metafx.config import CONTEXT_METHODS, Config, MAMLConfig
+from metafx.maml import (
+    NonFiniteLossError,
+    _checked,
+    _episode_tensors,
+    _grad_norm,
+    _model_device_dtype,
+    describe_episode,
+    make_outer_optimizer,  # the same Adam over every trainable parameter (encoder and learned lrs included)
+    second_order_safe,
+)
+from metafx.metrics import l1, make_loss
+from metafx.models import build_model, crop_like
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+GRADIENT_METHODS = ("maml", "anil", "cavia", "encoder")
+
+
+# --------------------------------------------------------------------------- task encoder
+
+
+class TaskEncoder(nn.Module):
+    """Support pairs -> FiLM context, in one forward pass.
+
+    Features with an audio-effect prior, computed from all support slices at once:
+
+    * per log-spaced frequency band ``b`` (``bands`` of them between the first FFT bin
+      and Nyquist), the least-squares transfer function
+      ``H_b = sum Y X* / (sum |X|^2 + eps)`` as ``log |H_b|``, ``cos arg H_b``, ``sin arg H_b``
+      (what a linear filter is), and the power ratio ``log (sum |Y|^2 / sum |X|^2)``
+      (differs from ``|H|^2`` when the effect adds harmonics or noise: distortion);
+    * levels: log RMS of the input, of the output, and of the output minus the input
+      (drive, compression).
+
+    then an MLP (``hidden`` wide, GELU) to ``context_dim`` numbers.
+
+    Shape:
+        forward: support_x, support_y (K, 1, L) -> (1, context_dim).
+    """
+
+    def __init__(self, context_dim: int, hidden: int = 64, bands: int = 32):
+        super().__init__()
+        if context_dim < 1 or hidden < 1 or bands < 2:
+            raise ValueError(f"TaskEncoder: context_dim, hidden >= 1 and bands >= 2 needed, got "
+                             f"{context_dim}, {hidden}, {bands}")
+        self.bands = bands
+        n_in = 4 * bands + 3
+        self.mlp = nn.Sequential(
+            nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, context_dim)
+        )
+
+    def _band_matrix(self, n_bins: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """(bands, n_bins) 0/1 matrix: bin f belongs to band b (log-spaced edges from bin 1)."""
+        edges = torch.logspace(0, math.log10(n_bins), self.bands + 1, device=device, dtype=torch.float64)
+        f = torch.arange(n_bins, device=device, dtype=torch.float64)
+        m = (f[None] >= edges[:-1, None]) & (f[None] < edges[1:, None])
+        m[-1, -1] = True  # Nyquist bin
+        empty = ~m.any(dim=1)
+        if bool(empty.any()):  # narrow low bands of short slices: give each its nearest bin
+            idx = edges[:-1].round().clamp(max=n_bins - 1).long()
+            m[empty, idx[empty]] = True
+        return m.to(dtype)
+
+    def features(self, support_x: Tensor, support_y: Tensor) -> Tensor:
+        """(4 * bands + 3,) features of the support set (see the class docstring)."""
+        x, y = support_x[:, 0], crop_like(support_y, support_x)[:, 0]  # (K, L)
+        L = x.shape[-1]
+        win = torch.hann_window(L, device=x.device, dtype=x.dtype)
+        X, Y = torch.fft.rfft(x * win), torch.fft.rfft(y * win)  # (K, F)
+        M = self._band_matrix(X.shape[-1], x.device, x.dtype)  # (bands, F)
+        sxx = (X.abs() ** 2).sum(0) @ M.T  # (bands,)
+        syy = (Y.abs() ** 2).sum(0) @ M.T
+        sxy = (Y * X.conj()).sum(0)  # (F,) complex
+        cr, ci = sxy.real @ M.T, sxy.imag @ M.T
+        eps = 1e-8 * (sxx.sum() + 1e-12)
+        h_re, h_im = cr / (sxx + eps), ci / (sxx + eps)
+        mag = torch.sqrt(h_re**2 + h_im**2 + 1e-12)
+        feats = [
+            torch.log(mag + 1e-6),
+            h_re / mag,
+            h_im / mag,
+            torch.log((syy + eps) / (sxx + eps)),
+        ]
+        rms = lambda s: 0.5 * torch.log(s.pow(2).mean() + 1e-10)  # noqa: E731
+        lv = torch.stack([rms(x), rms(y), rms(y - x)])
+        return torch.cat(feats + [lv])
+
+    def forward(self, support_x: Tensor, support_y: Tensor) -> Tensor:
+        return self.mlp(self.features(support_x, support_y))[None]  # (1, context_dim)
+
+
+# --------------------------------------------------------------------------- the meta-learned object
+
+
+def _lr_key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class MetaLearner(nn.Module):
+    """The network plus what is meta-learned around it: the task encoder and the inner learning rates.
+
+    Args:
+        net: the audio-effect model (``forward(x, ctx=None)`` for context methods).
+        method: one of :data:`GRADIENT_METHODS`.
+        inner_steps, inner_lr: the inner loop; with ``learn_inner_lr`` one learned rate per
+            step and adapted tensor (the context counts as one tensor), initialized at ``inner_lr``.
+        context_dim: size of the FiLM context (context methods).
+        encoder_hidden, encoder_bands: the :class:`TaskEncoder` (method ``encoder``).
+    """
+
+    def __init__(self, net: nn.Module, method: str, *, inner_steps: int, inner_lr: float, learn_inner_lr: bool = False,
+                 context_dim: int = 0, encoder_hidden: int = 64, encoder_bands: int = 32):
+        super().__init__()
+        if method not in GRADIENT_METHODS:
+            raise ValueError(f"MetaLearner: unknown method {method!r}; allowed: {', '.join(GRADIENT_METHODS)}")
+        if method in CONTEXT_METHODS and context_dim < 1:
+            raise ValueError(f"method {method!r} needs model.context_dim >= 1")
+        self.net = net
+        self.method = method
+        self.context_dim = context_dim
+        self.inner_steps = inner_steps
+        self.inner_lr = inner_lr
+        self.encoder = TaskEncoder(context_dim, encoder_hidden, encoder_bands) if method == "encoder" else None
+        names = self.adapted_names()
+        if method == "anil" and not names:
+            raise ValueError(f"method 'anil': {type(net).__name__} declares no head parameters (head_prefixes)")
+        self.inner_lrs: nn.ParameterDict | None = None
+        if learn_inner_lr and inner_steps > 0:
+            keys = ["ctx"] if method in CONTEXT_METHODS else [_lr_key(n) for n in names]
+            self.inner_lrs = nn.ParameterDict({k: nn.Parameter(torch.full((inner_steps,), float(inner_lr))) for k in keys})
+
+    def adapted_names(self) -> list[str]:
+        """Names (in ``net``) of the weights adapted in the inner loop; empty for context methods."""
+        if self.method in CONTEXT_METHODS:
+            return []
+        names = [n for n, p in self.net.named_parameters() if p.requires_grad]
+        if self.method == "anil":
+            prefixes = tuple(getattr(self.net, "head_prefixes", ()))
+            names = [n for n in names if prefixes and n.startswith(prefixes)]
+        return names
+
+    def lr(self, params: dict[str, Tensor], key: str, step: int) -> Tensor | float:
+        """The inner learning rate of ``key`` at inner step ``step`` (a tensor when learned)."""
+        if self.inner_lrs is None:
+            return self.inner_lr
+        return params["inner_lrs." + key][step]
+
+    def forward(self, x: Tensor, ctx: Tensor | None = None) -> Tensor:
+        """The network on ``x`` with context ``ctx`` (zero context by default): the pre-adaptation model."""
+        return self.net(x, ctx) if self.context_dim else self.net(x)
+
+
+def build(cfg: Config) -> MetaLearner:
+    """The :class:`MetaLearner` of a study config (network from ``cfg.model``)."""
+    m = cfg.model
+    return MetaLearner(
+        build_model(m), cfg.maml.method, inner_steps=cfg.maml.inner_steps, inner_lr=cfg.maml.inner_lr,
+        learn_inner_lr=cfg.maml.learn_inner_lr, context_dim=m.context_dim, encoder_hidden=m.encoder_hidden,
+        encoder_bands=m.encoder_bands,
+    )
+
+
+def _check(model: nn.Module) -> MetaLearner:
+    if not isinstance(model, MetaLearner):
+        raise TypeError(f"metafx.meta needs a MetaLearner (metafx.meta.build), got {type(model).__name__}")
+    return model
+
+
+def _sub(params: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    n = len(prefix)
+    return {k[n:]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def _net_call(learner: MetaLearner, net_p: dict[str, Tensor], net_b: dict[str, Tensor], x: Tensor,
+              ctx: Tensor | None) -> Tensor:
+    kwargs = {"ctx": ctx} if learner.context_dim else {}
+    return functional_call(learner.net, (net_p, net_b), (x,), kwargs)
+
+
+# --------------------------------------------------------------------------- inner loop
+
+
+def inner_loop(
+    learner: MetaLearner,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    support_x: Tensor,
+    support_y: Tensor,
+    *,
+    steps: int,
+    loss_fn: LossFn,
+    first_order: bool,
+    query_x: Tensor | None = None,
+) -> tuple[dict[str, Tensor], Tensor | None, list[Tensor]]:
+    """Adapt to one task; pure (returns new tensors, mutates nothing).
+
+    Args:
+        learner: the :class:`MetaLearner` (its own parameter values are not used).
+        params: name -> tensor for every parameter of ``learner`` (``net.*``, ``encoder.*``, ``inner_lrs.*``).
+        buffers: name -> tensor for its buffers.
+        support_x, support_y: (K, 1, L).
+        steps: inner steps.
+        loss_fn: the support loss.
+        first_order: inner gradients are constants (FOMAML); learned learning rates still get a gradient.
+        query_x: when given, the query prediction after every step is returned (multi-step loss).
+
+    Returns:
+        ``(net_params, ctx, query_preds)``: the adapted network weights (``net`` names), the
+        adapted context (None without one), and the query predictions after steps 1..steps
+        (empty without ``query_x``).
+
+    Raises:
+        NonFiniteLossError: a support loss is not finite (names the inner step).
+    """
+    net_p, net_b = _sub(params, "net."), _sub(buffers, "net.")
+    ctx = None
+    if learner.method == "cavia":
+        p0 = next(iter(net_p.values()))
+        ctx = torch.zeros(1, learner.context_dim, device=p0.device, dtype=p0.dtype, requires_grad=True)
+    elif learner.method == "encoder":
+        ctx = functional_call(learner.encoder, (_sub(params, "encoder."), _sub(buffers, "encoder.")), (support_x, support_y))
+        if not ctx.requires_grad:  # evaluation under no_grad-detached parameters: the context is still adapted
+            ctx = ctx.detach().requires_grad_(True)
+    names = learner.adapted_names()
+    qpreds: list[Tensor] = []
+    for i in range(steps):
+        pred = _net_call(learner, net_p, net_b, support_x, ctx)
+        loss = _checked(loss_fn(pred, crop_like(support_y, pred)), f"inner-loop support loss at inner step {i}")
+        targets = [ctx] if ctx is not None and learner.method in CONTEXT_METHODS else [net_p[n] for n in names]
+        grads = torch.autograd.grad(loss, targets, create_graph=not first_order, allow_unused=True)
+        if first_order:
+            grads = [None if g is None else g.detach() for g in grads]
+        if learner.method in CONTEXT_METHODS:
+            if grads[0] is not None:
+                ctx = ctx - learner.lr(params, "ctx", i) * grads[0]
+        else:
+            new = dict(net_p)
+            for n, g in zip(names, grads):
+                if g is not None:
+                    new[n] = net_p[n] - learner.lr(params, _lr_key(n), i) * g
+            net_p = new
+        if query_x is not None:
+            qpreds.append(_net_call(learner, net_p, net_b, query_x, ctx))
+    return net_p, ctx, qpreds
+
+
+def msl_weights(n_steps: int, meta_step: int, anneal_steps: int) -> list[float]:
+    """Multi-step loss weights of the query losses after inner steps 1..n: uniform -> last step only.
+
+    ``w = (1 - a) / n + a * [i == n]`` with ``a = min(1, meta_step / anneal_steps)``: sums to 1.
+    """
+    if n_steps <= 0:
+        return []
+    a = min(1.0, max(meta_step, 0) / max(anneal_steps, 1))
+    return [(1.0 - a) / n_steps + (a if i == n_steps - 1 else 0.0) for i in range(n_steps)]
+
+
+# --------------------------------------------------------------------------- outer loop
+
+
+def _schedule(optimizer: torch.optim.Optimizer, cfg: MAMLConfig, step: int) -> None:
+    if cfg.outer_schedule != "cosine":
+        return
+    from metafx.closed_form import cosine_factor
+
+    f = cosine_factor(step, cfg.meta_steps)
+    for g in optimizer.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+        g["lr"] = g["initial_lr"] * f
+
+
+def meta_step(
+    model: nn.Module,
+    episodes: Sequence[Any],
+    cfg: MAMLConfig,
+    optimizer: torch.optim.Optimizer,
+    inner_loss_fn: LossFn | None = None,
+    outer_loss_fn: LossFn | None = None,
+    *,
+    step: int = 0,
+    with_stats: bool = True,
+) -> dict[str, float]:
+    """One meta-update over a meta-batch of tasks (same contract as :func:`metafx.maml.meta_step`).
+
+    Per task: :func:`inner_loop` on the support slices, the outer loss on the query
+    slices (after the last inner step, or the multi-step weighted sum), backpropagated
+    ``/ n_tasks`` (one task's graph in memory at a time). Then the outer schedule,
+    clipping (``cfg.grad_clip``) and ``optimizer.step()``.
+
+    Returns:
+        Floats averaged over the meta-batch: ``support_l1_pre``, ``support_l1_post``,
+        ``query_l1_post``, ``outer_loss``; ``grad_norm`` (before clipping), ``lr`` (outer, first
+        group) and, with learned inner learning rates, ``inner_lr_mean``.
+
+    Raises:
+        NonFiniteLossError: a loss or the meta-gradient is not finite; names ``step`` and the
+            task. No update is applied.
+    """
+    learner = _check(model)
+    if not episodes:
+        raise ValueError("meta_step: empty meta-batch")
+    inner_loss_fn = inner_loss_fn or make_loss(cfg.inner_loss)
+    outer_loss_fn = outer_loss_fn or make_loss(cfg.outer_loss)
+    device, dtype = _model_device_dtype(learner)
+    params = dict(learner.named_parameters())
+    buffers = dict(learner.named_buffers())
+    trainable = [p for p in params.values() if p.requires_grad]
+    n = len(episodes)
+    sums = {"support_l1_pre": 0.0, "support_l1_post": 0.0, "query_l1_post": 0.0, "outer_loss": 0.0}
+    steps = cfg.inner_steps
+    weights = msl_weights(steps, step, cfg.msl_steps) if cfg.multi_step_loss else []
+
+    _schedule(optimizer, cfg, step)
+    optimizer.zero_grad(set_to_none=True)
+    with second_order_safe(learner.net, cfg.first_order):
+        for i, ep in enumerate(episodes):
+            where = f"meta-step {step}, episode {i} of the meta-batch ({describe_episode(ep)})"
+            sx, sy, qx, qy = _episode_tensors(ep, device, dtype)
+            try:
+                net_p, ctx, qpreds = inner_loop(learner, params, buffers, sx, sy, steps=steps, loss_fn=inner_loss_fn,
+                                                first_order=cfg.first_order, query_x=qx if weights else None)
+                if weights:
+                    qpred = qpreds[-1]
+                    qloss = sum(w * outer_loss_fn(p, crop_like(qy, p)) for w, p in zip(weights, qpreds) if w > 0)
+                else:
+                    qpred = _net_call(learner, net_p, _sub(buffers, "net."), qx, ctx)
+                    qloss = outer_loss_fn(qpred, crop_like(qy, qpred))
+                qloss = _checked(qloss, "query (outer) loss")
+            except NonFiniteLossError as e:
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(f"{where}: {e}; lower maml.inner_lr / outer_lr or set maml.grad_clip") from e
+            (qloss / n).backward()
+            if not bool(torch.isfinite(_grad_norm(trainable))):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(f"{where}: non-finite meta-gradient after this task's query loss")
+            sums["outer_loss"] += qloss.item()
+            sums["query_l1_post"] += l1(qpred.detach(), crop_like(qy, qpred)).item()
+            if with_stats:
+                with torch.no_grad():
+                    nb = _sub(buffers, "net.")
+                    pre_ctx = None if ctx is None else torch.zeros_like(ctx)
+                    pre = _net_call(learner, _sub(params, "net."), nb, sx, pre_ctx)
+                    post = _net_call(learner, {k: v.detach() for k, v in net_p.items()}, nb, sx,
+                                     None if ctx is None else ctx.detach())
+                    sums["support_l1_pre"] += l1(pre, crop_like(sy, pre)).item()
+                    sums["support_l1_post"] += l1(post, crop_like(sy, post)).item()
+            del net_p, ctx, qpreds, qpred, qloss
+
+    norm = _grad_norm(trainable)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(trainable, cfg.grad_clip, norm)
+    optimizer.step()
+    out = {k: v / n for k, v in sums.items()}
+    if not with_stats:
+        out["support_l1_pre"] = out["support_l1_post"] = float("nan")
+    out["grad_norm"] = float(norm)
+    out["lr"] = float(optimizer.param_groups[0]["lr"])
+    if learner.inner_lrs is not None:
+        out["inner_lr_mean"] = float(torch.cat([p.detach().flatten() for p in learner.inner_lrs.values()]).mean())
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def adapt_and_predict(
+    model: nn.Module,
+    episode: Any,
+    cfg: MAMLConfig,
+    inner_loss_fn: LossFn | None = None,
+    steps: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Query predictions before and after adaptation on the support slices.
+
+    "Before" is the meta-learned network with a zero context (no support information);
+    "after" runs the same inner loop as training (first order: nothing is
+    backpropagated), from the encoder's context for ``encoder``. Works inside
+    ``torch.no_grad()``. The model is not modified.
+
+    Returns:
+        ``(pred_pre, pred_post)``, each (Kq, 1, L'), detached.
+
+    Raises:
+        NonFiniteLossError: a support loss is not finite (names the task).
+    """
+    learner = _check(model)
+    inner_loss_fn = inner_loss_fn or make_loss(cfg.inner_loss)
+    steps = cfg.inner_steps if steps is None else steps
+    device, dtype = _model_device_dtype(learner)
+    sx, sy, qx, _ = _episode_tensors(episode, device, dtype)
+    names = set(learner.adapted_names())
+    params = {k: v.detach().requires_grad_(k[4:] in names if k.startswith("net.") else False)
+              for k, v in learner.named_parameters()}
+    buffers = dict(learner.named_buffers())
+    nb = _sub(buffers, "net.")
+    with torch.no_grad():
+        zero = torch.zeros(1, learner.context_dim, device=device, dtype=dtype) if learner.context_dim else None
+        pre = _net_call(learner, _sub(params, "net."), nb, qx, zero)
+    try:
+        with torch.enable_grad():
+            net_p, ctx, _ = inner_loop(learner, params, buffers, sx, sy, steps=steps, loss_fn=inner_loss_fn,
+                                       first_order=True)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"evaluation, episode ({describe_episode(episode)}): {e}") from e
+    with torch.no_grad():
+        post = _net_call(learner, {k: v.detach() for k, v in net_p.items()}, nb, qx,
+                         None if ctx is None else ctx.detach())
+    return pre.detach(), post.detach()
+
+
+__all__ = [
+    "GRADIENT_METHODS",
+    "MetaLearner",
+    "TaskEncoder",
+    "adapt_and_predict",
+    "build",
+    "inner_loop",
+    "make_outer_optimizer",
+    "meta_step",
+    "msl_weights",
+]
