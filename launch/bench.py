@@ -4,6 +4,8 @@
     python launch/bench.py metastep [--budget local]   # seconds / meta-step, peak memory, per model/backend/order
     python launch/bench.py quality  [--budget local]   # the paper's Table 1 shape, with baselines
     python launch/bench.py sharing                     # task set held once by 4 concurrent trials
+    python launch/bench.py leaderboard [-- --jobs 2]   # every family x method on the same held-out episodes
+    python launch/bench.py methods -- --part steps|speed|stability|rows   # methods beyond the paper
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ SUITES = {
     "quality": "metafx.bench.quality",
     "sharing": "metafx.bench.sharing",
     "leaderboard": "metafx.bench.leaderboard",
+    "methods": "metafx.bench.methods",
 }
 
 

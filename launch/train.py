@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     res = meta_train(cfg, taskset, report, workdir=args.workdir, resume_from=args.resume,
                      baselines=not args.no_baselines, artifacts=args.workdir is not None)
     m = res.metrics
-    print(f"\n{cfg.name} ({cfg.model.arch}, {res.params} parameters, best step {res.best_step}, "
+    print(f"\n{cfg.name} ({cfg.model.arch}, method {cfg.maml.method}, {res.params} parameters, best step {res.best_step}, "
           f"{res.wall_seconds:.1f} s)")
     for name in ("", "identity/", "lsfir/", "joint/", "single_task/"):
         l1 = m.get(f"test/{name}query_l1_post")
