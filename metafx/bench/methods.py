@@ -296,6 +296,13 @@ def main(args, rest) -> int:
             jobs += [(opts.part, v, args.budget, {**common, "_family": fam}) for v in variants]
     else:
         jobs = [(opts.part, v, args.budget, extra) for v in variants]
+    if opts.part in ("speed", "stability"):  # losses are compared: the same validation episodes for every variant
+        keys = lambda c: (c.data, c.maml.k_support, c.maml.k_query, c.maml.slice_len, c.maml.val_episodes)  # noqa: E731
+        ref = keys(_cfg(variants[0], args.budget, extra))
+        for v in variants[1:]:
+            if keys(_cfg(v, args.budget, extra)) != ref:
+                raise SystemExit(f"variant {v} draws other validation episodes than {variants[0]} (data or slices "
+                                 "differ between the study files): their losses would not be comparable")
     # "_family" is bookkeeping, not a config key.
     fams = [j[3].pop("_family", None) for j in jobs]
     res = _pool(jobs, opts.jobs)
