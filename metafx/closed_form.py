@@ -43,6 +43,15 @@ def cosine_factor(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * s / max(total, 1)))
 
 
+def apply_cosine_lr(optimizer: torch.optim.Optimizer, step: int, total: int) -> None:
+    """Set every group's lr to ``initial_lr * cosine_factor(step, total)``; ``initial_lr`` is kept in the
+    optimizer's param groups (so it is in every checkpoint and a resumed run is identical)."""
+    f = cosine_factor(step, total)
+    for g in optimizer.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+        g["lr"] = g["initial_lr"] * f
+
+
 def _check_model(model: nn.Module) -> MetaARX:
     if not isinstance(model, MetaARX):
         raise TypeError(f"maml.method 'ridge' needs model.arch 'arx' (MetaARX), got {type(model).__name__}")
@@ -115,10 +124,7 @@ def meta_step(
     rmax_seen = 0.0
 
     if model.cosine_lr:
-        f = cosine_factor(step, cfg.meta_steps)
-        for g in optimizer.param_groups:
-            g.setdefault("initial_lr", g["lr"])
-            g["lr"] = g["initial_lr"] * f
+        apply_cosine_lr(optimizer, step, cfg.meta_steps)
 
     optimizer.zero_grad(set_to_none=True)
     for i, ep in enumerate(episodes):
@@ -207,4 +213,4 @@ def adapt_and_predict(
     return pre.detach(), post.detach()
 
 
-__all__ = ["adapt_and_predict", "cosine_factor", "meta_step"]
+__all__ = ["adapt_and_predict", "apply_cosine_lr", "cosine_factor", "meta_step"]

@@ -307,14 +307,10 @@ def msl_weights(n_steps: int, meta_step: int, anneal_steps: int) -> list[float]:
 
 
 def _schedule(optimizer: torch.optim.Optimizer, cfg: MAMLConfig, step: int) -> None:
-    if cfg.outer_schedule != "cosine":
-        return
-    from metafx.closed_form import cosine_factor
+    if cfg.outer_schedule == "cosine":
+        from metafx.closed_form import apply_cosine_lr
 
-    f = cosine_factor(step, cfg.meta_steps)
-    for g in optimizer.param_groups:
-        g.setdefault("initial_lr", g["lr"])
-        g["lr"] = g["initial_lr"] * f
+        apply_cosine_lr(optimizer, step, cfg.meta_steps)
 
 
 def meta_step(
