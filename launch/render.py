@@ -1,15 +1,24 @@
 """Render (or reuse) the task set of a study and report it.
 
     python launch/render.py --space lstm.yaml [--budget smoke|local|paper] [--set key=value ...]
+        [--ray [--cpus-per-part N] [--tasks-per-part N]]
 
 Prints the dataset path, tasks per split, seconds of audio, and the render time
 and speed as a multiple of real time (or that the set was reused from the cache).
-Exit status 2 on a configuration error, 1 on a render or source error.
+
+--ray spreads the render over a Ray cluster (metafx.data.distributed): the one named by
+RAY_ADDRESS (as under `ray job submit`), else a local Ray on this machine. Each part (a
+chunk of tasks of one family) is a Ray task; the cache (data.cache_dir / $METAFX_CACHE)
+must be on storage every node sees. The result is the dataset a local render writes.
+
+Exit status 2 on a configuration error, 1 on a render or source error, 130 when
+interrupted (Ctrl-C, SIGTERM): no dataset directory is left half-written.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metafx.config import BUDGETS, ConfigError, load_config  # noqa: E402
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", default="lstm.yaml", help="study name in search_spaces/ or a path to a study YAML")
@@ -26,8 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a dotted config key, e.g. --set data.source.seconds=30 (repeatable)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--ray", action="store_true",
+                    help="spread the render over the Ray cluster at RAY_ADDRESS (else a local Ray)")
+    ap.add_argument("--cpus-per-part", type=int, default=1, metavar="N",
+                    help="with --ray: CPUs (render threads) of each Ray task (default 1)")
+    ap.add_argument("--tasks-per-part", type=int, default=None, metavar="N",
+                    help="with --ray: tasks per part (default: about two parts per CPU slot)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM (a scheduler, `ray job stop`) unwinds like Ctrl-C: running parts are cancelled, nothing half-written stays.
+    signal.signal(signal.SIGTERM, _interrupt)
+    if (args.cpus_per_part < 1 or (args.tasks_per_part is not None and args.tasks_per_part < 1)):
+        print("config error: --cpus-per-part and --tasks-per-part must be >= 1", file=sys.stderr)
+        return 2
 
     try:
         cfg = load_config(args.space, args.budget, overrides=args.overrides)
@@ -42,7 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     before = render.renders_started
     t0 = time.perf_counter()
     try:
-        ts = TaskSet(render.render_taskset(cfg.data, progress=not args.quiet))
+        if args.ray:
+            from metafx.data.distributed import render_on_ray
+            from metafx.search import init_ray
+
+            init_ray(None)
+            ts = TaskSet(render_on_ray(cfg, cpus_per_part=args.cpus_per_part, tasks_per_part=args.tasks_per_part,
+                                       progress=not args.quiet))
+        else:
+            ts = TaskSet(render.render_taskset(cfg.data, progress=not args.quiet))
+    except KeyboardInterrupt:
+        print("interrupted: no dataset was written; finished parts of a --ray render are kept and reused by the "
+              "next run", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -60,7 +96,14 @@ def main(argv: list[str] | None = None) -> int:
           + (f", {len(ts.manifest['dropped'])} unstable dropped" if ts.manifest["dropped"] else ""))
     print(f"families: {', '.join(ts.families)}")
     print(f"audio:    {ts.seconds:.1f} s source at {ts.sample_rate} Hz; {audio:.1f} s of targets")
-    if rendered:
+    dist = ts.manifest["render"].get("distributed")
+    if rendered and dist:
+        per_node = ", ".join(f"{nid[:8]}: {n}" for nid, n in dist["nodes"].items())
+        reused = sum(p["reused"] for p in dist["parts"])
+        print(f"render:   {wall:.2f} s, {audio / wall:.0f}x real time on Ray: {len(dist['parts'])} parts of <= "
+              f"{dist['tasks_per_part']} tasks x {dist['cpus_per_part']} CPU on {len(dist['nodes'])} node(s) "
+              f"({per_node})" + (f", {reused} reused" if reused else ""))
+    elif rendered:
         print(f"render:   {wall:.2f} s, {audio / wall:.0f}x real time ({ts.manifest['render']['workers']} threads)")
     else:
         r = ts.manifest["render"]

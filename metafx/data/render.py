@@ -38,6 +38,13 @@ one row per thread is ever in memory, and no mapping of the whole file inflates
 the renderer's resident memory, so the paper budget (600 s x 120 tasks x 48 kHz,
 13.8 GB) renders in a few hundred MB of RAM.
 
+Rendering can also be split into parts (consecutive tasks of one family), each rendered
+by another process, possibly on another node, into ``<cache_dir>/<hash>.parts/`` and
+assembled into the same dataset, byte for byte (:func:`render_part`,
+:func:`assemble_parts`; the Ray side is :mod:`metafx.data.distributed`). Both paths share
+the checks (:func:`prepare`), the render loop and the manifest writer, and publish through
+:func:`build_dataset`.
+
 Faust I/O: the mono source is fed to every input of the effect; if the effect
 has several outputs, output channel 0 is the target. An effect without inputs is
 rejected. DAWDreamer adds no latency to Faust processors: output sample n
@@ -533,6 +540,21 @@ def render_taskset(cfg: DataConfig, *, progress: bool = True) -> Path:
             too few stable tasks after dropping, a Faust compile error, or too little disk space.
         SourceError: the source audio cannot be read.
     """
+    return build_dataset(cfg, lambda tmp, key, h: _render_into(tmp, cfg, key, h, progress))
+
+
+def build_dataset(cfg: DataConfig, fill: Callable[[Path, dict[str, Any], str], None]) -> Path:
+    """Produce ``cfg.cache_dir / <hash>`` atomically: reuse it if complete, else ``fill`` a temporary dir and rename it.
+
+    ``fill(tmp, key, h)`` writes the whole dataset, ``manifest.json`` last, into ``tmp``
+    (``<hash>.tmp-<host>-<pid>-<random>`` in the cache). The rename to ``<hash>`` is the
+    last step; if ``fill`` raises (or the process is interrupted) ``tmp`` is removed, and a
+    killed process leaves only ``tmp``, which is never read. Losing the rename race to
+    another renderer of the same hash uses the winner's directory.
+
+    Returns:
+        The complete dataset directory.
+    """
     cache = Path(cfg.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     key = dataset_key(cfg)
@@ -552,7 +574,7 @@ def render_taskset(cfg: DataConfig, *, progress: bool = True) -> Path:
     tmp = cache / f"{h}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        _render_into(tmp, cfg, key, h, progress)
+        fill(tmp, key, h)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -566,22 +588,41 @@ def render_taskset(cfg: DataConfig, *, progress: bool = True) -> Path:
     return final
 
 
-def _render_into(tmp: Path, cfg: DataConfig, key: dict[str, Any], h: str, progress: bool) -> None:
-    global renders_started
-    renders_started += 1
-    t_start = time.perf_counter()
-    sr = cfg.sample_rate
+@dataclass
+class _Prepared:
+    """The checks every render makes before touching audio, and what they found."""
+
+    planned: list[PlannedTask]
+    infos: list[DspInfo | None]  # per family (None: not compiled, because no task of it is rendered here)
+    addresses: list[dict[str, str] | None]  # per family: grid key -> DAWDreamer address
+    texts: list[str | None]  # per family: the .dsp source
+
+
+def prepare(cfg: DataConfig, families: set[int] | None = None) -> _Prepared:
+    """Plan the tasks, check the split is feasible, compile the families and resolve slider names.
+
+    Args:
+        cfg: the ``data`` section.
+        families: indices of the families to compile (default: all). A part renderer
+            compiles only its own family.
+
+    Raises:
+        ConfigError: too few tasks for a split, or a grid key that names no slider.
+        RenderError: a Faust compile error, or an effect without input or output.
+    """
     planned = plan_tasks(cfg)
     for fi, fam in enumerate(cfg.families):
         check_split_feasible(fam.name, sum(t.family_index == fi for t in planned), cfg.val_fraction, cfg.test_fraction)
-
+    n = len(cfg.families)
+    infos: list[DspInfo | None] = [None] * n
+    addresses: list[dict[str, str] | None] = [None] * n
+    texts: list[str | None] = [None] * n
     # Compile each family once up front: fail fast on Faust errors and unknown slider names.
-    infos: list[DspInfo] = []
-    addresses: list[dict[str, str]] = []
-    texts: list[str] = []
-    for fam in cfg.families:
-        texts.append(Path(fam.dsp).read_text(encoding="utf-8"))
-        info = describe_dsp(fam.dsp, sr, family=fam.name)
+    for fi, fam in enumerate(cfg.families):
+        if families is not None and fi not in families:
+            continue
+        texts[fi] = Path(fam.dsp).read_text(encoding="utf-8")
+        info = describe_dsp(fam.dsp, cfg.sample_rate, family=fam.name)
         if info.inputs < 1:
             raise RenderError(f"family {fam.name!r}: {fam.dsp} has no audio input, so it cannot process the source; "
                               f"an effect's process must take the signal, e.g. process = fi.lowpass(2, cutoff);")
@@ -593,24 +634,127 @@ def _render_into(tmp: Path, cfg: DataConfig, key: dict[str, Any], h: str, progre
             amap[p.name] = s.address
             tol = 1e-6 * max(1.0, abs(s.min), abs(s.max))  # slider bounds are stored as float32
             out = [v for v in p.values if not s.min - tol <= v <= s.max + tol]
-            if out:
+            if out and families is None:
                 log.warning("family %r: grid values %s of %r lie outside the slider range [%g, %g] in %s; "
                             "they are used as given (Faust does not clamp them here)", fam.name, out, p.name, s.min, s.max, fam.dsp)
-        infos.append(info)
-        addresses.append(amap)
+        infos[fi] = info
+        addresses[fi] = amap
+    return _Prepared(planned, infos, addresses, texts)
+
+
+def _check_disk(where: Path, need: int, what: str = "the dataset") -> None:
+    """Raise RenderError if the existing directory ``where`` has less than ``need`` bytes free."""
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise RenderError(f"{what} needs {need / 1e9:.1f} GB but {where} has {free / 1e9:.1f} GB free: "
+                          f"set data.cache_dir (or $METAFX_CACHE) to a larger disk, or lower data.source.seconds or the grid size")
+
+
+def _unstable_error(t: PlannedTask, reason: str) -> RenderError:
+    return RenderError(
+        f"unstable render: family {t.family!r}, params {t.params}: {reason}. "
+        f"Fix: shrink data.families[{t.family_index}].params to stable settings "
+        f"(for ve.moog_vcf keep cutoff below about sample_rate / 7 when resonance > 0), "
+        f"or set data.on_unstable: drop to leave such tasks out with a warning"
+    )
+
+
+def _log_drop(t: PlannedTask, reason: str) -> None:
+    log.warning("dropping unstable task: family %r, params %s: %s", t.family, t.params, reason)
+
+
+def _render_rows(cfg: DataConfig, prep: _Prepared, indices: list[int], x: np.ndarray, workers: int,
+                 write: Callable[[int, np.ndarray], None], bar: "_Progress | None" = None,
+                 log_drops: bool = True) -> dict[int, str]:
+    """Render the planned tasks ``indices`` with ``workers`` threads; ``write(i, y)`` each stable row.
+
+    Family by family: only ``min(workers, tasks)`` engines (each holding a copy of the
+    source) exist at a time; they are created and destroyed on the DAWDreamer control
+    thread, and each thread renders with one engine at a time. ``write`` runs on the
+    render threads.
+
+    Returns:
+        ``{planned index: reason}`` of the unstable tasks (dropped; ``on_unstable: fail`` raises instead).
+
+    Raises:
+        RenderError: an unstable task with ``on_unstable: fail`` (queued tasks are cancelled first).
+    """
+    sr = cfg.sample_rate
+    planned = prep.planned
+    input_peak = max(float(np.max(np.abs(x))), 1e-12)
+
+    def work(i: int, pool_q: "queue.Queue[_Renderer]") -> tuple[int, str | None]:
+        t = planned[i]
+        amap = prep.addresses[t.family_index]
+        params = {amap[k]: v for k, v in t.params.items()}
+        r = pool_q.get()
+        try:
+            y = r.render(params)
+        finally:
+            pool_q.put(r)
+        reason = check_stability(y, input_peak, sr)
+        if reason is None:
+            write(i, y)
+        return i, reason
+
+    unstable: dict[int, str] = {}
+    done_n = 0
+    if bar is not None:
+        bar.update(0)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metafx-render") as pool:
+        for fi, fam in enumerate(cfg.families):
+            idx = [i for i in indices if planned[i].family_index == fi]
+            if not idx:
+                continue
+            n_eng = min(workers, len(idx))
+            engines: list[_Renderer] = [
+                _on_control(_Renderer, x, sr, fam, prep.texts[fi], prep.infos[fi].inputs) for _ in range(n_eng)
+            ]
+            pool_q: queue.Queue[_Renderer] = queue.Queue()
+            for r in engines:
+                pool_q.put(r)
+            futures: set[Future] = {pool.submit(work, i, pool_q) for i in idx}
+            try:
+                while futures:
+                    done, futures = wait(futures, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        i, reason = f.result()  # re-raises a worker's exception
+                        done_n += 1
+                        if reason is None:
+                            continue
+                        unstable[i] = reason
+                        if cfg.on_unstable == "fail":
+                            raise _unstable_error(planned[i], reason)
+                        if log_drops:
+                            _log_drop(planned[i], reason)
+                    if bar is not None:
+                        bar.update(done_n)
+            except BaseException:
+                for g in futures:  # stop early: queued tasks are cancelled, running ones finish
+                    g.cancel()
+                wait(futures)
+                raise
+            finally:
+                del pool_q
+                _on_control(engines.clear)  # destroy the engines on the control thread
+    return unstable
+
+
+def _render_into(tmp: Path, cfg: DataConfig, key: dict[str, Any], h: str, progress: bool) -> None:
+    global renders_started
+    renders_started += 1
+    t_start = time.perf_counter()
+    sr = cfg.sample_rate
+    prep = prepare(cfg)
+    planned = prep.planned
 
     t0 = time.perf_counter()
     x = load_sources(cfg.source, sr)
     t_source = time.perf_counter() - t0
     T = int(x.size)
     N = len(planned)
-    need = (N + 1) * T * 4
-    free = shutil.disk_usage(tmp).free
-    if need > free:
-        raise RenderError(f"the dataset needs {need / 1e9:.1f} GB but {tmp.parent} has {free / 1e9:.1f} GB free: "
-                          f"set data.cache_dir (or $METAFX_CACHE) to a larger disk, or lower data.source.seconds or the grid size")
+    _check_disk(tmp.parent, (N + 1) * T * 4)
     np.save(tmp / "input.npy", x)
-    input_peak = max(float(np.max(np.abs(x))), 1e-12)
 
     tpath = tmp / "targets.npy"
     mm = np.lib.format.open_memmap(tpath, mode="w+", dtype=np.float32, shape=(N, T))  # writes header, sizes file (sparse)
@@ -620,91 +764,61 @@ def _render_into(tmp: Path, cfg: DataConfig, key: dict[str, Any], h: str, progre
     workers = max(1, min(workers, N))
     log.info("rendering %d tasks x %.1f s at %d Hz with %d thread(s) into %s", N, T / sr, sr, workers, tmp)
 
-    def work(i: int, pool_q: "queue.Queue[_Renderer]") -> tuple[int, str | None]:
-        t = planned[i]
-        params = {addresses[t.family_index][k]: v for k, v in t.params.items()}
-        r = pool_q.get()
-        try:
-            y = r.render(params)
-        finally:
-            pool_q.put(r)
-        reason = check_stability(y, input_peak, sr)
-        if reason is None:
-            _pwrite_all(fd, memoryview(y).cast("B"), offset + i * T * 4)
-        return i, reason
-
-    unstable: dict[int, str] = {}
-    bar = _Progress(N, f"render {h[:8]}", progress)
     t0 = time.perf_counter()
     fd = os.open(tpath, os.O_WRONLY)
-    done_n = 0
-    bar.update(0)
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metafx-render") as pool:
-            # Family by family: only `workers` engines (each holding a copy of the source) exist at a time.
-            for fi, fam in enumerate(cfg.families):
-                idx = [i for i, t in enumerate(planned) if t.family_index == fi]
-                if not idx:
-                    continue
-                n_eng = min(workers, len(idx))
-                engines: list[_Renderer] = [
-                    _on_control(_Renderer, x, sr, fam, texts[fi], infos[fi].inputs) for _ in range(n_eng)
-                ]
-                pool_q: queue.Queue[_Renderer] = queue.Queue()
-                for r in engines:
-                    pool_q.put(r)
-                futures: set[Future] = {pool.submit(work, i, pool_q) for i in idx}
-                try:
-                    while futures:
-                        done, futures = wait(futures, return_when=FIRST_COMPLETED)
-                        for f in done:
-                            i, reason = f.result()  # re-raises a worker's exception
-                            done_n += 1
-                            if reason is None:
-                                continue
-                            unstable[i] = reason
-                            t = planned[i]
-                            if cfg.on_unstable == "fail":
-                                raise RenderError(
-                                    f"unstable render: family {t.family!r}, params {t.params}: {reason}. "
-                                    f"Fix: shrink data.families[{t.family_index}].params to stable settings "
-                                    f"(for ve.moog_vcf keep cutoff below about sample_rate / 7 when resonance > 0), "
-                                    f"or set data.on_unstable: drop to leave such tasks out with a warning"
-                                )
-                            log.warning("dropping unstable task: family %r, params %s: %s", t.family, t.params, reason)
-                        bar.update(done_n)
-                except BaseException:
-                    for g in futures:  # stop early: queued tasks are cancelled, running ones finish
-                        g.cancel()
-                    wait(futures)
-                    raise
-                finally:
-                    del pool_q
-                    _on_control(engines.clear)  # destroy the engines on the control thread
+        unstable = _render_rows(cfg, prep, list(range(N)), x, workers,
+                                lambda i, y: _pwrite_all(fd, memoryview(y).cast("B"), offset + i * T * 4),
+                                _Progress(N, f"render {h[:8]}", progress))
         os.fsync(fd)
     finally:
         os.close(fd)
     t_render = time.perf_counter() - t0
 
     keep = [i for i in range(N) if i not in unstable]
-    kept = [planned[i] for i in keep]
+    _check_after_drop(cfg, planned, unstable)
+    if unstable:
+        _compact_rows(tpath, offset, keep, T)
+    total = time.perf_counter() - t_start
+    audio_s = len(keep) * T / sr
+    _write_manifest(tmp, cfg, key, h, prep, unstable, T, {
+        "workers": workers,
+        "block_size": BLOCK_SIZE,
+        "source_seconds": round(t_source, 3),
+        "render_seconds": round(t_render, 3),
+        "total_seconds": round(total, 3),
+        "audio_seconds": audio_s,
+        "speed_x_realtime": round(audio_s / total, 1) if total > 0 else None,
+    })
+
+
+def _check_after_drop(cfg: DataConfig, planned: list[PlannedTask], unstable: dict[int, str]) -> None:
+    kept = [t for i, t in enumerate(planned) if i not in unstable]
     for fi, fam in enumerate(cfg.families):
         n_fam = sum(t.family_index == fi for t in kept)
         dropped_fam = sum(planned[i].family_index == fi for i in unstable)
         check_split_feasible(fam.name, n_fam, cfg.val_fraction, cfg.test_fraction, dropped=dropped_fam)
-    if unstable:
-        _compact_rows(tpath, offset, keep, T)
-    splits = assign_splits([t.family for t in kept], cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
 
-    total = time.perf_counter() - t_start
-    audio_s = len(kept) * T / sr
+
+def _write_manifest(tmp: Path, cfg: DataConfig, key: dict[str, Any], h: str, prep: _Prepared,
+                    unstable: dict[int, str], T: int, render_info: dict[str, Any]) -> None:
+    """Write ``manifest.json`` (the completeness marker) last into ``tmp`` and fsync the directory.
+
+    Everything except ``created`` and ``render`` (timings, workers, where parts ran) is a
+    function of the configuration, so a local and a distributed render write the same.
+    """
+    planned = prep.planned
+    N = len(planned)
+    keep = [i for i in range(N) if i not in unstable]
+    kept = [planned[i] for i in keep]
+    splits = assign_splits([t.family for t in kept], cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     manifest = {
         "format_version": FORMAT_VERSION,
         "hash": h,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sample_rate": sr,
+        "sample_rate": cfg.sample_rate,
         "num_samples": T,
-        "seconds": T / sr,
+        "seconds": T / cfg.sample_rate,
         "num_tasks": len(kept),
         "source": {
             "kind": cfg.source.kind,
@@ -720,9 +834,9 @@ def _render_into(tmp: Path, cfg: DataConfig, key: dict[str, Any], h: str, progre
                 "dsp": str(fam.dsp),
                 "dsp_sha256": key["families"][fi]["dsp_sha256"],
                 "params": {p.name: list(p.values) for p in fam.params},
-                "addresses": addresses[fi],
-                "inputs": infos[fi].inputs,
-                "outputs": infos[fi].outputs,
+                "addresses": prep.addresses[fi],
+                "inputs": prep.infos[fi].inputs,
+                "outputs": prep.infos[fi].outputs,
                 "max_tasks": fam.max_tasks,
                 "num_tasks": sum(t.family_index == fi for t in kept),
                 "num_dropped": sum(planned[i].family_index == fi for i in unstable),
@@ -741,15 +855,7 @@ def _render_into(tmp: Path, cfg: DataConfig, key: dict[str, Any], h: str, progre
         "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction,
         "versions": {**_versions(), "python": platform.python_version()},
-        "render": {
-            "workers": workers,
-            "block_size": BLOCK_SIZE,
-            "source_seconds": round(t_source, 3),
-            "render_seconds": round(t_render, 3),
-            "total_seconds": round(total, 3),
-            "audio_seconds": audio_s,
-            "speed_x_realtime": round(audio_s / total, 1) if total > 0 else None,
-        },
+        "render": render_info,
         "key": key,
     }
     _fsync_path(tmp / "input.npy")
@@ -790,3 +896,276 @@ def _compact_rows(path: Path, offset: int, keep: list[int], T: int) -> None:
         os.close(src)
         os.close(dst)
     os.replace(new, path)
+
+
+# --------------------------------------------------------------------------- parts (rendering spread over processes / nodes)
+
+# A distributed render (metafx.data.distributed) splits the planned tasks into parts, one
+# family x chunk of consecutive tasks each. A process renders a part into
+# ``<cache>/<hash>.parts/<part>.npy`` (written under a .tmp- name, fsynced, renamed) and then
+# ``<part>.json`` (its record: rows, unstable tasks, sha256, where it ran), the part's
+# completeness marker. The driver then assembles the parts into the dataset directory with
+# build_dataset, exactly as a local render writes it: the same input.npy, targets.npy and
+# manifest (but for "created" and "render"). Parts are content-addressed like the dataset (the
+# directory carries the hash, the name the tasks), so an interrupted distributed render keeps
+# its finished parts and the next one reuses them; the parts directory is removed once the
+# dataset is in place. It is never mistaken for a dataset (no manifest, not named <hash>).
+
+PARTS_SUFFIX = ".parts"
+_PART_TMP = re.compile(r"^(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<rand>[0-9a-f]+)$")
+
+_source_cache: dict[str, np.ndarray] = {}  # hash -> source, in a process that renders several parts of one dataset
+
+
+@dataclass(frozen=True)
+class Part:
+    """Consecutive planned tasks of one family, rendered by one process."""
+
+    family_index: int
+    family: str
+    indices: tuple[int, ...]  # indices into plan_tasks(cfg), ascending
+
+    @property
+    def name(self) -> str:
+        return f"part-f{self.family_index:03d}-{self.indices[0]:06d}-{self.indices[-1]:06d}"
+
+
+def parts_dir(cfg: DataConfig, h: str | None = None) -> Path:
+    """``<cache_dir>/<hash>.parts``: where the parts of a distributed render of ``cfg`` go."""
+    return Path(cfg.cache_dir) / f"{h or dataset_hash(cfg)}{PARTS_SUFFIX}"
+
+
+def plan_parts(planned: list[PlannedTask], tasks_per_part: int) -> list[Part]:
+    """Split the planned tasks into parts of at most ``tasks_per_part`` tasks of one family each."""
+    if tasks_per_part < 1:
+        raise ValueError(f"tasks_per_part must be >= 1, got {tasks_per_part}")
+    parts = []
+    for fi in sorted({t.family_index for t in planned}):
+        idx = [i for i, t in enumerate(planned) if t.family_index == fi]
+        for s in range(0, len(idx), tasks_per_part):
+            chunk = tuple(idx[s:s + tasks_per_part])
+            parts.append(Part(fi, planned[chunk[0]].family, chunk))
+    return parts
+
+
+def _sha256_stream(path: Path, chunk: int = 1 << 24) -> str:
+    hsh = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                return hsh.hexdigest()
+            hsh.update(b)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def render_part(cfg: DataConfig, h: str, out_dir: str | os.PathLike[str], part: Part, threads: int = 1,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Render one part into ``out_dir/<part>.npy`` atomically and record it in ``out_dir/<part>.json``.
+
+    Runs in the process that renders (a Ray task on any node): the DAWDreamer engines
+    are created on this process's control thread and render on ``threads`` threads.
+
+    Args:
+        cfg: the ``data`` section, as resolved on this node.
+        h: the dataset hash the driver computed; this node must compute the same.
+        out_dir: the parts directory (on storage the driver reads too).
+        part: which tasks.
+        threads: render threads in this process.
+        extra: stored in the record (the distributed renderer puts the node there).
+
+    Returns:
+        The record: ``name, family_index, family, indices, rows, num_samples, unstable
+        ({planned index: reason}), sha256`` (of the .npy file), ``seconds, host, pid, threads`` and ``extra``.
+
+    Raises:
+        RenderError: this node computes another dataset hash (different .dsp files, source or
+            dawdreamer / numpy versions), an unstable task with ``on_unstable: fail``, or a Faust error.
+    """
+    t0 = time.perf_counter()
+    key = dataset_key(cfg)
+    mine = _hash_key(key)
+    if mine != h:
+        raise RenderError(
+            f"host {socket.gethostname()} computes dataset hash {mine} for this configuration but the driver computed "
+            f"{h}: the nodes differ in the .dsp files, the source audio or the dawdreamer / numpy versions "
+            f"(here: {_versions()}). Give every node the same code and environment")
+    prep = prepare(cfg, families={part.family_index})
+    planned = prep.planned
+    if part.indices[-1] >= len(planned) or any(planned[i].family_index != part.family_index for i in part.indices):
+        raise RenderError(f"part {part.name} does not match this node's task plan (tasks of family {part.family!r})")
+    x = _source_cache.get(h)
+    if x is None:
+        x = load_sources(cfg.source, cfg.sample_rate)
+        _source_cache.clear()
+        _source_cache[h] = x
+    T, n = int(x.size), len(part.indices)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / f"{part.name}.npy"
+    tmp = out / f"{part.name}.npy.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    _check_disk(out, n * T * 4, f"part {part.name}")
+    pos = {i: j for j, i in enumerate(part.indices)}
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, T))
+        offset = int(mm.offset)
+        del mm
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            unstable = _render_rows(cfg, prep, list(part.indices), x, max(1, min(threads, n)),
+                                    lambda i, y: _pwrite_all(fd, memoryview(y).cast("B"), offset + pos[i] * T * 4),
+                                    None, log_drops=False)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        sha = _sha256_stream(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    record = {
+        "name": part.name, "family_index": part.family_index, "family": part.family, "indices": list(part.indices),
+        "rows": n, "num_samples": T, "unstable": {str(i): r for i, r in sorted(unstable.items())}, "sha256": sha,
+        "seconds": round(time.perf_counter() - t0, 3), "host": socket.gethostname(), "pid": os.getpid(),
+        "threads": max(1, min(threads, n)), **(extra or {}),
+    }
+    _write_json_atomic(out / f"{part.name}.json", record)  # the part's completeness marker, after its data
+    _fsync_path(out)
+    return record
+
+
+def read_part(out_dir: str | os.PathLike[str], part: Part, num_samples: int) -> dict[str, Any] | None:
+    """The record of a finished part in ``out_dir`` (left by an earlier, interrupted render), else None."""
+    out = Path(out_dir)
+    try:
+        rec = json.loads((out / f"{part.name}.json").read_text(encoding="utf-8"))
+        arr = np.load(out / f"{part.name}.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if rec.get("indices") != list(part.indices) or arr.shape != (len(part.indices), num_samples) \
+            or arr.dtype != np.float32:
+        return None
+    return rec
+
+
+def clean_stale_parts(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``*.tmp-<host>-<pid>-*`` files in a parts directory left by dead processes of this host."""
+    removed = []
+    out = Path(out_dir)
+    if not out.is_dir():
+        return removed
+    for f in out.iterdir():
+        m = _PART_TMP.match(f.name)
+        if not m or m.group("host") != _HOST:
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and not _pid_alive(pid):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def assemble_parts(cfg: DataConfig, h: str, prep: _Prepared, records: list[dict[str, Any]],
+                   render_info: dict[str, Any]) -> Path:
+    """Assemble rendered parts into the dataset directory, atomically, exactly as a local render writes it.
+
+    Checks that the parts cover every planned task once, that each part file has the
+    expected shape and sha256, drops the unstable tasks (with the local render's warnings
+    and split checks), then writes ``input.npy``, ``targets.npy`` (stable rows in task
+    order) and ``manifest.json`` through :func:`build_dataset`.
+
+    Args:
+        cfg: the ``data`` section.
+        h: the dataset hash.
+        prep: :func:`prepare` of ``cfg`` (all families).
+        records: one :func:`render_part` record per part.
+        render_info: the manifest's ``render`` section (assembly timing is added).
+
+    Returns:
+        The complete dataset directory.
+
+    Raises:
+        RenderError: missing or corrupt parts, or too few stable tasks left.
+    """
+    src_dir = parts_dir(cfg, h)
+    planned = prep.planned
+    N = len(planned)
+    covered = sorted(i for r in records for i in r["indices"])
+    if covered != list(range(N)):
+        raise RenderError(f"the parts in {src_dir} cover tasks {covered[:5]}... ({len(covered)}), expected each of "
+                          f"the {N} planned tasks once")
+
+    def fill(tmp: Path, key: dict[str, Any], h2: str) -> None:
+        global renders_started
+        renders_started += 1
+        if h2 != h:
+            raise RenderError(f"dataset hash changed during the render ({h} -> {h2}): a .dsp or source file was edited")
+        t0 = time.perf_counter()
+        x = load_sources(cfg.source, cfg.sample_rate)
+        T = int(x.size)
+        unstable = {int(i): reason for r in records for i, reason in r["unstable"].items()}
+        if unstable and cfg.on_unstable == "fail":  # the part renderer raises first; kept for safety
+            i = min(unstable)
+            raise _unstable_error(planned[i], unstable[i])
+        for i in sorted(unstable):
+            _log_drop(planned[i], unstable[i])
+        _check_after_drop(cfg, planned, unstable)
+        keep = [i for i in range(N) if i not in unstable]
+        new_pos = {i: j for j, i in enumerate(keep)}
+        _check_disk(tmp.parent, (len(keep) + 1) * T * 4)
+        np.save(tmp / "input.npy", x)
+        tpath = tmp / "targets.npy"
+        mm = np.lib.format.open_memmap(tpath, mode="w+", dtype=np.float32, shape=(len(keep), T))
+        offset = int(mm.offset)
+        del mm
+        row = T * 4
+        dst = os.open(tpath, os.O_WRONLY)
+        try:
+            for r in sorted(records, key=lambda r: r["indices"][0]):
+                p = src_dir / f"{r['name']}.npy"
+                try:
+                    arr = np.load(p, mmap_mode="r")
+                except (OSError, ValueError) as e:
+                    raise RenderError(f"part {p} cannot be read ({e}): is data.cache_dir shared by every node?") from e
+                if arr.shape != (len(r["indices"]), T) or arr.dtype != np.float32:
+                    raise RenderError(f"part {p} has shape {arr.shape} {arr.dtype}, expected {(len(r['indices']), T)} float32")
+                src_off = int(arr.offset)
+                del arr
+                hsh = hashlib.sha256()
+                src = os.open(p, os.O_RDONLY)
+                try:
+                    hsh.update(os.pread(src, src_off, 0))
+                    for j, i in enumerate(r["indices"]):
+                        buf = os.pread(src, row, src_off + j * row)
+                        if len(buf) != row:
+                            raise RenderError(f"short read in part {p} (row {j})")
+                        hsh.update(buf)
+                        if i in new_pos:
+                            _pwrite_all(dst, memoryview(buf), offset + new_pos[i] * row)
+                    tail = os.pread(src, 1 << 16, src_off + len(r["indices"]) * row)
+                    hsh.update(tail)
+                finally:
+                    os.close(src)
+                if hsh.hexdigest() != r["sha256"]:
+                    raise RenderError(f"part {p} does not have the content its renderer wrote (sha256 mismatch): "
+                                      f"the shared cache returned other bytes; delete {src_dir} and render again")
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+        info = dict(render_info)
+        info["assemble_seconds"] = round(time.perf_counter() - t0, 3)
+        _write_manifest(tmp, cfg, key, h, prep, unstable, T, info)
+
+    return build_dataset(cfg, fill)
