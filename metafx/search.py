@@ -1,13 +1,25 @@
 """Distributed hyperparameter search: Ray Tune schedules trials, Optuna samples, ASHA prunes.
 
-The only module importing ray and optuna (DESIGN.md style rule 1).
+The only module importing optuna; ray is imported here and, for the distributed
+render, in :mod:`metafx.data.distributed` (DESIGN.md style rule 1, with one
+deliberate exception).
 
 Data flow: the driver renders (or reuses) the task set once into the
-content-addressed cache; every trial on a node opens the same files memory-mapped
-(read-only), so the node holds one copy in its page cache however many trials
-run (see ``launch/bench.py sharing``). A node without the cache (multi-node,
-no shared file system) renders it once itself: the cache is atomic and keyed by
-content, so concurrent trials agree on one copy.
+content-addressed cache, before any trial starts. On a multi-node cluster whose
+nodes all see the cache directory (``METAFX_CACHE`` on shared storage) that render
+is spread over the cluster, one Ray task per family x chunk of tasks
+(:func:`metafx.data.distributed.render_on_ray`; ``METAFX_DISTRIBUTED_RENDER=auto|1|0``).
+Every trial on a node opens the same files memory-mapped (read-only), so the node
+holds one copy in its page cache however many trials run (see ``launch/bench.py
+sharing``). A node without the cache (multi-node, no shared file system) renders
+it once itself: the cache is atomic and keyed by content, so concurrent trials
+agree on one copy.
+
+Resources: a trial asks for ``search.cpus_per_trial`` CPUs and, on a cluster with
+GPUs, ``search.gpus_per_trial`` GPUs (a fraction packs several trials on one GPU).
+The trial records the accelerator ids Ray assigned it and the torch device it used
+(MLflow tags ``metafx.gpu_ids``, ``metafx.device``); a trial without a GPU is pinned
+to the CPU (Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for zero-GPU tasks).
 
 MLflow: one writer. A Tune callback in the driver records every trial
 (:class:`metafx.tracking.Tracker`); trials never open the tracking store, they leave
@@ -75,10 +87,13 @@ def check_space(cfg: Config) -> None:
     if not s.params:
         raise ConfigError(f"{cfg.source_file}: search.params is empty: give at least one parameter to search")
     searched = {p.key for p in s.params}
-    arch_choices = next((set(p.choices) for p in s.params if p.key == "model.arch"), {cfg.model.arch})
+    arch_param = next((p for p in s.params if p.key == "model.arch"), None)
+    arch_choices = set(arch_param.choices) if arch_param else {cfg.model.arch}
+    if arch_param is not None and arch_param.when:  # conditional: the file's default arch applies otherwise
+        arch_choices.add(cfg.model.arch)
     for p in s.params:
         parts = p.key.split(".")
-        if parts[0] == "model" and len(parts) > 2 and parts[1] in ("lstm", "tcn", "transformer", "arx"):
+        if parts[0] == "model" and len(parts) > 2 and parts[1] in ("lstm", "tcn", "transformer", "arx", "ssm"):
             conds = dict(p.when).get("model.arch")
             possible = set(conds) & arch_choices if conds else arch_choices
             if parts[1] not in possible:
@@ -114,6 +129,8 @@ def _trainable(config: dict[str, Any], base: dict[str, Any], source: str) -> Non
     from metafx.train import meta_train
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    accel = _accelerators()
+    device = _pin_device(accel)
     cfg = config_from_dict(base, Path(source), overrides={k: v for k, v in config.items() if "." in k})
     trial_dir = Path(tune.get_context().get_trial_dir())
     taskset = load_taskset(cfg.data, progress=False)
@@ -121,7 +138,8 @@ def _trainable(config: dict[str, Any], base: dict[str, Any], source: str) -> Non
     resume = None
     if ckpt is not None:
         resume = Path(ckpt.to_directory()) / "checkpoint.pt"
-    node = {"node_ip": _node_ip(), "node_id": _node_id(), "hostname": socket.gethostname()}
+    node = {"node_ip": _node_ip(), "node_id": _node_id(), "hostname": socket.gethostname(),
+            "gpu_ids": ",".join(accel.get("GPU", [])), "device": device}
 
     def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
         m = {**metrics, **node}
@@ -138,6 +156,31 @@ def _trainable(config: dict[str, Any], base: dict[str, Any], source: str) -> Non
         # trial with its message (the MLflow run is marked FAILED) and let the search go on.
         tune.report({"step": cfg.maml.meta_steps + 1, cfg.search.metric: math.inf,
                      NONFINITE_KEY: str(e)[-2000:], **node})
+
+
+def _accelerators() -> dict[str, list[str]]:
+    """The accelerator ids Ray assigned to this worker, e.g. ``{"GPU": ["0"]}`` (logical ids)."""
+    import ray
+
+    return {k: [str(i) for i in v] for k, v in ray.get_runtime_context().get_accelerator_ids().items()}
+
+
+def _pin_device(accel: Mapping[str, list[str]]) -> str:
+    """The torch device this trial uses, after pinning a trial without a GPU to the CPU.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the GPUs it assigned (so ``cuda`` is the trial's
+    own GPU, shared with other trials when ``gpus_per_trial`` < 1) but leaves it untouched
+    for a trial that asked for none: such a trial would see every GPU of its node and
+    :func:`metafx.train.pick_device` would take one it did not reserve. So it gets
+    ``METAFX_DEVICE=cpu`` unless the user set ``METAFX_DEVICE``. A trial assigned a GPU
+    on a node where CUDA is not usable (no driver, a CPU build of torch, or a logical GPU
+    as in the tests) runs on the CPU: ``pick_device`` checks ``torch.cuda.is_available()``.
+    """
+    from metafx.train import pick_device
+
+    if not accel.get("GPU") and not os.environ.get("METAFX_DEVICE"):
+        os.environ["METAFX_DEVICE"] = "cpu"
+    return str(pick_device())
 
 
 def _node_id() -> str:
@@ -219,7 +262,9 @@ class MLflowTracking(_callback_base()):
 
             self.tagged[trial.trial_id] = result.get("node_id")
             self.tracker.set_tags(trial.trial_id, {T.TAG_NODE: result["node_ip"], "metafx.node_id": result.get("node_id", ""),
-                                                   "metafx.hostname": result.get("hostname", "")})
+                                                   "metafx.hostname": result.get("hostname", ""),
+                                                   "metafx.gpu_ids": result.get("gpu_ids", ""),
+                                                   "metafx.device": result.get("device", "")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self.last.get(trial.trial_id) or trial.last_result or {}
@@ -271,7 +316,32 @@ class SearchOutcome:
     parent_run_id: str | None
 
 
-def _init_ray(num_cpus: int | None) -> None:
+def _init_ray(num_cpus: int | None, num_gpus: int | None = None) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local Ray.
+
+    Keeps this process's Python SIGTERM handler: ``ray.init`` installs Ray's C++ failure
+    signal handler for SIGTERM in the driver ("*** SIGTERM received ***"), which replaces a
+    handler set before (``launch/search.py`` turns SIGTERM into KeyboardInterrupt, so that
+    ``ray job stop`` closes the MLflow runs as KILLED). Measured without this: a ``--ray``
+    render aborted (SIGABRT), and a search under ``ray job stop`` failed and closed its runs
+    as FAILED. The handler is installed again right after ``ray.init``.
+    """
+    import signal
+    import threading
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        _start_or_join_ray(num_cpus, num_gpus)
+    finally:
+        if callable(saved) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, saved)
+
+
+def _start_or_join_ray(num_cpus: int | None, num_gpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local Ray.
 
     Local (no ``RAY_ADDRESS``): a single node whose every server listens on 127.0.0.1 only,
@@ -317,7 +387,7 @@ def _init_ray(num_cpus: int | None) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by the GCS, raylet and workers
     ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable at import
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  configure_logging=True, logging_level=logging.WARNING)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
@@ -361,35 +431,13 @@ def _check_storage(storage: str) -> None:
             "would be lost when a trial moves node. Pass --storage on shared storage (s3://..., gs://..., or an NFS "
             "path mounted on every node, then also set METAFX_SHARED_STORAGE=1 to confirm it is shared)")
 
-    import secrets
+    from metafx.data.distributed import nodes_not_seeing
 
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    token = secrets.token_hex(16)
-    marker = Path(local) / f".metafx-shared-check-{token}"
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(token)
-
-    @ray.remote(num_cpus=0, max_retries=0)
-    def sees(path: str, expected: str) -> bool:
-        try:
-            with open(path) as fh:
-                return fh.read() == expected
-        except OSError:
-            return False
-
-    try:
-        refs = {n["NodeID"]: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(marker), token) for n in alive}
-        try:
-            seen = dict(zip(refs, ray.get(list(refs.values()), timeout=180)))
-        except ray.exceptions.GetTimeoutError:
-            log.warning("could not check within 180 s that every node sees --storage %s; trusting "
-                        "METAFX_SHARED_STORAGE=1", storage)
-            return
-    finally:
-        marker.unlink(missing_ok=True)
-    blind = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in alive if not seen.get(n["NodeID"])]
+    blind = nodes_not_seeing(local, timeout=180)
+    if blind is None:
+        log.warning("could not check within 180 s that every node sees --storage %s; trusting "
+                    "METAFX_SHARED_STORAGE=1", storage)
+        return
     if blind:
         raise ConfigError(
             f"METAFX_SHARED_STORAGE=1 but --storage {storage!r} is not shared: node(s) {', '.join(blind)} do not "
@@ -423,7 +471,50 @@ def run_search(
 
     Raises:
         ConfigError: a bad search section, before Ray starts.
+        KeyboardInterrupt: Ctrl-C or SIGTERM (``ray job stop``, a batch scheduler): the
+            parent run and the running trials' runs are closed as KILLED first.
     """
+    with _sigterm_interrupts():
+        return _run_search(cfg, name=name, storage=storage, tracking_uri=tracking_uri, resume=resume,
+                           num_samples=num_samples, track=track, verbose=verbose)
+
+
+class _sigterm_interrupts:
+    """While a search runs in the main thread: SIGTERM raises KeyboardInterrupt, as Ctrl-C does.
+
+    ``ray job stop`` sends SIGTERM to the driver (SIGKILL after ``RAY_JOB_STOP_WAIT_TIME_S``).
+    Unhandled, SIGTERM ends the process at once (runs stay RUNNING), or Ray's failure handler
+    (installed by ``ray.init``) takes it and the runs end FAILED. A handler the caller installed
+    (``launch/search.py`` has one) is kept; otherwise this one is installed for the search's
+    duration and the previous one restored after.
+    """
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.prev = None
+        if threading.current_thread() is threading.main_thread():
+            prev = signal.getsignal(signal.SIGTERM)
+            if not callable(prev):
+                self.prev = prev
+                signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+        return False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_uri: str | None, resume: bool,
+                num_samples: int | None, track: bool, verbose: int) -> SearchOutcome:
     check_space(cfg)
     storage = storage or str(DEFAULT_STORAGE)
     if "://" not in storage:
@@ -441,12 +532,10 @@ def run_search(
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from metafx.data.tasks import load_taskset
-
     _init_ray(None)
     _check_storage(storage)  # refuse a bad --storage before a long render
     # The task set is rendered (or reused) once, here, before any trial starts.
-    taskset = load_taskset(cfg.data)
+    taskset = _driver_taskset(cfg)
     manifest = dict(taskset.manifest)
 
     tracker = None
@@ -517,6 +606,32 @@ def run_search(
     finally:
         if tracker:
             tracker.close_dangling("KILLED" if status != "FAILED" else "FAILED")
+
+
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join the cluster at ``RAY_ADDRESS`` or start the loopback-only local Ray (see :func:`_init_ray`)."""
+    _init_ray(num_cpus, num_gpus)
+
+
+def _driver_taskset(cfg: Config):
+    """The driver's task set: reused from the cache, rendered over the cluster, or rendered here.
+
+    Distributed when :func:`metafx.data.distributed.should_distribute` says so (several
+    nodes that all see ``data.cache_dir``, or ``METAFX_DISTRIBUTED_RENDER=1``).
+    """
+    from metafx.data.distributed import render_on_ray, should_distribute
+    from metafx.data.tasks import TaskSet, load_taskset
+
+    try:
+        spread, why = should_distribute(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if spread:
+        log.info("rendering the task set over the Ray cluster (%s)", why)
+        return TaskSet(render_on_ray(cfg))
+    if why != "the task set is in the cache already":
+        log.info("rendering the task set on the driver (%s)", why)
+    return load_taskset(cfg.data)
 
 
 def latest_search(storage: str, cfg: Config) -> str | None:

@@ -8,10 +8,13 @@ Real processes, loopback only, no mocks:
   (``RAY_AUTH_MODE=token``, a fresh token in a temporary ``RAY_AUTH_TOKEN_PATH``; the
   user's ``~/.ray/auth_token`` is neither read nor written), usage stats off;
 * ``mlflow server`` with a SQLite backend and a served artifact store;
-* smoke searches submitted with ``ray job submit --working-dir <repo>``: the search runs
-  on both nodes and records to the server; local storage without
-  ``METAFX_SHARED_STORAGE=1`` is refused before any trial; the second node is killed
-  mid-search and its trial continues on the head from its checkpoint.
+* smoke searches submitted with ``ray job submit --working-dir <repo>``: the search renders
+  its task set spread over both nodes (a fresh shared cache), runs trials on both nodes and
+  records to the server; local storage without ``METAFX_SHARED_STORAGE=1`` is refused before
+  any trial; ``ray job stop`` closes the MLflow runs as KILLED; the second node is killed
+  mid-search and its trial continues on the head from its checkpoint;
+* ``launch/render.py --ray`` as a job: parts rendered on both nodes, the dataset identical,
+  byte for byte, to a local render.
 
 Every process is found by process group / parent / an environment marker and stopped by
 its own pid at teardown, even when a test fails. Never ``ray stop`` (it would stop every
@@ -296,6 +299,11 @@ class Cluster:
 
     def submit(self, sid: str, search_args: list[str], env_vars: dict[str, str] | None = None) -> None:
         """`ray job submit` of launch/search.py with cluster/runtime_env.yaml, plus `env_vars` when given."""
+        self.submit_cmd(sid, ["python", "launch/search.py", "--space", "lstm.yaml", "--budget", "smoke",
+                              "--tracking-uri", self.tracking_uri, *search_args], env_vars)
+
+    def submit_cmd(self, sid: str, entrypoint: list[str], env_vars: dict[str, str] | None = None) -> None:
+        """`ray job submit --no-wait` of any entrypoint with cluster/runtime_env.yaml, plus `env_vars` when given."""
         if env_vars is None:
             rt = ["--runtime-env", str(RUNTIME_ENV)]
         else:
@@ -303,9 +311,7 @@ class Cluster:
             runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
             rt = ["--runtime-env-json", json.dumps(runtime_env)]
         r = self.ray("job", "submit", "--address", self.dashboard, "--submission-id", sid, "--no-wait",
-                     "--working-dir", str(REPO_ROOT), *rt, "--",
-                     "python", "launch/search.py", "--space", "lstm.yaml", "--budget", "smoke",
-                     "--tracking-uri", self.tracking_uri, *search_args)
+                     "--working-dir", str(REPO_ROOT), *rt, "--", *entrypoint)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     def job(self, sid: str) -> dict:
@@ -416,12 +422,20 @@ def test_job_submit_smoke_search_runs_on_both_nodes_into_the_tracking_server(clu
     c = cluster
     assert c.alive_nodes() == 2
     storage = c.root / "shared"
+    cache = c.root / "search-cache"  # a fresh dataset cache that both nodes see (one file system)
     c.submit("metafx-smoke", ["--storage", str(storage), "--name", "cluster-smoke"],
-             {"METAFX_SHARED_STORAGE": "1"})
+             {"METAFX_SHARED_STORAGE": "1", "METAFX_CACHE": str(cache)})
     info = c.wait_job("metafx-smoke", 420)
     logs = c.logs("metafx-smoke")
     assert info["status"] == "SUCCEEDED", f"{info.get('message')}\n{logs[-6000:]}"
     assert "best configuration:" in logs and "MLflow parent run:" in logs
+
+    # Two nodes sharing the cache: the search rendered its task set spread over both (automatic choice).
+    assert "rendering the task set over the Ray cluster (2 nodes share data.cache_dir" in logs, logs[-6000:]
+    (dataset,) = [d for d in cache.iterdir() if (d / "manifest.json").is_file()]
+    dist = json.loads((dataset / "manifest.json").read_text())["render"]["distributed"]
+    assert set(dist["nodes"]) == {c.node_ids["head"], c.node_ids["worker"]}, dist
+    assert sorted(p.name for p in cache.iterdir()) == [dataset.name], "parts or tmp dirs left in the cache"
 
     # Trial results and checkpoints are on the (shared) storage path.
     exp = storage / "cluster-smoke"
@@ -457,6 +471,94 @@ def test_local_storage_on_two_nodes_is_refused_before_any_trial(cluster):
     assert "this Ray cluster has 2 nodes" in logs and "is a local path" in logs and "METAFX_SHARED_STORAGE=1" in logs, \
         logs[-3000:]
     assert not (storage / "cluster-refused").exists(), "Tune started although the storage was refused"
+
+
+def _same_dataset(a: Path, b: Path) -> None:
+    """Byte-identical arrays; manifests equal except creation time, the render report and where the .dsp was.
+
+    The job resolved the .dsp files in its uploaded working directory, this process in the
+    repository: the manifest records each path (the hash covers the files' content, which is equal).
+    """
+    assert a.name == b.name  # the same content hash
+    for f in ("input.npy", "targets.npy"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    for m in (ma, mb):
+        m.pop("created"), m.pop("render")
+        for fam in m["families"]:
+            fam["dsp"] = Path(fam["dsp"]).name
+    assert ma == mb
+
+
+def test_distributed_render_job_spreads_parts_over_both_nodes(cluster):
+    """`ray job submit -- python launch/render.py --ray`: parts render on both nodes; the dataset is a local render's."""
+    from metafx.config import load_config
+    from metafx.data.render import dataset_hash, render_taskset
+
+    c = cluster
+    assert c.alive_nodes() == 2
+    cache = c.root / "render-cache"
+    sid = "metafx-render"
+    c.submit_cmd(sid, ["python", "launch/render.py", "--space", "lstm.yaml", "--budget", "smoke", "--ray", "--quiet",
+                       "--tasks-per-part", "3", "--set", f"data.cache_dir={cache}"], {})
+    info = c.wait_job(sid, 300)
+    logs = c.logs(sid)
+    assert info["status"] == "SUCCEEDED", f"{info.get('message')}\n{logs[-6000:]}"
+    assert "on Ray: 4 parts of <= 3 tasks x 1 CPU on 2 node(s)" in logs, logs[-3000:]
+
+    cfg = load_config("lstm.yaml", "smoke", overrides={"data.cache_dir": str(cache)})
+    h = dataset_hash(cfg.data)
+    assert sorted(p.name for p in cache.iterdir()) == [h], "parts or tmp dirs left in the cache"
+    dist = json.loads((cache / h / "manifest.json").read_text())["render"]["distributed"]
+    on = {p["name"]: p["node_id"] for p in dist["parts"]}
+    assert len(on) == 4 and set(on.values()) == {c.node_ids["head"], c.node_ids["worker"]}, on
+    assert dist["nodes"] == {n: list(on.values()).count(n) for n in set(on.values())}
+    local = load_config("lstm.yaml", "smoke", overrides={"data.cache_dir": str(c.root / "local-cache")})
+    _same_dataset(cache / h, render_taskset(local.data, progress=False))
+
+
+def test_ray_job_stop_closes_the_mlflow_runs_as_killed(cluster):
+    """`ray job stop` mid-search (SIGTERM to the driver): the parent and the running trials' runs end KILLED."""
+    from mlflow import MlflowClient
+
+    c = cluster
+    assert c.alive_nodes() == 2
+    name, sid = "cluster-stop", "metafx-stop"
+    c.submit(sid, ["--storage", str(c.root / "shared"), "--name", name, "--num-samples", "4",
+                   "--set", "search.scheduler=fifo", "--set", "maml.meta_steps=400",
+                   "--set", "maml.eval_every=4", "--set", "maml.checkpoint_every=4"],
+             {"METAFX_SHARED_STORAGE": "1"})
+    client = MlflowClient(c.tracking_uri)
+    running: list[str] = []
+    deadline = time.time() + 300
+    while not running and time.time() < deadline:
+        info = c.job(sid)
+        assert info["status"] in ("PENDING", "RUNNING"), f"{info}\n{c.logs(sid)[-5000:]}"
+        exp = client.get_experiment_by_name("lstm")
+        if exp is not None:
+            runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`metafx.search_name` = '{name}'")
+            running = [r.info.run_id for r in runs
+                       if "mlflow.parentRunId" in r.data.tags and r.info.status == "RUNNING"]
+        if not running:
+            time.sleep(1)
+    assert running, f"no trial run became RUNNING:\n{c.logs(sid)[-5000:]}"
+
+    t0 = time.time()
+    r = c.ray("job", "stop", "--address", c.dashboard, sid)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    info = c.wait_job(sid, 120)
+    assert info["status"] == "STOPPED", info
+    logs = c.logs(sid)
+    # The driver unwound through KeyboardInterrupt (not Ray's abort, not the SIGKILL after the grace period).
+    assert "interrupted: continue with" in logs and "SIGTERM received" not in logs, logs[-5000:]
+    assert time.time() - t0 < 60, "the driver needed the whole grace period: it was SIGKILLed"
+
+    client, parent, children = _mlflow_search(c, name)
+    assert parent.info.status == "KILLED", parent.info.status
+    assert parent.data.tags.get("metafx.closed_by") == "close_dangling"
+    status = {ch.info.run_id: ch.info.status for ch in children}
+    assert all(status[rid] == "KILLED" for rid in running), (running, status)
+    assert set(status.values()) <= {"KILLED", "FINISHED"}, status  # none RUNNING
 
 
 def test_node_killed_mid_search_trials_resume_on_the_survivor(cluster):
