@@ -123,15 +123,30 @@ def _render_seed(args):
     return str(render_taskset(cfg.data, progress=False))
 
 
-def test_render_in_a_forked_child_after_rendering_in_the_parent(smoke_cfg, tmp_path):
-    """DAWDreamer's control thread does not survive fork(); a forked child starts its own and does not hang."""
-    import multiprocessing as mp
+def test_render_in_a_forked_child_after_rendering_in_the_parent(tmp_path):
+    """DAWDreamer's control thread does not survive fork(); a forked child starts its own and does not hang.
 
-    load_taskset(smoke_cfg.data, progress=False)  # the parent has rendered (or at least probed) already
-    _render_seed((str(tmp_path), 5))
-    with mp.get_context("fork").Pool(1) as pool:
-        out = pool.apply_async(_render_seed, ((str(tmp_path), 6),)).get(timeout=60)
-    assert is_complete(out)
+    Run in a fresh interpreter: the pytest process may have started Ray (test_search, test_gpus), and a
+    fork after Ray's gRPC threads ran can hang for reasons that have nothing to do with rendering.
+    """
+    script = textwrap.dedent(f"""
+        import multiprocessing as mp
+        from metafx.config import load_config
+        from metafx.data.render import is_complete, render_taskset
+
+        def seed(s):
+            cfg = load_config("lstm.yaml", "smoke", overrides={{"data.cache_dir": {str(tmp_path)!r}, "data.source.seed": s}})
+            return str(render_taskset(cfg.data, progress=False))
+
+        if __name__ == "__main__":
+            seed(5)  # the parent renders first
+            with mp.get_context("fork").Pool(1) as pool:
+                out = pool.apply_async(seed, (6,)).get(timeout=60)
+            assert is_complete(out), out
+            print("child rendered", out)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=REPO_ROOT)
+    assert r.returncode == 0 and "child rendered" in r.stdout, r.stderr[-3000:]
 
 
 def test_results_do_not_depend_on_threads_or_task_order(smoke_cfg, tmp_path):

@@ -17,24 +17,34 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def test_define_by_run_conditionals_with_real_optuna():
+    """all.yaml samples the method first; the model family, its sizes and the context only where they apply."""
     cfg = load_config("all.yaml", "smoke")
     space = DefineByRun(cfg.search.params, cfg.to_dict())
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen = set()
-    for _ in range(60):
+    methods, archs = set(), set()
+    for _ in range(120):
         t = study.ask()
         space(t)
         p = t.params
+        study.tell(t, 0.0)
+        method = p["maml.method"]
+        methods.add(method)
+        tc = trial_config(cfg, p)  # every sample is a valid trial configuration
+        if method == "ridge":  # closed form: the ARX head, no gradient-method knobs
+            assert "model.arch" not in p and tc.model.arch == "arx"
+            assert {"model.arx.nb", "model.arx.na"} <= set(p)
+            assert not any(k in p for k in ("maml.inner_steps", "maml.inner_lr", "model.context_dim"))
+            continue
         arch = p["model.arch"]
-        seen.add(arch)
-        for other in {"lstm", "tcn", "transformer"} - {arch}:
+        archs.add(arch)
+        assert tc.model.arch == arch and not any(k.startswith("model.arx.") for k in p)
+        for other in {"lstm", "tcn", "ssm"} - {arch}:
             assert not any(k.startswith(f"model.{other}.") for k in p), (arch, p)
         assert any(k.startswith(f"model.{arch}.") for k in p)
-        assert ("maml.first_order" in p) == (p["maml.method"] == "maml")
-        tc = trial_config(cfg, p)  # every sample is a valid trial configuration
-        assert tc.model.arch == arch
-        study.tell(t, 0.0)
-    assert seen == {"lstm", "tcn", "transformer"}
+        assert ("model.context_dim" in p) == (method in ("cavia", "encoder"))
+        assert ("maml.first_order" in p) == (arch in ("ssm", "tcn"))
+    assert methods == {"ridge", "maml", "anil", "cavia", "encoder"}
+    assert archs == {"lstm", "tcn", "ssm"}
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +72,9 @@ def test_search_runs_trials_and_asha_stops_some(smoke_search):
     assert "done" in statuses, statuses
     assert "stopped" in statuses, f"ASHA stopped no trial: {statuses}"
     for row in out.table:
-        arch = row["model.arch"]
-        for other in {"lstm", "tcn", "transformer"} - {arch}:
+        arch = row.get("model.arch") or cfg.model.arch  # ridge trials do not sample it: the file's arx
+        assert (arch == "arx") == (row["maml.method"] == "ridge"), row
+        for other in {"lstm", "tcn", "ssm", "arx"} - {arch}:
             assert not any(k.startswith(f"model.{other}.") for k in row), row
 
 
@@ -102,7 +113,8 @@ def test_mlflow_store_read_back(smoke_search):
     c = finished[0]
     hist = client.get_metric_history(c.info.run_id, "val/query_l1_post")
     assert [h.step for h in hist] == sorted(h.step for h in hist) and len(hist) >= 2
-    assert c.data.params["model.arch"] in ("lstm", "tcn", "transformer")
+    assert c.data.params["model.arch"] in ("arx", "lstm", "tcn", "ssm")
+    assert c.data.params["maml.method"] in ("ridge", "maml", "anil", "cavia", "encoder")
     for tag in ("model", "budget", "dataset_hash", "node", "node_id", "ray_trial_id", "code_version", "asha_stopped"):
         assert f"metafx.{tag}" in c.data.tags, tag
     assert c.data.tags["metafx.asha_stopped"] == "false"
