@@ -141,6 +141,13 @@ def _run_one(job: tuple[str, str, str, dict[str, Any]]) -> dict[str, Any]:
         out["seconds_per_meta_step"] = round(_step_time(cfg, taskset), 4)
     else:
         out.update(_curve(cfg, taskset, evaluate=part == "rows"))
+        from metafx.train import build_learner
+
+        lrn = build_learner(cfg)
+        names = lrn.adapted_names() if hasattr(lrn, "adapted_names") else None
+        out["adapted_params"] = (cfg.model.context_dim if cfg.maml.method in ("cavia", "encoder") else
+                                 sum(p.numel() for n, p in lrn.net.named_parameters() if n in names) if names
+                                 else None)
         if part == "rows":
             out["seconds_per_meta_step"] = round(_step_time(cfg, taskset), 4)
     log.info("%s %s done", part, variant)
