@@ -123,3 +123,6 @@ def test_ctrl_c_closes_every_run(tmp_path):
     assert all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert any(r.info.status == "KILLED" for r in children)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in parents] == ["KILLED"], "an interrupted search is not FINISHED"
+    assert p.returncode == 130, p.returncode  # the CLI says how to --resume and exits as on Ctrl-C
