@@ -474,20 +474,10 @@ def test_local_storage_on_two_nodes_is_refused_before_any_trial(cluster):
 
 
 def _same_dataset(a: Path, b: Path) -> None:
-    """Byte-identical arrays; manifests equal except creation time, the render report and where the .dsp was.
+    """The job resolved the .dsp files in its uploaded working directory: compare them by name."""
+    from test_render_distributed import assert_same_dataset
 
-    The job resolved the .dsp files in its uploaded working directory, this process in the
-    repository: the manifest records each path (the hash covers the files' content, which is equal).
-    """
-    assert a.name == b.name  # the same content hash
-    for f in ("input.npy", "targets.npy"):
-        assert (a / f).read_bytes() == (b / f).read_bytes(), f
-    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
-    for m in (ma, mb):
-        m.pop("created"), m.pop("render")
-        for fam in m["families"]:
-            fam["dsp"] = Path(fam["dsp"]).name
-    assert ma == mb
+    assert_same_dataset(a, b, dsp_by_name=True)
 
 
 def test_distributed_render_job_spreads_parts_over_both_nodes(cluster):
