@@ -200,10 +200,19 @@ def test_outer_cosine_schedule_reaches_zero_at_the_end():
     ({"maml.learn_inner_lr": True, "maml.backend": "higher"}, "maml.backend: func"),
     ({"model.context_dim": 4, "model.arch": "transformer"}, "takes no context"),
     ({"maml.outer_schedule": "linear"}, "outer_schedule"),
+    ({"model.ssm.r_min": 0.99, "model.ssm.r_max": 0.9}, "must be <= model.ssm.r_max"),
+    ({"maml.outer_loss": "five*l1+stft"}, "weighted sum like '5\\*l1\\+stft'"),
 ])
 def test_config_refuses_inconsistent_methods(over, match):
     with pytest.raises(ConfigError, match=match):
         load_config("lstm.yaml", "smoke", over)
+
+
+def test_loss_given_as_a_weighted_sum_string():
+    """What a categorical search can choose (Optuna choices are strings): "5*l1+stft"."""
+    cfg = load_config("lstm.yaml", "smoke", {"maml.outer_loss": "5*l1+stft", "maml.inner_loss": "mrstft"})
+    assert cfg.maml.outer_loss.terms == (("l1", 5.0), ("stft", 1.0))
+    assert cfg.maml.inner_loss.terms == (("mrstft", 1.0),)
 
 
 # --------------------------------------------------------------------------- end to end
