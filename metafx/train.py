@@ -137,7 +137,7 @@ def joint_step(model, eps: Sequence[Episode], mc, opt, loss_fn, *, step: int) ->
         yq = torch.cat([e.query_y for e in eps])
         s_l1 = float(M.l1(sup, crop_like(ysup, sup)))
         q_l1 = float(M.l1(qry, crop_like(yq, qry)))
-    return {"support_l1_pre": s_l1, "support_l1_post": s_l1, "query_l1_post": q_l1, "outer_loss": float(loss)}
+    return {"support_l1_pre": s_l1, "support_l1_post": s_l1, "query_l1_post": q_l1, "outer_loss": loss.detach().item()}
 
 
 def _to(ep: Episode, device: torch.device) -> Episode:
