@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from metafx.maml import make_outer_optimizer
 from metafx.models import build_model
 from metafx.models.arx import ARXHead, MetaARX, iir_fft, pole_radius, stabilize
 from metafx.train import meta_train
+from resume_check import assert_resume_matches_uninterrupted
 
 
 def _arx_data(b, a, K, L, seed=0):
@@ -184,21 +183,7 @@ def test_meta_training_on_a_rendered_task_set(smoke, features):
 def test_resume_matches_uninterrupted(smoke, tmp_path):
     """The cosine schedule and the optimizer state live in the checkpoint: resuming is exact."""
     cfg, taskset = smoke
-    meta_train(cfg, taskset, None, workdir=tmp_path / "full", evaluate=False)
-    saved = tmp_path / "saved"
-
-    def report(m, ck):
-        if ck is not None and not saved.exists():
-            shutil.copytree(ck, saved)
-
-    meta_train(cfg, taskset, report, workdir=tmp_path / "part", evaluate=False)
-    st = torch.load(saved / "checkpoint.pt", weights_only=True)
-    assert st["step"] < cfg.maml.meta_steps
-    meta_train(cfg, taskset, None, workdir=tmp_path / "resumed", resume_from=saved, evaluate=False)
-    full = torch.load(Path(tmp_path / "full/checkpoint/checkpoint.pt"), weights_only=True)["model"]
-    res = torch.load(Path(tmp_path / "resumed/checkpoint/checkpoint.pt"), weights_only=True)["model"]
-    for k in full:
-        torch.testing.assert_close(res[k], full[k], rtol=0, atol=0)
+    assert_resume_matches_uninterrupted(cfg, taskset, tmp_path)
 
 
 def test_non_finite_query_raises_naming_the_task(smoke):

@@ -1,7 +1,6 @@
 """The search end to end: real Ray (local, loopback), real Optuna, real DAWDreamer, real MLflow (SQLite)."""
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys

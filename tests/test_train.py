@@ -1,10 +1,8 @@
 """One trial end to end on a real rendered task set: metrics, checkpoints, resume, failures."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,8 @@ import torch
 from metafx.config import REPO_ROOT, load_config
 from metafx.data.tasks import load_taskset
 from metafx.maml import NonFiniteLossError
-from metafx.train import load_checkpoint, meta_train
+from metafx.train import meta_train
+from resume_check import assert_resume_matches_uninterrupted
 
 TRAIN_NAMES = {"support_l1_pre", "support_l1_post", "query_l1_post", "val/query_l1_post", "step"}
 TEST_NAMES = {
@@ -68,27 +67,7 @@ def test_checkpoint_loads_weights_only(cfg, taskset, tmp_path):
 
 
 def test_resume_matches_uninterrupted(cfg, taskset, tmp_path):
-    full = tmp_path / "full"
-    meta_train(cfg, taskset, None, workdir=full, evaluate=False)
-    # Interrupted run: keep the checkpoint taken at the first checkpoint_every boundary.
-    part = tmp_path / "part"
-    saved = tmp_path / "saved"
-
-    def report(m, ck):
-        if ck is not None and not saved.exists():
-            shutil.copytree(ck, saved)
-
-    meta_train(cfg, taskset, report, workdir=part, evaluate=False)
-    first = load_checkpoint(saved)
-    assert 0 < first["step"] < cfg.maml.meta_steps
-    resumed = tmp_path / "resumed"
-    meta_train(cfg, taskset, None, workdir=resumed, resume_from=saved, evaluate=False)
-    a = load_checkpoint(full / "checkpoint")
-    b = load_checkpoint(resumed / "checkpoint")
-    assert a["step"] == b["step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert [h["val/query_l1_post"] for h in a["history"]] == [h["val/query_l1_post"] for h in b["history"]]
+    assert_resume_matches_uninterrupted(cfg, taskset, tmp_path)
 
 
 def test_nonfinite_loss_names_step_and_task(cfg, taskset):
