@@ -438,7 +438,8 @@ NOTES = [
     "Gradient methods beyond the paper (rows `ssm`: the state-space model with the amortized task encoder trained "
     "on 5 L1 + STFT, and CAVIA with the MAML++ stabilizers; `++` = stabilizers on, `adapted` = the context size) "
     "improve on the paper's LSTM MAML on every family (STFT 2.6 against 3.8 on Moog, high-frequency error "
-    "16.8 dB against 28.1 dB), and on cubicnl and diode they beat LS-FIR's STFT, but not by the factor of two; they stay well "
+    "16.8 dB against 28.1 dB); the encoder also beats LS-FIR's STFT on cubicnl and diode (CAVIA only on cubicnl), "
+    "but not by the factor of two; both stay well "
     "behind the closed-form rows. They were not searched per family (benchmarks/search_all.md searched Moog and "
     "chose ridge).",
     "Honest reading: the closed-form head does most of the work. Without any meta-learning, classical ARX(13, 12) "
