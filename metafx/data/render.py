@@ -71,7 +71,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import dawdreamer as daw
 import numpy as np
@@ -500,6 +500,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _left_by_dead(root: Path, pattern: re.Pattern[str]) -> Iterator[tuple[Path, int]]:
+    """Entries of ``root`` named by ``pattern`` (groups ``host``, ``pid``) whose process, on this host, is gone.
+
+    Entries of other hosts (a shared cache) are never yielded: their pids mean nothing here.
+    """
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        m = pattern.match(p.name)
+        if not m or m.group("host") != _HOST:
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and not _pid_alive(pid):
+            yield p, pid
+
+
 def clean_stale_tmp(cache_dir: str | os.PathLike[str]) -> list[Path]:
     """Remove ``<hash>.tmp-<host>-<pid>-*`` dirs left by dead renderers on this host.
 
@@ -509,18 +525,12 @@ def clean_stale_tmp(cache_dir: str | os.PathLike[str]) -> list[Path]:
         The removed directories.
     """
     removed = []
-    root = Path(cache_dir)
-    if not root.is_dir():
-        return removed
-    for d in root.iterdir():
-        m = _TMP.match(d.name)
-        if not m or m.group("host") != _HOST or not d.is_dir():
+    for d, pid in _left_by_dead(Path(cache_dir), _TMP):
+        if not d.is_dir():
             continue
-        pid = int(m.group("pid"))
-        if pid != os.getpid() and not _pid_alive(pid):
-            log.info("removing %s, left by a render (pid %d) that did not finish", d, pid)
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
+        log.info("removing %s, left by a render (pid %d) that did not finish", d, pid)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
     return removed
 
 
@@ -1063,17 +1073,9 @@ def read_part(out_dir: str | os.PathLike[str], part: Part, num_samples: int) -> 
 def clean_stale_parts(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Remove ``*.tmp-<host>-<pid>-*`` files in a parts directory left by dead processes of this host."""
     removed = []
-    out = Path(out_dir)
-    if not out.is_dir():
-        return removed
-    for f in out.iterdir():
-        m = _PART_TMP.match(f.name)
-        if not m or m.group("host") != _HOST:
-            continue
-        pid = int(m.group("pid"))
-        if pid != os.getpid() and not _pid_alive(pid):
-            f.unlink(missing_ok=True)
-            removed.append(f)
+    for f, _ in _left_by_dead(Path(out_dir), _PART_TMP):
+        f.unlink(missing_ok=True)
+        removed.append(f)
     return removed
 
 
