@@ -106,29 +106,35 @@ def _metric_cols(m: dict[str, float], prefix: str) -> dict[str, Any]:
             "mrstft": get("query_mrstft_post"), "esr": get("query_esr_post")}
 
 
-def _timed_meta_steps(cfg, taskset, n: int) -> float:
-    """Median seconds of ``n`` meta-steps (after one warm-up) of a fresh model: the training step alone."""
+def timed_meta_steps(cfg, taskset, n: int, *, same_batch: bool = False, with_stats: bool = True) -> float:
+    """Median seconds of ``n`` meta-steps (after one warm-up) of a fresh model: the training step alone.
+
+    Args:
+        same_batch: time every step on one fixed meta-batch (the same episodes for every
+            configuration compared: ``bench methods --part steps``); else a new meta-batch per step.
+        with_stats: let the engine compute its support statistics too (as in training).
+    """
     import numpy as np
     import torch
 
     from metafx import maml as engine
     from metafx import metrics as M
     from metafx.data.tasks import EpisodeSampler
-    from metafx.models import build_model
-    from metafx.train import _episodes_for_step, adaptation_engine
+    from metafx.train import _episodes_for_step, adaptation_engine, build_learner
 
     mc = cfg.maml
     torch.manual_seed(mc.seed)
-    model = build_model(cfg.model)
+    model = build_learner(cfg)
     opt = engine.make_outer_optimizer(model, mc)
     inner, outer = M.make_loss(mc.inner_loss), M.make_loss(mc.outer_loss)
     sampler = EpisodeSampler(taskset, "train", mc.k_support, mc.k_query, mc.slice_len, seed=mc.seed)
     eng = adaptation_engine(cfg)
+    fixed = _episodes_for_step(sampler, 4242, 1, mc.meta_batch) if same_batch else None
     times = []
     for s in range(1, n + 2):
-        eps = _episodes_for_step(sampler, mc.seed + 99991, s, mc.meta_batch)
+        eps = fixed if same_batch else _episodes_for_step(sampler, mc.seed + 99991, s, mc.meta_batch)
         t = time.perf_counter()
-        eng.meta_step(model, eps, mc, opt, inner, outer, step=s)
+        eng.meta_step(model, eps, mc, opt, inner, outer, step=s, with_stats=with_stats)
         times.append(time.perf_counter() - t)
     return float(np.median(times[1:]))
 
@@ -148,7 +154,7 @@ def _train(cfg, taskset, timing_steps: int) -> tuple[dict[str, float], dict[str,
     info = {"wall_seconds": round(marks.get("train_end", time.time()) - t0, 2),
             "total_seconds": round(time.time() - t0, 2), "params": res.params, "best_step": res.best_step,
             "final_val_l1": res.history[-1]["val/query_l1_post"] if res.history else None,
-            "seconds_per_meta_step": round(_timed_meta_steps(cfg, taskset, timing_steps), 4) if timing_steps else None,
+            "seconds_per_meta_step": round(timed_meta_steps(cfg, taskset, timing_steps), 4) if timing_steps else None,
             "meta_steps": cfg.maml.meta_steps}
     return res.metrics, info
 

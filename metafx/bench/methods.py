@@ -78,29 +78,10 @@ def _cfg(variant: str, budget: str, extra: dict[str, Any]):
 
 
 def _step_time(cfg, taskset, n: int = 5) -> float:
-    """Median seconds of one meta-step on fixed episodes (after one warm-up)."""
-    import numpy as np
-    import torch
+    """Median seconds of one meta-step on one fixed meta-batch, the same for every variant (after a warm-up)."""
+    from metafx.bench.leaderboard import timed_meta_steps
 
-    from metafx import maml as engine
-    from metafx import metrics as M
-    from metafx.data.tasks import EpisodeSampler
-    from metafx.train import _episodes_for_step, adaptation_engine, build_learner
-
-    mc = cfg.maml
-    torch.manual_seed(mc.seed)
-    model = build_learner(cfg)
-    opt = engine.make_outer_optimizer(model, mc)
-    inner, outer = M.make_loss(mc.inner_loss), M.make_loss(mc.outer_loss)
-    sampler = EpisodeSampler(taskset, "train", mc.k_support, mc.k_query, mc.slice_len, seed=mc.seed)
-    eps = _episodes_for_step(sampler, 4242, 1, mc.meta_batch)  # the same meta-batch for every variant
-    eng = adaptation_engine(cfg)
-    times = []
-    for s in range(1, n + 2):
-        t = time.perf_counter()
-        eng.meta_step(model, eps, mc, opt, inner, outer, step=s, with_stats=False)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[1:]))
+    return timed_meta_steps(cfg, taskset, n, same_batch=True, with_stats=False)
 
 
 def _curve(cfg, taskset, *, evaluate: bool = False) -> dict[str, Any]:
@@ -141,14 +122,14 @@ def _run_one(job: tuple[str, str, str, dict[str, Any]]) -> dict[str, Any]:
         out["seconds_per_meta_step"] = round(_step_time(cfg, taskset), 4)
     else:
         out.update(_curve(cfg, taskset, evaluate=part == "rows"))
-        from metafx.train import build_learner
-
-        lrn = build_learner(cfg)
-        names = lrn.adapted_names() if hasattr(lrn, "adapted_names") else None
-        out["adapted_params"] = (cfg.model.context_dim if cfg.maml.method in ("cavia", "encoder") else
-                                 sum(p.numel() for n, p in lrn.net.named_parameters() if n in names) if names
-                                 else None)
         if part == "rows":
+            from metafx.train import build_learner
+
+            lrn = build_learner(cfg)
+            names = lrn.adapted_names() if hasattr(lrn, "adapted_names") else None
+            out["adapted_params"] = (cfg.model.context_dim if cfg.maml.method in ("cavia", "encoder") else
+                                     sum(p.numel() for n, p in lrn.net.named_parameters() if n in names) if names
+                                     else None)
             out["seconds_per_meta_step"] = round(_step_time(cfg, taskset), 4)
     log.info("%s %s done", part, variant)
     return out
