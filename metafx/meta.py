@@ -348,6 +348,7 @@ def meta_step(
     device, dtype = _model_device_dtype(learner)
     params = dict(learner.named_parameters())
     buffers = dict(learner.named_buffers())
+    net_p0, net_b = _sub(params, "net."), _sub(buffers, "net.")  # the meta-learned network, for every task
     trainable = [p for p in params.values() if p.requires_grad]
     n = len(episodes)
     sums = {"support_l1_pre": 0.0, "support_l1_post": 0.0, "query_l1_post": 0.0, "outer_loss": 0.0}
@@ -367,7 +368,7 @@ def meta_step(
                     qpred = qpreds[-1]
                     qloss = sum(w * outer_loss_fn(p, crop_like(qy, p)) for w, p in zip(weights, qpreds) if w > 0)
                 else:
-                    qpred = _net_call(learner, net_p, _sub(buffers, "net."), qx, ctx)
+                    qpred = _net_call(learner, net_p, net_b, qx, ctx)
                     qloss = outer_loss_fn(qpred, crop_like(qy, qpred))
                 qloss = _checked(qloss, "query (outer) loss")
             except NonFiniteLossError as e:
@@ -381,10 +382,9 @@ def meta_step(
             sums["query_l1_post"] += l1(qpred.detach(), crop_like(qy, qpred)).item()
             if with_stats:
                 with torch.no_grad():
-                    nb = _sub(buffers, "net.")
                     pre_ctx = None if ctx is None else torch.zeros_like(ctx)
-                    pre = _net_call(learner, _sub(params, "net."), nb, sx, pre_ctx)
-                    post = _net_call(learner, {k: v.detach() for k, v in net_p.items()}, nb, sx,
+                    pre = _net_call(learner, net_p0, net_b, sx, pre_ctx)
+                    post = _net_call(learner, {k: v.detach() for k, v in net_p.items()}, net_b, sx,
                                      None if ctx is None else ctx.detach())
                     sums["support_l1_pre"] += l1(pre, crop_like(sy, pre)).item()
                     sums["support_l1_post"] += l1(post, crop_like(sy, post)).item()
