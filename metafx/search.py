@@ -595,11 +595,11 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
                 run_config=run_config,
             )
         results = tuner.fit()
-        if len(results) < (num_samples or s.num_samples) or results.num_terminated + results.num_errors < len(results):
+        target, ended = num_samples or s.num_samples, results.num_terminated + results.num_errors
+        if len(results) < target or ended < len(results):
             # Tune handles SIGINT itself and returns early: the search was interrupted, not finished,
             # so it ends as on SIGTERM (parent and unfinished trials KILLED; --resume continues it).
-            raise KeyboardInterrupt(f"search interrupted: {results.num_terminated + results.num_errors} of "
-                                    f"{num_samples or s.num_samples} trials finished")
+            raise KeyboardInterrupt(f"search interrupted: {ended} of {target} trials finished")
         outcome = _summarize(cfg, name, exp_path, results, parent)
         status = "FINISHED"
         if tracker:
