@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from metafx.config import ModelConfig
+from metafx.config import FILM_ARCHS, ModelConfig
 from metafx.models.arx import MetaARX
 from metafx.models.lstm import LSTMModel
 from metafx.models.ssm import SSM
@@ -39,7 +39,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "arx": MetaARX,  # closed-form ARX head on meta-learned features; trained with maml.method ridge
     "ssm": SSM,  # diagonal complex linear recurrence (LRU / S4D), FFT convolution
 }
-CONTEXT_ARCHS: tuple[str, ...] = ("lstm", "tcn", "ssm")  # models whose forward takes a FiLM context
+CONTEXT_ARCHS: tuple[str, ...] = FILM_ARCHS  # models whose forward takes a FiLM context (one list, in config)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
