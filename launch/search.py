@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.space, args.budget, args.set)
         if args.num_samples is not None and args.num_samples < 1:
             raise ConfigError(f"--num-samples {args.num_samples}: need at least 1 trial")
-        from metafx.search import check_space, format_table, run_search
+        from metafx.search import run_search
+        from metafx.search_space import check_space
 
         check_space(cfg)  # before Ray starts
         out = run_search(cfg, name=args.name, storage=args.storage, tracking_uri=args.tracking_uri,
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = sorted(out.table, key=lambda r: (r.get(key) is None, r.get(key) if r.get(key) is not None else 0),
                   reverse=cfg.search.mode == "max")
     print("\nTrials (best first):\n")
-    print(format_table(rows, cols + [c for c in metric_cols if any(c in r for r in rows)] + param_cols))
+    from metafx.plots import trial_table_markdown
+
+    print(trial_table_markdown(rows, cols + [c for c in metric_cols if any(c in r for r in rows)] + param_cols))
     if out.best_config_path:
         m = out.best_metrics
         print(f"best {key} = {m.get(key):.5g}; test MAE {m.get('test/query_l1_post', float('nan')):.4f} "

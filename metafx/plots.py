@@ -10,8 +10,10 @@ paper's Figure 3.
 This module writes files only. It imports matplotlib (Agg backend), soundfile
 and scipy; never mlflow or ray. Optuna is imported lazily, only by
 :func:`optuna_plots` and :func:`study_from_rows`, to draw the search summary
-plots. The trials write these files into their checkpoint directory and the
-search driver uploads them (see :mod:`metafx.tracking`).
+plots (the searched parameters' distributions come from
+:func:`metafx.search_space.distribution`). The trials write these files into
+their checkpoint directory and the search driver uploads them (see
+:mod:`metafx.tracking`).
 """
 from __future__ import annotations
 
@@ -247,8 +249,7 @@ def study_from_rows(
             ``params`` sub-mapping.
         metric: the objective's key in the rows, e.g. ``val/query_l1_post``.
         mode: ``min`` or ``max``.
-        search_params: the searched parameters (objects with ``key``, ``dist``,
-            ``low``, ``high``, ``step``, ``log``, ``choices``), or None.
+        search_params: the study's :class:`metafx.config.SearchParam` list, or None.
 
     Returns:
         An in-memory ``optuna.Study``.
@@ -256,7 +257,7 @@ def study_from_rows(
     Raises:
         ArtifactError: ``mode`` is not min/max or no row has a finite metric.
     """
-    import optuna  # plotting only; search.py owns the real study
+    import optuna  # plotting only; the search's study lives in Ray Tune's OptunaSearch
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if mode not in ("min", "max"):
@@ -273,13 +274,9 @@ def study_from_rows(
 
     dists: dict[str, Any] = {}
     if search_params is not None:
-        for sp in search_params:
-            if sp.dist == "categorical":
-                dists[sp.key] = CategoricalDistribution(list(sp.choices))
-            elif sp.dist == "int":
-                dists[sp.key] = IntDistribution(int(sp.low), int(sp.high), step=int(sp.step or 1))
-            else:
-                dists[sp.key] = FloatDistribution(float(sp.low), float(sp.high), log=bool(sp.log))
+        from metafx.search_space import distribution  # the search's own distributions
+
+        dists = {sp.key: distribution(sp) for sp in search_params}
     else:
         keys = {k for r, _ in scored for k in values_of(r) if k != metric}
         for k in sorted(keys):

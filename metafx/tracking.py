@@ -14,40 +14,15 @@ own calls with a lock (the callback may be invoked from several threads) and
 retries a write the store reports as temporarily locked (an ``mlflow ui``
 reading the same SQLite file can briefly hold it).
 
-Store (issue 5): by default a SQLite database ``mlruns/mlflow.db`` in the
-repository with artifacts in ``mlruns/artifacts`` (MLflow 3.13+ refuses a bare
-``./mlruns`` file store); ``MLFLOW_TRACKING_URI`` or an explicit URI points at a
-tracking server instead (the cluster case), which then decides where artifacts
-go.
-
-Run layout, all tag keys prefixed ``metafx.`` (constants below)::
-
-    experiment <study name>
-      run <search_name>          tags role=search, search_name, budget, dataset_hash,
-                                 code_version, code_dirty, config_hash
-                                 params: the flattened resolved config
-                                 artifacts: config/config.yaml, dataset/manifest.json,
-                                            summary/{trials.csv, trials.md, best_config.yaml,
-                                            summary.json, *.png}
-        run <trial_id>           mlflow.parentRunId = the search run
-                                 tags role=trial, trial_id, ray_trial_id, model, node,
-                                 asha_stopped, error (+ the search's tags)
-                                 params: the trial's sampled hyperparameters + flat config
-                                 metrics: every reported metric, step = meta-step
-                                 artifacts: whatever the trial wrote (checkpoint,
-                                            audio/, plots/, results.json), error.txt
+The run layout, the tag names and the summary files are :mod:`metafx.records`.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
-import os
 import posixpath
 import re
-import subprocess
 import tempfile
 import threading
 import time
@@ -65,38 +40,32 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from metafx.config import REPO_ROOT, Config, dump_config, flatten
+from metafx.config import Config, flatten
+from metafx.records import (
+    EXP_TAG_KIND,
+    EXPERIMENT_KIND,
+    TAG_ASHA_STOPPED,
+    TAG_CLOSED_BY,
+    TAG_ERROR,
+    TAG_NOTE,
+    TAG_PARENT,
+    TAG_RAY_TRIAL_ID,
+    TAG_ROLE,
+    TAG_SEARCH_NAME,
+    TAG_TRIAL_ID,
+    SearchSummary,
+    artifact_location_for,
+    check_status,
+    default_tracking_uri,
+    error_summary,
+    search_tags,
+    sqlite_path,
+    write_inputs,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 
-TAG_ROLE = "metafx.role"  # "search" (parent) | "trial" (child)
-TAG_SEARCH_NAME = "metafx.search_name"
-TAG_TRIAL_ID = "metafx.trial_id"
-TAG_RAY_TRIAL_ID = "metafx.ray_trial_id"
-TAG_BUDGET = "metafx.budget"
-TAG_DATASET_HASH = "metafx.dataset_hash"
-TAG_CODE_VERSION = "metafx.code_version"
-TAG_CODE_DIRTY = "metafx.code_dirty"
-TAG_CONFIG_HASH = "metafx.config_hash"
-TAG_STUDY = "metafx.study"
-TAG_MODEL = "metafx.model"  # model architecture of a trial (lstm | tcn | transformer)
-TAG_NODE = "metafx.node"  # ip / hostname the trial ran on
-TAG_ASHA_STOPPED = "metafx.asha_stopped"  # "true" when the scheduler stopped the trial early
-TAG_ERROR = "metafx.error"  # short error message; the full text is the artifact error.txt
-TAG_CLOSED_BY = "metafx.closed_by"
-TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag (the UI groups children under it)
-TAG_NOTE = "mlflow.note.content"  # MLflow's run description (Markdown) shown in the UI
-TAG_GIT_COMMIT = "mlflow.source.git.commit"
-
-#: Experiment type shown (and editable) in MLflow 3's UI: model training, not GenAI. Note the UI's
-#: default *view* is still GenAI; open ``#/experiments/<id>/runs?workflowType=machine_learning``
-#: (or click "Model training") to land on the runs table.
-EXP_TAG_KIND = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-
-STATUSES = ("FINISHED", "FAILED", "KILLED")
-ERROR_TAG_CHARS = 1000
-_SQLITE = "sqlite:///"
 _BAD_NAME = re.compile(r"[^/\w.\- :]")
 _RETRIES = 5
 T = TypeVar("T")
@@ -104,102 +73,6 @@ T = TypeVar("T")
 
 class TrackingError(RuntimeError):
     """The tracking store cannot do what was asked (missing search, unknown experiment, store failure)."""
-
-
-# --------------------------------------------------------------------------- store location
-
-
-def default_tracking_uri() -> str:
-    """The tracking URI used when none is given.
-
-    Returns:
-        ``MLFLOW_TRACKING_URI`` from the environment when set (e.g. an
-        ``http://host:5000`` tracking server on a cluster), else
-        ``sqlite:///<repo>/mlruns/mlflow.db``; the ``mlruns/`` directory is
-        created if missing. Artifacts of that SQLite store go to
-        ``<repo>/mlruns/artifacts`` (see :func:`artifact_location_for`).
-    """
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
-    d = REPO_ROOT / "mlruns"
-    d.mkdir(parents=True, exist_ok=True)
-    return f"{_SQLITE}{d / 'mlflow.db'}"
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative paths against the cwd), else None.
-
-    Args:
-        tracking_uri: any MLflow tracking URI.
-
-    Returns:
-        The absolute database path, or None for other stores and in-memory SQLite.
-    """
-    if not tracking_uri.startswith(_SQLITE):
-        return None
-    rest = tracking_uri[len(_SQLITE):].split("?", 1)[0]
-    if not rest or rest == ":memory:":
-        return None
-    return Path(rest).resolve()
-
-
-def artifact_location_for(tracking_uri: str) -> str | None:
-    """Where a new experiment's artifacts go for this store.
-
-    Args:
-        tracking_uri: the tracking URI.
-
-    Returns:
-        ``file://<db dir>/artifacts`` for a SQLite store (so the database and
-        its artifacts stay side by side in ``mlruns/``), None otherwise (a
-        tracking server decides, e.g. its ``--artifacts-destination``).
-    """
-    db = sqlite_path(tracking_uri)
-    return (db.parent / "artifacts").as_uri() if db is not None else None
-
-
-def code_version(repo: Path = REPO_ROOT) -> tuple[str, bool | None]:
-    """Git commit of the code and whether the work tree has uncommitted changes.
-
-    Args:
-        repo: a directory inside the git work tree.
-
-    Returns:
-        ``(commit, dirty)``; ``("unknown", None)`` when git or the repository is
-        unavailable (a copied tree, a container without git).
-    """
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        log.debug("git not available for the code version (%s); tagging 'unknown'", e)
-        return "unknown", None
-    return (head or "unknown"), bool(status.strip())
-
-
-def dataset_hash(manifest: Mapping[str, Any]) -> str:
-    """The dataset's content hash from its manifest.
-
-    Args:
-        manifest: the dataset manifest written by the renderer.
-
-    Returns:
-        The manifest's ``dataset_hash``, ``hash`` or ``key`` entry (first found),
-        else the first 16 hex digits of the SHA-256 of its canonical JSON.
-    """
-    for k in ("dataset_hash", "hash", "key"):
-        v = manifest.get(k)
-        if isinstance(v, str) and v:
-            return v
-    import hashlib
-
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -266,18 +139,7 @@ class Tracker:
         with self._lock:
             if self.parent_run_id is not None:
                 raise TrackingError(f"this Tracker already tracks search {self.search_name!r}; use one Tracker per search")
-            commit, dirty = code_version()
-            common = {
-                TAG_SEARCH_NAME: search_name,
-                TAG_STUDY: cfg.name,
-                TAG_BUDGET: cfg.budget,
-                TAG_DATASET_HASH: dataset_hash(manifest),
-                TAG_CODE_VERSION: commit,
-                TAG_CODE_DIRTY: "unknown" if dirty is None else str(dirty).lower(),
-                TAG_CONFIG_HASH: cfg.hash(),
-            }
-            if commit != "unknown":
-                common[TAG_GIT_COMMIT] = commit
+            common = search_tags(cfg, search_name, manifest)
             existing = self._find_parents(search_name)
             if existing and not resume:
                 raise TrackingError(
@@ -309,41 +171,30 @@ class Tracker:
             self._write(run_id, params=_param_dict(cfg.flat()), tags={**common, TAG_ROLE: "search"},
                         existing_params=old_params)
             with tempfile.TemporaryDirectory(prefix="metafx-track-") as tmp:
-                cfg_path = Path(tmp) / "config.yaml"
-                dump_config(cfg.to_dict(), cfg_path, header=f"# resolved config of search {search_name} ({cfg.budget})")
-                self._retry(self._client.log_artifact, run_id, str(cfg_path), "config")
-                man_path = Path(tmp) / "manifest.json"
-                man_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str), encoding="utf-8")
-                self._retry(self._client.log_artifact, run_id, str(man_path), "dataset")
+                write_inputs(cfg, search_name, manifest, Path(tmp))
+                self._retry(self._client.log_artifacts, run_id, tmp)
             return run_id
 
-    def end_search(self, status: str, summary: Mapping[str, Any] | None = None, files: Sequence[Path] = ()) -> None:
+    def end_search(self, status: str, summary: SearchSummary | None = None, files: Sequence[Path] = ()) -> None:
         """Log the search summary to the parent run and terminate it.
 
-        ``summary`` keys with a special meaning (all optional):
-
-        - ``trials`` (or ``table``): list of row dicts -> ``summary/trials.csv``
-          and ``summary/trials.md`` (also shown as the run's description in the UI);
-        - ``columns``: column order for the table (default: keys in order seen);
-        - ``best_config`` (or ``best_config_path``): a resolved config mapping,
-          or the path of a YAML file -> ``summary/best_config.yaml``;
-        - ``best`` (or ``best_metrics``): mapping of the best trial's results;
-          its finite numbers are logged as parent metrics ``best/<key>``.
-
-        The whole summary is also stored as ``summary/summary.json``. A file in
-        ``files`` with the name of a generated one (e.g. ``trials.csv``) replaces it.
+        With a summary, the parent run gets the files of :func:`metafx.records.write_summary`
+        under ``summary/`` (``summary.json``; ``trials.csv`` and ``trials.md`` for a non-empty
+        table, which is also the run's description in the UI; ``best_config.yaml``), and the
+        best trial's finite numbers as metrics ``best/<key>``. A file in ``files`` with the
+        name of a generated one (e.g. ``trials.csv``) replaces it.
 
         Args:
             status: ``FINISHED``, ``FAILED`` or ``KILLED``.
-            summary: the summary mapping, or None.
+            summary: the search's summary, or None.
             files: extra files (e.g. Optuna plots) logged under ``summary/``.
 
         Raises:
             ValueError: unknown status.
             TrackingError: no search was started.
-            FileNotFoundError: a file in ``files`` does not exist.
+            FileNotFoundError: a file in ``files``, or the summary's best config, does not exist.
         """
-        _check_status(status)
+        check_status(status)
         with self._lock:
             run_id = self._parent()
             for f in files:
@@ -351,31 +202,15 @@ class Tracker:
                     raise FileNotFoundError(f"summary file {f} does not exist")
             with tempfile.TemporaryDirectory(prefix="metafx-summary-") as tmp:
                 d = Path(tmp)
-                if summary:
-                    from metafx.plots import trial_table_markdown  # matplotlib import only when summarizing
-
-                    (d / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-                    rows = list(summary.get("trials") or summary.get("table") or [])
-                    if rows:
-                        cols = list(summary.get("columns") or _columns(rows))
-                        (d / "trials.csv").write_text(_csv(rows, cols), encoding="utf-8")
-                        md = trial_table_markdown(rows, cols)
-                        (d / "trials.md").write_text(md, encoding="utf-8")
-                        note = f"## Search {self.search_name}: {len(rows)} trials\n\n{md}"
+                if summary is not None:
+                    md = write_summary(summary, d)
+                    if md is not None:
+                        note = f"## Search {self.search_name}: {len(summary.table)} trials\n\n{md}"
                         if len(note) > MAX_TAG_VAL_LENGTH:
                             note = note[: MAX_TAG_VAL_LENGTH - 60].rsplit("\n", 1)[0] + "\n\n(truncated; see summary/trials.md)"
                         self._write(run_id, tags={TAG_NOTE: note})
-                    best_cfg = summary.get("best_config") or summary.get("best_config_path")
-                    if isinstance(best_cfg, Mapping):
-                        dump_config(best_cfg, d / "best_config.yaml",
-                                    header=f"# best configuration of search {self.search_name}")
-                    elif isinstance(best_cfg, (str, Path)):
-                        if not Path(best_cfg).is_file():
-                            raise FileNotFoundError(f"best config file {best_cfg} does not exist")
-                        (d / "best_config.yaml").write_bytes(Path(best_cfg).read_bytes())
-                    best = summary.get("best") or summary.get("best_metrics")
-                    if isinstance(best, Mapping):
-                        self._write(run_id, metrics=[_metric(f"best/{k}", v, 0) for k, v in flatten(best).items()])
+                    self._write(run_id, metrics=[_metric(f"best/{k}", v, 0)
+                                                 for k, v in flatten(summary.best_metrics).items()])
                 for f in files:
                     dst = d / Path(f).name
                     if dst.exists():
@@ -403,7 +238,7 @@ class Tracker:
             ValueError: unknown status.
             TrackingError: the store could not be reached or written.
         """
-        _check_status(status)
+        check_status(status)
         with self._lock:
             if self.parent_run_id is None:
                 return []
@@ -528,46 +363,26 @@ class Tracker:
             TrackingError: no search was started.
         """
         with self._lock:
-            run_id = self._parent() if trial_id is None else self._trial(trial_id)
-            self._write(run_id, tags=dict(tags))
+            self._write(self._run_of(trial_id), tags=dict(tags))
 
-    def log_artifacts(self, trial_id: str | None, directory: Path, artifact_path: str | None = None) -> None:
-        """Upload every file under ``directory`` to a trial's run (or the parent's when None).
-
-        Args:
-            trial_id: the trial, or None for the parent run.
-            directory: local directory, e.g. the trial's final checkpoint directory.
-            artifact_path: sub-directory of the run's artifacts, or None for the root.
-
-        Raises:
-            FileNotFoundError: ``directory`` is not a directory.
-            TrackingError: no search was started.
-        """
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"artifact directory {directory} does not exist or is not a directory")
-        with self._lock:
-            run_id = self._parent() if trial_id is None else self._trial(trial_id)
-            self._retry(self._client.log_artifacts, run_id, str(directory), artifact_path)
-
-    def log_artifact(self, trial_id: str | None, path: Path, artifact_path: str | None = None) -> None:
-        """Upload one file to a trial's run (or the parent's when ``trial_id`` is None).
+    def log_artifacts(self, trial_id: str | None, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file, or every file under a folder, to a trial's run (or the parent's when None).
 
         Args:
             trial_id: the trial, or None for the parent run.
-            path: local file.
+            path: a local file, or a folder such as the trial's final checkpoint directory.
             artifact_path: sub-directory of the run's artifacts, or None for the root.
 
         Raises:
-            FileNotFoundError: ``path`` is not a file.
+            FileNotFoundError: ``path`` is neither a file nor a folder.
             TrackingError: no search was started.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"artifact file {path} does not exist")
+        if not path.exists():
+            raise FileNotFoundError(f"artifact file or directory {path} does not exist")
+        upload = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
         with self._lock:
-            run_id = self._parent() if trial_id is None else self._trial(trial_id)
-            self._retry(self._client.log_artifact, run_id, str(path), artifact_path)
+            self._retry(upload, self._run_of(trial_id), str(path), artifact_path)
 
     def end_trial(self, trial_id: str, status: str, error: str | None = None, stopped_early: bool = False) -> None:
         """Terminate a trial's run.
@@ -588,12 +403,12 @@ class Tracker:
             ValueError: unknown status.
             TrackingError: no search was started.
         """
-        _check_status(status)
+        check_status(status)
         with self._lock:
             run_id = self._trial(trial_id)
             tags: dict[str, str] = {TAG_ASHA_STOPPED: "true" if stopped_early else "false"}
             if error:
-                tags[TAG_ERROR] = _error_summary(error)
+                tags[TAG_ERROR] = error_summary(error)
             self._write(run_id, tags=tags)
             if error:
                 self._retry(self._client.log_text, run_id, error, "error.txt")
@@ -714,6 +529,10 @@ class Tracker:
             raise TrackingError("no search started on this Tracker; call start_search first")
         return self.parent_run_id
 
+    def _run_of(self, trial_id: str | None) -> str:
+        """Run id of a trial (see :meth:`_trial`), or of the search when ``trial_id`` is None."""
+        return self._parent() if trial_id is None else self._trial(trial_id)
+
     def _trial(self, trial_id: str) -> str:
         """Run id of a trial: cached, else found under the parent, else created (with a warning)."""
         rid = self._runs.get(trial_id)
@@ -825,11 +644,6 @@ def _q(value: str) -> str:
     raise ValueError(f"cannot search MLflow for a value containing both quote characters: {value!r}")
 
 
-def _check_status(status: str) -> None:
-    if status not in STATUSES:
-        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -908,27 +722,3 @@ def _metric(key: Any, value: Any, step: int, ts: int | None = None) -> Metric | 
     if k is None:
         return None
     return Metric(k, x, ts if ts is not None else _now_ms(), int(step))
-
-
-def _error_summary(error: str) -> str:
-    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    s = lines[-1] if lines else str(error)
-    return s if len(s) <= ERROR_TAG_CHARS else s[: ERROR_TAG_CHARS - 3] + "..."
-
-
-def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    cols: dict[str, None] = {}
-    for r in rows:
-        for k in r:
-            cols.setdefault(str(k), None)
-    return list(cols)
-
-
-def _csv(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(cols)
-    for r in rows:
-        w.writerow(["" if r.get(c) is None else (json.dumps(r[c], default=str) if isinstance(r.get(c), (dict, list)) else r[c])
-                    for c in cols])
-    return buf.getvalue()

@@ -19,7 +19,7 @@ def logical_gpu_ray():
     """A local loopback Ray with 2 CPUs and one logical GPU (the search's own init with num_gpus)."""
     import ray
 
-    from metafx.search import init_ray
+    from metafx.cluster import init_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -64,12 +64,12 @@ def test_trials_without_a_gpu_are_pinned_to_the_cpu(monkeypatch):
     """Ray leaves CUDA_VISIBLE_DEVICES alone for a zero-GPU trial; the trial must not take a GPU it did not reserve."""
     import os
 
-    from metafx.search import _pin_device
+    from metafx.cluster import pin_device
 
     monkeypatch.setenv("METAFX_DEVICE", "")  # unset for metafx; restored after the test
-    assert _pin_device({"GPU": []}) == "cpu"
+    assert pin_device({"GPU": []}) == "cpu"
     assert os.environ["METAFX_DEVICE"] == "cpu"
     monkeypatch.setenv("METAFX_DEVICE", "cpu:0")  # a user's explicit choice wins
-    assert _pin_device({}) == "cpu:0"
+    assert pin_device({}) == "cpu:0"
     monkeypatch.delenv("METAFX_DEVICE")
-    assert _pin_device({"GPU": ["0"]}) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pin_device({"GPU": ["0"]}) == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from metafx.config import REPO_ROOT, load_config
-from metafx.search import DefineByRun, trial_config
+from metafx.search_space import DefineByRun, distribution, trial_config
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -44,6 +44,10 @@ def test_define_by_run_conditionals_with_real_optuna():
         assert ("maml.first_order" in p) == (arch in ("ssm", "tcn"))
     assert methods == {"ridge", "maml", "anil", "cavia", "encoder"}
     assert archs == {"lstm", "tcn", "ssm"}
+    # The sampled distributions are the ones the summary plots rebuild the study with.
+    params = {p.key: p for p in cfg.search.params}
+    for t in study.trials:
+        assert t.distributions == {k: distribution(params[k]) for k in t.params}
 
 
 @pytest.fixture(scope="module")

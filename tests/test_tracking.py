@@ -16,9 +16,9 @@ import pytest
 import soundfile as sf
 from mlflow import MlflowClient
 
-from metafx.config import REPO_ROOT, load_config
+from metafx.config import REPO_ROOT, dump_config, load_config
 from metafx.plots import write_trial_artifacts
-from metafx.tracking import (
+from metafx.records import (
     TAG_ASHA_STOPPED,
     TAG_BUDGET,
     TAG_CODE_DIRTY,
@@ -30,12 +30,12 @@ from metafx.tracking import (
     TAG_PARENT,
     TAG_RAY_TRIAL_ID,
     TAG_TRIAL_ID,
-    Tracker,
-    TrackingError,
+    SearchSummary,
     artifact_location_for,
     default_tracking_uri,
     sqlite_path,
 )
+from metafx.tracking import Tracker, TrackingError
 from tracking_fakes import SR, make_examples, make_history
 
 MANIFEST = {"dataset_hash": "abc123def4567890", "families": ["moog_vcf"], "tasks": 12, "sample_rate": SR}
@@ -62,6 +62,11 @@ def _trial_dir(tmp: Path, with_examples: bool = True) -> Path:
     (tmp / "checkpoint.pt").write_bytes(b"\x00fake-state-dict")
     (tmp / "results.json").write_text(json.dumps({"test/query_l1_post": 0.05}))
     return tmp
+
+
+def _summary(table: list[dict], best: dict, best_cfg: Path | None, parent: str | None) -> SearchSummary:
+    return SearchSummary(name="s", experiment_path="/tmp/ray/s", best_config_path=best_cfg, best_checkpoint=None,
+                         best_metrics=best, table=table, parent_run_id=parent)
 
 
 def _hp(i: int) -> dict:
@@ -101,8 +106,10 @@ def test_full_search_roundtrip(store, cfg, tmp_path):
     plt.close("all")
     rows = [{"trial_id": "t_000", "status": "FINISHED", "val/query_l1_post": 0.16},
             {"trial_id": "t_001", "status": "FAILED", "val/query_l1_post": None}]
-    tr.end_search("FINISHED", {"trials": rows, "best_config": cfg.to_dict(),
-                               "best": {"trial_id": "t_000", "val/query_l1_post": 0.16}}, [plot])
+    best_cfg = tmp_path / "best_config.yaml"
+    dump_config(cfg.to_dict(), best_cfg)
+    best = {"trial_id": "t_000", "val/query_l1_post": 0.16}
+    tr.end_search("FINISHED", _summary(rows, best, best_cfg, parent), [plot])
 
     got = Tracker.read_search(store, "roundtrip", "search-a")
     p = got["parent"]
@@ -351,10 +358,10 @@ def test_default_tracking_uri(monkeypatch, tmp_path):
     assert sqlite_path(f"sqlite:///{tmp_path}/x.db") == tmp_path / "x.db"
 
 
-def test_short_tag_keys_and_summary_aliases(store, cfg, tmp_path):
-    """The search callback's spelling: plain tag keys, a SearchOutcome-like summary, its own summary files."""
+def test_short_tag_keys_and_typed_summary(store, cfg, tmp_path):
+    """The search callback's spelling: plain tag keys, a SearchSummary, its own summary files."""
     tr = Tracker(store, "aliases")
-    tr.start_search(cfg, "s", MANIFEST, resume=False)
+    parent = tr.start_search(cfg, "s", MANIFEST, resume=False)
     tr.trial_run("t", {}, {"model": "tcn", TAG_MODEL: "tcn", "ray_trial_id": "t"})
     tr.set_tags("t", {"node": "10.0.0.7", "hostname": "worker-1", "mlflow.note.content": "kept as is"})
     tr.end_trial("t", "FINISHED")
@@ -362,9 +369,9 @@ def test_short_tag_keys_and_summary_aliases(store, cfg, tmp_path):
     best_cfg.write_text("name: lstm\n")
     own_csv = tmp_path / "trials.csv"
     own_csv.write_text("trial,status\nt,done\n")
-    tr.end_search("FINISHED", {"table": [{"trial": "t", "status": "done", "val/query_l1_post": 0.1}],
-                               "best_metrics": {"val/query_l1_post": 0.1}, "best_config_path": best_cfg,
-                               "best_checkpoint": None}, [own_csv])
+    table = [{"trial": "t", "status": "done", "val/query_l1_post": 0.1}]
+    summary = _summary(table, {"val/query_l1_post": 0.1}, best_cfg, parent)
+    tr.end_search("FINISHED", summary, [own_csv])
     got = Tracker.read_search(store, "aliases", "s", history=False)
     c = got["children"][0]
     assert c["tags"][TAG_MODEL] == "tcn" and c["tags"]["model"] == "tcn" and c["tags"]["node"] == "10.0.0.7"
@@ -375,3 +382,13 @@ def test_short_tag_keys_and_summary_aliases(store, cfg, tmp_path):
     dl = Path(MlflowClient(store).download_artifacts(p["run_id"], "summary", str(tmp_path / "dl")))
     assert (dl / "trials.csv").read_text() == own_csv.read_text()  # the caller's file replaces the generated one
     assert (dl / "best_config.yaml").read_text() == "name: lstm\n"
+    # summary.json holds every field of the summary, under its field names.
+    assert json.loads((dl / "summary.json").read_text()) == {
+        "name": "s", "experiment_path": "/tmp/ray/s", "best_config_path": str(best_cfg), "best_checkpoint": None,
+        "best_metrics": {"val/query_l1_post": 0.1}, "table": table, "parent_run_id": parent}
+    missing = _summary([], {}, tmp_path / "nope.yaml", parent)
+    tr2 = Tracker(store, "aliases-missing")
+    tr2.start_search(cfg, "s", MANIFEST, resume=False)
+    with pytest.raises(FileNotFoundError, match="best config"):
+        tr2.end_search("FINISHED", missing)
+    tr2.close_dangling()

@@ -30,7 +30,8 @@ import pytest
 
 from metafx.config import REPO_ROOT, load_config
 from metafx.plots import write_trial_artifacts
-from metafx.tracking import TAG_MODEL, Tracker
+from metafx.records import TAG_MODEL, SearchSummary
+from metafx.tracking import Tracker
 from tracking_fakes import SR, make_examples, make_history
 
 pytestmark = pytest.mark.slow
@@ -87,7 +88,9 @@ def recorded(tmp_path_factory):
         write_trial_artifacts(ck, make_examples(n=1, length=4000), make_history(5), SR)
         tr.log_artifacts(tid, ck)
         tr.end_trial(tid, "FINISHED")
-    tr.end_search("FINISHED", {"trials": [{"trial_id": t, "val/query_l1_post": 0.04} for t in TRIALS]})
+    table = [{"trial_id": t, "val/query_l1_post": 0.04} for t in TRIALS]
+    tr.end_search("FINISHED", SearchSummary(name=SEARCH, experiment_path=str(d), best_config_path=None,
+                                            best_checkpoint=None, best_metrics={}, table=table, parent_run_id=parent))
     return {"uri": uri, "dir": d, "experiment_id": tr.experiment_id, "parent": parent, "runs": runs}
 
 

@@ -65,9 +65,9 @@ def main(args, rest) -> int:
         def memory(self) -> dict:
             return {"pid": os.getpid(), **_rollup()}
 
-    from metafx.search import _init_ray
+    from metafx.cluster import init_ray
 
-    _init_ray(N_TRIALS)  # the search's own local Ray: loopback only, as trials run
+    init_ray(N_TRIALS)  # the search's own local Ray: loopback only, as trials run
     try:
         actors = [Trial.remote(str(ts.path)) for _ in range(N_TRIALS)]
         t0 = time.time()
