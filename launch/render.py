@@ -59,22 +59,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    from metafx.data import render  # noqa: E402  (the dawdreamer import)
+    from metafx.data.plan import RenderError
+    from metafx.data.render import render_taskset  # the dawdreamer import
     from metafx.data.sources import SourceError
     from metafx.data.tasks import TaskSet
 
-    before = render.renders_started
     t0 = time.perf_counter()
     try:
         if args.ray:
+            from metafx.cluster import init_ray
             from metafx.data.distributed import render_on_ray
-            from metafx.search import init_ray
 
             init_ray(None)
-            ts = TaskSet(render_on_ray(cfg, cpus_per_part=args.cpus_per_part, tasks_per_part=args.tasks_per_part,
-                                       progress=not args.quiet))
+            result = render_on_ray(cfg, cpus_per_part=args.cpus_per_part, tasks_per_part=args.tasks_per_part,
+                                   progress=not args.quiet)
         else:
-            ts = TaskSet(render.render_taskset(cfg.data, progress=not args.quiet))
+            result = render_taskset(cfg.data, progress=not args.quiet)
     except KeyboardInterrupt:
         print("interrupted: no dataset was written; finished parts of a --ray render are kept and reused by the "
               "next run", file=sys.stderr)
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (render.RenderError, SourceError) as e:
+    except (RenderError, SourceError) as e:
         print(f"render error: {e}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - t0
-    rendered = render.renders_started > before
+    ts, rendered = TaskSet(result.path), result.rendered
 
     n = len(ts)
     audio = n * ts.seconds

@@ -483,7 +483,8 @@ def _same_dataset(a: Path, b: Path) -> None:
 def test_distributed_render_job_spreads_parts_over_both_nodes(cluster):
     """`ray job submit -- python launch/render.py --ray`: parts render on both nodes; the dataset is a local render's."""
     from metafx.config import load_config
-    from metafx.data.render import dataset_hash, render_taskset
+    from metafx.data.plan import dataset_hash
+    from metafx.data.render import render_taskset
 
     c = cluster
     assert c.alive_nodes() == 2

@@ -1,4 +1,4 @@
-"""Rendering task sets with real DAWDreamer and real Faust code (metafx.data.render)."""
+"""Rendering task sets with real DAWDreamer and real Faust code (metafx.data.render, with metafx.data.plan and .cache)."""
 from __future__ import annotations
 
 import json
@@ -19,8 +19,9 @@ import scipy.signal
 import yaml
 
 from metafx.config import EFFECTS_DIR, REPO_ROOT, ConfigError, load_config
-from metafx.data import render
-from metafx.data.render import RenderError, assign_splits, dataset_hash, describe_dsp, is_complete, render_taskset
+from metafx.data.cache import is_complete
+from metafx.data.plan import RenderError, assign_splits, dataset_hash, plan_tasks
+from metafx.data.render import describe_dsp, render_taskset
 from metafx.data.tasks import TaskSet, TaskSetError, load_taskset
 
 SR = 48000
@@ -117,12 +118,6 @@ def test_impulse_response_is_aligned(tmp_path):
         assert np.max(np.abs(y - ref)) < 1e-4 * np.max(np.abs(ref))
 
 
-def _render_seed(args):
-    cache, seed = args
-    cfg = load_config("lstm.yaml", "smoke", overrides={"data.cache_dir": cache, "data.source.seed": seed})
-    return str(render_taskset(cfg.data, progress=False))
-
-
 def test_render_in_a_forked_child_after_rendering_in_the_parent(tmp_path):
     """DAWDreamer's control thread does not survive fork(); a forked child starts its own and does not hang.
 
@@ -132,11 +127,12 @@ def test_render_in_a_forked_child_after_rendering_in_the_parent(tmp_path):
     script = textwrap.dedent(f"""
         import multiprocessing as mp
         from metafx.config import load_config
-        from metafx.data.render import is_complete, render_taskset
+        from metafx.data.cache import is_complete
+        from metafx.data.render import render_taskset
 
         def seed(s):
             cfg = load_config("lstm.yaml", "smoke", overrides={{"data.cache_dir": {str(tmp_path)!r}, "data.source.seed": s}})
-            return str(render_taskset(cfg.data, progress=False))
+            return str(render_taskset(cfg.data, progress=False).path)
 
         if __name__ == "__main__":
             seed(5)  # the parent renders first
@@ -154,19 +150,18 @@ def test_results_do_not_depend_on_threads_or_task_order(smoke_cfg, tmp_path):
     ts = load_taskset(smoke_cfg.data, progress=False)
     one = study(tmp_path / "one", data__render_workers=1)
     assert dataset_hash(one.data) == ts.hash  # render_workers does not change the content
-    ts1 = TaskSet(render_taskset(one.data, progress=False))
+    ts1 = TaskSet(render_taskset(one.data, progress=False).path)
     np.testing.assert_array_equal(np.asarray(ts1.targets), np.asarray(ts.targets))
     assert ts1.manifest["render"]["workers"] == 1
 
 
 def test_cache_reuse_renders_nothing(smoke_cfg):
     ts = load_taskset(smoke_cfg.data, progress=False)
-    before = render.renders_started
     m = ts.path / "manifest.json"
     stat = (m.stat().st_mtime_ns, (ts.path / "targets.npy").stat().st_ino)
-    ts2 = load_taskset(smoke_cfg.data, progress=False)
-    assert render.renders_started == before, "a cached task set is never rendered again"
-    assert ts2.path == ts.path and (m.stat().st_mtime_ns, (ts.path / "targets.npy").stat().st_ino) == stat
+    again = render_taskset(smoke_cfg.data, progress=False)
+    assert not again.rendered, "a cached task set is never rendered again"
+    assert again.path == ts.path and (m.stat().st_mtime_ns, (ts.path / "targets.npy").stat().st_ino) == stat
     assert [p.name for p in Path(smoke_cfg.data.cache_dir).iterdir() if ".tmp-" in p.name] == []
 
 
@@ -299,9 +294,9 @@ def test_readme_grids_render_stably(tmp_path):
 def test_max_tasks_takes_a_seeded_subset(tmp_path):
     fam = {"name": "moog_vcf", "dsp": "moog_vcf.dsp", "max_tasks": 5,
            "params": {"cutoff": {"low": 300, "high": 3000, "num": 6, "scale": "log"}, "resonance": [0.0, 0.5]}}
-    a = render.plan_tasks(study(tmp_path, [fam]).data)
-    b = render.plan_tasks(study(tmp_path, [fam]).data)
-    c = render.plan_tasks(study(tmp_path, [fam], data__split_seed=9).data)
+    a = plan_tasks(study(tmp_path, [fam]).data)
+    b = plan_tasks(study(tmp_path, [fam]).data)
+    c = plan_tasks(study(tmp_path, [fam], data__split_seed=9).data)
     assert len(a) == 5 and [t.id for t in a] == [t.id for t in b] and [t.id for t in a] != [t.id for t in c]
     assert len({t.id for t in a}) == 5
 
@@ -311,19 +306,21 @@ def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
     import shutil
 
     cfg = study(tmp_path / "c")
-    real = render._render_into
+    real = os.rename
 
-    def render_then_lose(tmp, *args, **kwargs):
-        real(tmp, *args, **kwargs)
-        winner = tmp.parent / tmp.name.split(".tmp-")[0]
-        shutil.copytree(tmp, winner)  # the other renderer's rename lands just before ours
-        m = json.loads((winner / "manifest.json").read_text())
-        (winner / "manifest.json").write_text(json.dumps({**m, "created": "by the winner"}))
+    def lose_then_rename(src, dst):
+        src, dst = Path(src), Path(dst)
+        if src.name.startswith(f"{dst.name}.tmp-"):  # publishing our finished dataset directory
+            shutil.copytree(src, dst)  # the other renderer's rename lands just before ours
+            m = json.loads((dst / "manifest.json").read_text())
+            (dst / "manifest.json").write_text(json.dumps({**m, "created": "by the winner"}))
+        return real(src, dst)
 
-    monkeypatch.setattr(render, "_render_into", render_then_lose)
-    path = render_taskset(cfg.data, progress=False)
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [path.name], "our tmp dir was removed"
-    assert TaskSet(path).manifest["created"] == "by the winner"
+    monkeypatch.setattr(os, "rename", lose_then_rename)
+    result = render_taskset(cfg.data, progress=False)
+    assert not result.rendered, "the winner's directory is used, not ours"
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [result.path.name], "our tmp dir was removed"
+    assert TaskSet(result.path).manifest["created"] == "by the winner"
 
 
 def test_concurrent_renders_of_one_hash(tmp_path):
@@ -341,8 +338,9 @@ def test_concurrent_renders_of_one_hash(tmp_path):
         t.start()
     for t in threads:
         t.join(60)
-    assert not errs and len(out) == 2 and out[0] == out[1] and is_complete(out[0])
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [out[0].name]
+    assert not errs and len(out) == 2 and out[0].path == out[1].path and is_complete(out[0].path)
+    assert sum(r.rendered for r in out) == 1, "one render publishes, the other finds it or loses the rename race"
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [out[0].path.name]
 
 
 KILL_CHILD = """

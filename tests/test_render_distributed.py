@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from metafx.config import REPO_ROOT, load_config
-from metafx.data import render
-from metafx.data.render import RenderError, dataset_hash, is_complete, render_taskset
+from metafx.data.cache import HOST, is_complete
+from metafx.data.plan import RenderError, dataset_hash, parts_dir, plan_parts
+from metafx.data.render import prepare, render_part, render_taskset
 
 UNSTABLE_MOOG = {"name": "moog_vcf", "dsp": "moog_vcf.dsp", "params": {"cutoff": [1000, 10000], "resonance": [0.0, 0.9]}}
 
@@ -37,7 +38,9 @@ def assert_same_dataset(a: Path, b: Path, *, dsp_by_name: bool = False) -> None:
 
     ``dsp_by_name``: compare the families' .dsp paths by file name only (a job resolves them in its
     uploaded working directory; the hash covers the files' content, which is equal).
+    ``a`` and ``b`` are dataset directories (or what a render returned: ``RenderResult`` is path-like).
     """
+    a, b = Path(a), Path(b)
     assert a.name == b.name  # the same content hash
     for f in ("input.npy", "targets.npy"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
@@ -55,7 +58,7 @@ def local_ray():
     """The search's own local Ray (loopback only) with 2 CPUs, shut down after the module."""
     import ray
 
-    from metafx.search import init_ray
+    from metafx.cluster import init_ray
 
     started = not ray.is_initialized()
     init_ray(2)
@@ -79,11 +82,12 @@ def test_distributed_render_equals_local_render(local_ray, tmp_path):
     dist = study(tmp_path / "dist", fams, **kw)
     assert dataset_hash(local.data) == dataset_hash(dist.data)
 
-    before = render.renders_started
-    path = render_on_ray(dist, tasks_per_part=2, progress=False)
-    assert render.renders_started == before + 1
+    result = render_on_ray(dist, tasks_per_part=2, progress=False)
+    assert result.rendered
+    path = result.path
     ref = render_taskset(local.data, progress=False)
-    assert_same_dataset(path, ref)
+    assert ref.rendered
+    assert_same_dataset(path, ref.path)
 
     m = json.loads((path / "manifest.json").read_text())
     assert len(m["dropped"]) == 2 and m["num_tasks"] == 10  # moog 10 kHz / 0.9 and fb 1.5
@@ -95,8 +99,8 @@ def test_distributed_render_equals_local_render(local_ray, tmp_path):
     assert len({p["pid"] for p in d["parts"]}) >= 1 and all(p["pid"] != os.getpid() for p in d["parts"])
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == [path.name], "parts and tmp dirs are gone"
 
-    before = render.renders_started
-    assert render_on_ray(dist, progress=False) == path and render.renders_started == before  # cached: no render
+    again = render_on_ray(dist, progress=False)
+    assert again.path == path and not again.rendered  # cached: no render
 
 
 def test_failed_distributed_render_leaves_no_dataset(local_ray, tmp_path):
@@ -120,29 +124,29 @@ def test_finished_parts_of_an_interrupted_render_are_reused(local_ray, tmp_path)
     from metafx.data.distributed import render_on_ray
 
     cfg = study(tmp_path / "dist")
-    prep = render.prepare(cfg.data)
-    parts = render.plan_parts(prep.planned, 4)
+    prep = prepare(cfg.data)
+    parts = plan_parts(prep.planned, 4)
     h = dataset_hash(cfg.data)
-    out = render.parts_dir(cfg.data, h)
-    rec = render.render_part(cfg.data, h, out, parts[1], extra={"node_id": "earlier"})
+    out = parts_dir(cfg.data, h)
+    rec = render_part(cfg.data, h, out, parts[1], extra={"node_id": "earlier"})
     # a part file a dead renderer of this host was writing (pid 2**22 + 1 exceeds Linux's pid_max default range)
-    dead = out / f"{parts[2].name}.npy.tmp-{render._HOST}-{2**22 + 1}-00ff"
+    dead = out / f"{parts[2].name}.npy.tmp-{HOST}-{2**22 + 1}-00ff"
     dead.write_bytes(b"partial")
-    path = render_on_ray(cfg, tasks_per_part=4, progress=False)
+    path = render_on_ray(cfg, tasks_per_part=4, progress=False).path
     d = json.loads((path / "manifest.json").read_text())["render"]["distributed"]
     assert [p["reused"] for p in d["parts"]] == [False, True, False]
     assert d["parts"][1]["node_id"] == "earlier" and d["parts"][1]["pid"] == rec["pid"] == os.getpid()
     assert not out.exists()
-    assert_same_dataset(path, render_taskset(study(tmp_path / "local").data, progress=False))
+    assert_same_dataset(path, render_taskset(study(tmp_path / "local").data, progress=False).path)
 
 
 def test_a_node_with_other_code_is_refused(tmp_path):
     """A part renderer whose node computes another dataset hash (other .dsp, versions) refuses to render."""
     cfg = study(tmp_path / "c")
-    prep = render.prepare(cfg.data)
-    part = render.plan_parts(prep.planned, 4)[0]
+    prep = prepare(cfg.data)
+    part = plan_parts(prep.planned, 4)[0]
     with pytest.raises(RenderError, match="computes dataset hash .* but the driver computed 000"):
-        render.render_part(cfg.data, "000", render.parts_dir(cfg.data, "000"), part)
+        render_part(cfg.data, "000", parts_dir(cfg.data, "000"), part)
 
 
 HEAVY = """\
@@ -205,4 +209,4 @@ def test_sigterm_during_a_distributed_render_leaves_no_dataset_then_resumes(tmp_
     assert sorted(x.name for x in cache.iterdir()) == [h]
     local = load_config("lstm.yaml", "smoke", overrides={"data.cache_dir": str(tmp_path / "local"),
                                                          "data.families": json.loads(fams), "data.source.seconds": 10})
-    assert_same_dataset(path, render_taskset(local.data, progress=False))
+    assert_same_dataset(path, render_taskset(local.data, progress=False).path)

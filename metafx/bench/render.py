@@ -61,7 +61,7 @@ def _rss_mb() -> dict[str, float]:
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Render one budget into ``spec["cache"]`` in this process and measure it."""
     from metafx.config import load_config
-    from metafx.data import render
+    from metafx.data.render import render_taskset
     from metafx.data.tasks import EpisodeSampler, TaskSet
 
     ov = {"data.cache_dir": spec["cache"]}
@@ -70,7 +70,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = load_config(spec["space"], spec["budget"], overrides=ov)
     rss0 = _rss_mb()
     t0 = time.perf_counter()
-    path = render.render_taskset(cfg.data, progress=True)
+    path = render_taskset(cfg.data, progress=True).path
     wall = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_SELF)
     maxrss_render = ru.ru_maxrss / 1024  # KB -> MB on Linux

@@ -8,7 +8,7 @@ manifest but for ``created`` and ``render``), in the same content-addressed cach
 
 1. The driver runs the local render's checks (task plan, split feasibility, Faust
    compilation of every family, slider names, disk space) before any task starts.
-2. Each part (``metafx.data.render.Part``: consecutive tasks of one family) is a Ray task
+2. Each part (``metafx.data.plan.Part``: consecutive tasks of one family) is a Ray task
    with ``num_cpus=cpus_per_part``. The driver deals the parts to the nodes: each alive node
    gets as many at a time as it has CPU slots, and the next part whenever one of its parts
    finishes (soft node affinity: a part whose node died runs elsewhere). It rebuilds the
@@ -18,7 +18,7 @@ manifest but for ``created`` and ``render``), in the same content-addressed cach
    on that process's single control thread, see ``render.py``), and writes its part into
    ``<cache>/<hash>.parts/`` atomically, with a record naming the node.
 3. The driver copies the parts, in task order and checked against their sha256, into a
-   temporary dataset directory and renames it to ``<hash>`` last (``render.build_dataset``).
+   temporary dataset directory and renames it to ``<hash>`` last (``cache.build_dataset``).
    The manifest's ``render.distributed`` lists every part with its node.
 
 An interrupted distributed render (Ctrl-C, ``ray job stop``, a crash) leaves no dataset
@@ -28,7 +28,7 @@ directory must be on storage every node sees (``METAFX_CACHE`` on NFS, for examp
 :func:`nodes_not_seeing` checks that, and the search uses it to decide
 (:func:`should_distribute`).
 
-This module and :mod:`metafx.search` are the two that import ray (lazily).
+Ray is imported here (lazily), in :mod:`metafx.cluster` and in :mod:`metafx.search`.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from metafx.config import Config, DataConfig
+    from metafx.data.cache import RenderResult
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ def should_distribute(data: "DataConfig", mode: str | None = None) -> tuple[bool
     """
     import ray
 
-    from metafx.data.render import dataset_path, is_complete
+    from metafx.data.cache import is_complete
+    from metafx.data.plan import dataset_path
 
     mode = (mode if mode is not None else os.environ.get(ENV_MODE, "auto")).strip().lower() or "auto"
     if mode in ("0", "off", "false", "no"):
@@ -139,17 +141,18 @@ def _part_task(base: dict[str, Any], source: str, h: str, out_dir: str, part: di
     import ray
 
     from metafx.config import config_from_dict
-    from metafx.data import render
+    from metafx.data.plan import Part
+    from metafx.data.render import render_part
 
     data = config_from_dict(base, Path(source)).data
     ctx = ray.get_runtime_context()
     extra = {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
-    p = render.Part(int(part["family_index"]), str(part["family"]), tuple(int(i) for i in part["indices"]))
-    return render.render_part(data, h, out_dir, p, threads=threads, extra=extra)
+    p = Part(int(part["family_index"]), str(part["family"]), tuple(int(i) for i in part["indices"]))
+    return render_part(data, h, out_dir, p, threads=threads, extra=extra)
 
 
 def render_on_ray(cfg: "Config", *, cpus_per_part: int = 1, tasks_per_part: int | None = None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True) -> "RenderResult":
     """Render (or reuse) the task set of ``cfg`` spread over the Ray cluster this process is connected to.
 
     Args:
@@ -159,7 +162,8 @@ def render_on_ray(cfg: "Config", *, cpus_per_part: int = 1, tasks_per_part: int 
         progress: report progress on stderr.
 
     Returns:
-        The complete dataset directory ``data.cache_dir / <hash>``, identical to a local render's.
+        The complete dataset directory ``data.cache_dir / <hash>``, identical to a local render's,
+        and whether this call rendered it (False: it was in the cache).
 
     Raises:
         ConfigError, RenderError, SourceError: as :func:`metafx.data.render.render_taskset`; a
@@ -169,31 +173,32 @@ def render_on_ray(cfg: "Config", *, cpus_per_part: int = 1, tasks_per_part: int 
     import ray
 
     from metafx.config import ConfigError
-    from metafx.data import render
+    from metafx.data import render  # the dawdreamer import, in the driver for the checks and the assembly
+    from metafx.data.cache import Progress, RenderResult, check_disk, clean_stale_parts, is_complete, read_part
+    from metafx.data.plan import RenderError, dataset_key, hash_key, parts_dir, plan_parts
     from metafx.data.sources import SourceError, load_sources
 
     if not ray.is_initialized():
-        raise RuntimeError("render_on_ray needs Ray: call metafx.search.init_ray() (or ray.init) first")
+        raise RuntimeError("render_on_ray needs Ray: call metafx.cluster.init_ray() (or ray.init) first")
     if cpus_per_part < 1:
         raise ValueError(f"cpus_per_part must be >= 1, got {cpus_per_part}")
     data = cfg.data
     t_start = time.perf_counter()
-    key = render.dataset_key(data)
-    h = render._hash_key(key)
+    h = hash_key(dataset_key(data))
     final = Path(data.cache_dir) / h
-    if render.is_complete(final):
+    if is_complete(final):
         log.info("dataset %s found in the cache; nothing to render", final)
-        return final
+        return RenderResult(final, rendered=False)
     Path(data.cache_dir).mkdir(parents=True, exist_ok=True)
     prep = render.prepare(data)  # the local render's checks, before any task starts
     planned = prep.planned
     N = len(planned)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_part))
     tpp = tasks_per_part or max(1, math.ceil(N / (2 * slots)))
-    parts = render.plan_parts(planned, tpp)
-    out = render.parts_dir(data, h)
+    parts = plan_parts(planned, tpp)
+    out = parts_dir(data, h)
     out.mkdir(parents=True, exist_ok=True)
-    render.clean_stale_parts(out)
+    clean_stale_parts(out)
 
     t0 = time.perf_counter()
     x = load_sources(data.source, data.sample_rate)  # for T (and the disk check); the tasks load their own
@@ -203,13 +208,13 @@ def render_on_ray(cfg: "Config", *, cpus_per_part: int = 1, tasks_per_part: int 
     records: dict[str, dict[str, Any]] = {}
     reused: set[str] = set()
     for p in parts:
-        rec = render.read_part(out, p, T)
+        rec = read_part(out, p, T)
         if rec is not None:
             records[p.name] = rec
             reused.add(p.name)
     todo = [p for p in parts if p.name not in records]
     todo_tasks = sum(len(p.indices) for p in todo)
-    render._check_disk(out, (todo_tasks + N + 1) * T * 4, "the parts plus the assembled dataset")
+    check_disk(out, (todo_tasks + N + 1) * T * 4, "the parts plus the assembled dataset")
     if reused:
         log.info("reusing %d finished part(s) of an earlier render in %s", len(reused), out)
     log.info("rendering %d tasks x %.1f s in %d part(s) of <= %d tasks over the Ray cluster (%d CPU slot(s) of %d "
@@ -238,7 +243,7 @@ def render_on_ray(cfg: "Config", *, cpus_per_part: int = 1, tasks_per_part: int 
         pending[ref] = (p, node)
 
     t0 = time.perf_counter()
-    bar = render._Progress(todo_tasks, f"render {h[:8]} on Ray", progress and todo_tasks > 0)
+    bar = Progress(todo_tasks, f"render {h[:8]} on Ray", progress and todo_tasks > 0)
     done_tasks = 0
     try:
         for r in range(max(k for _, k in slots_by_node)):  # round-robin: the first parts alternate nodes
@@ -256,9 +261,9 @@ def render_on_ray(cfg: "Config", *, cpus_per_part: int = 1, tasks_per_part: int 
                     rec = ray.get(ref)
                 except ray.exceptions.RayError as e:  # a task's exception, or its worker / node lost after retries
                     cause = getattr(e, "cause", None)
-                    if isinstance(cause, (render.RenderError, ConfigError, SourceError)):
+                    if isinstance(cause, (RenderError, ConfigError, SourceError)):
                         raise cause from None
-                    raise render.RenderError(f"rendering part {p.name} failed: {e}") from e
+                    raise RenderError(f"rendering part {p.name} failed: {e}") from e
                 records[p.name] = rec
                 done_tasks += len(p.indices)
                 bar.update(done_tasks)
@@ -270,9 +275,9 @@ def render_on_ray(cfg: "Config", *, cpus_per_part: int = 1, tasks_per_part: int 
 
     # A part whose record the driver cannot read back was written where the driver does not look.
     for p in parts:
-        if render.read_part(out, p, T) is None:
+        if read_part(out, p, T) is None:
             rec = records[p.name]
-            raise render.RenderError(
+            raise RenderError(
                 f"part {p.name} rendered on {rec.get('node_ip')} (node {str(rec.get('node_id'))[:8]}) is not in {out} "
                 f"as seen from this node: data.cache_dir must be on storage every node mounts at the same path "
                 f"(set METAFX_CACHE), or render locally")
@@ -298,6 +303,6 @@ def render_on_ray(cfg: "Config", *, cpus_per_part: int = 1, tasks_per_part: int 
     }
     info["total_seconds"] = round(time.perf_counter() - t_start, 3)  # before assembly; assemble_seconds is added
     info["speed_x_realtime"] = round(total_audio / info["total_seconds"], 1) if info["total_seconds"] > 0 else None
-    path = render.assemble_parts(data, h, prep, ordered, info)
+    result = render.assemble_parts(data, h, prep, ordered, info)
     shutil.rmtree(out, ignore_errors=True)
-    return path
+    return result

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from metafx.config import DataConfig
+from metafx.data.cache import MANIFEST
+from metafx.data.plan import SPLITS
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 SILENCE_DB = -60.0  # a slice whose input RMS is below this (dBFS) is "almost silent" and redrawn
 MAX_REDRAWS = 50  # tries per almost-silent slice to find an audible place
 SUPPORTED_FORMATS = (1,)
@@ -60,7 +61,7 @@ class TaskSet:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        mpath = self.path / "manifest.json"
+        mpath = self.path / MANIFEST
         if not mpath.is_file():
             raise TaskSetError(f"{self.path} is not a complete dataset (no manifest.json): render it with "
                                f"`python launch/render.py --space <study>` or load_taskset(cfg)")
@@ -141,7 +142,7 @@ def load_taskset(cfg: DataConfig, progress: bool = True) -> TaskSet:
     """
     from metafx.data.render import render_taskset  # lazy: only the renderer imports dawdreamer
 
-    return TaskSet(render_taskset(cfg, progress=progress))
+    return TaskSet(render_taskset(cfg, progress=progress).path)
 
 
 @dataclass
@@ -227,6 +228,23 @@ class EpisodeSampler:
         rng = self.rng if rng is None else rng
         task = self.indices[int(rng.integers(len(self.indices)))]
         return self.episode(task, rng)
+
+    def for_step(self, seed: int, step: int, n: int) -> list[Episode]:
+        """The ``n`` episodes of meta-step ``step``: a pure function of ``(seed, step)``.
+
+        The meta-training schedule: a run resumed at any step draws the same episodes as one
+        that never stopped. The sampler's own generator is not touched.
+
+        Args:
+            seed: the run's seed (``maml.seed``).
+            step: the 1-based meta-step.
+            n: episodes per meta-step (``maml.meta_batch``).
+
+        Returns:
+            ``n`` episodes.
+        """
+        rng = np.random.default_rng([seed, step])
+        return [self.sample(rng) for _ in range(n)]
 
     def fixed(self, n: int, seed: int) -> list[Episode]:
         """A deterministic list of ``n`` episodes that does not touch the sampler's own generator.
