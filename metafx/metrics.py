@@ -1,7 +1,8 @@
 """Losses and evaluation metrics: ``(pred, target) -> scalar Tensor`` on (B, 1, T).
 
-Every metric crops the target to the prediction's length first (aligned to the end,
-:func:`metafx.models.crop_like`), so a TCN's shorter output is compared with the
+A leaf module: it imports nothing from metafx at run time (the loss config is a type
+hint only). Every metric crops the target to the prediction's length first (aligned to
+the end, :func:`crop_like`), so a TCN's shorter output is compared with the
 last samples of the target. All are differentiable (the inner and outer MAML losses
 are weighted sums of them, :func:`make_loss`), twice where the inner loop needs it.
 
@@ -33,14 +34,14 @@ The auraloss modules are created once per (resolution, device, dtype) and cached
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import auraloss
 import torch
 from torch import Tensor
 
-from metafx.config import LossConfig
-from metafx.models import crop_like
+if TYPE_CHECKING:  # a type hint only: metrics stays a leaf
+    from metafx.config import LossConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,31 @@ MIN_FFT = 16
 
 _MODULES: dict[tuple, torch.nn.Module] = {}
 _WARNED: set[tuple] = set()
+
+
+def crop_like(y: Tensor, pred: Tensor) -> Tensor:
+    """Crop a target to a prediction's length, keeping its last samples.
+
+    Causal models with valid convolutions (the TCN) predict the last ``T'`` samples
+    of the slice, so the target keeps its last ``T'`` samples too (the paper crops the
+    label "to the same size").
+
+    Args:
+        y: target, (B, 1, T).
+        pred: prediction, (B, 1, T') with ``T' <= T``.
+
+    Returns:
+        ``y[..., T - T':]``, (B, 1, T'); ``y`` itself when the lengths match.
+
+    Raises:
+        ValueError: if the prediction is longer than the target.
+    """
+    T, Tp = y.shape[-1], pred.shape[-1]
+    if Tp == T:
+        return y
+    if Tp > T:
+        raise ValueError(f"crop_like: prediction has {Tp} samples, more than the target's {T}")
+    return y[..., T - Tp :]
 
 
 def _prepare(pred: Tensor, target: Tensor) -> Tensor:
@@ -84,6 +110,12 @@ def _warn_once(key: tuple, msg: str) -> None:
 def stft_resolution(T: int) -> tuple[int, int, int]:
     """(fft, hop, win) that :func:`stft` uses on slices of ``T`` samples (see module docstring).
 
+    Args:
+        T: slice length in samples.
+
+    Returns:
+        auraloss's default ``(1024, 256, 1024)`` when ``T >= 1024``, else a smaller power of two.
+
     Raises:
         ValueError: if ``T`` is shorter than 16 samples.
     """
@@ -98,6 +130,12 @@ def stft_resolution(T: int) -> tuple[int, int, int]:
 
 def mrstft_resolutions(T: int) -> tuple[tuple[int, int, int], ...]:
     """The (fft, hop, win) resolutions :func:`mrstft` uses on slices of ``T`` samples.
+
+    Args:
+        T: slice length in samples.
+
+    Returns:
+        auraloss's default resolutions with ``fft <= T``, else one scaled-down resolution.
 
     Raises:
         ValueError: if ``T`` is shorter than 16 samples.
@@ -138,8 +176,15 @@ def _auraloss_module(resolutions: tuple[tuple[int, int, int], ...], device: torc
 def l1(pred: Tensor, target: Tensor) -> Tensor:
     """Mean absolute error (the paper's MAE / L1 loss).
 
-    Shape:
-        pred (B, 1, T'), target (B, 1, T >= T') -> scalar.
+    Args:
+        pred: prediction, (B, 1, T').
+        target: target, (B, 1, T >= T'); its last T' samples are compared.
+
+    Returns:
+        Scalar tensor: the mean of ``|pred - target|`` over every sample.
+
+    Raises:
+        ValueError: if either is not (B, 1, T), the batch sizes differ or the target is shorter.
     """
     target = _prepare(pred, target)
     return (pred - target).abs().mean()
@@ -152,8 +197,15 @@ def esr(pred: Tensor, target: Tensor) -> Tensor:
     ``x_p[n] = x[n] - 0.95 x[n-1]`` for ``n >= 1`` (no sample before the slice is
     assumed), averaged over the batch. 0 for a perfect prediction, 1 for silence.
 
-    Shape:
-        pred (B, 1, T'), target (B, 1, T >= T') -> scalar.
+    Args:
+        pred: prediction, (B, 1, T').
+        target: target, (B, 1, T >= T'); its last T' samples are compared.
+
+    Returns:
+        Scalar tensor: the per-slice ESR averaged over the batch.
+
+    Raises:
+        ValueError: if either is not (B, 1, T), the batch sizes differ or the target is shorter.
     """
     target = _prepare(pred, target)
     yp = target[..., 1:] - PRE_EMPHASIS * target[..., :-1]  # (B, 1, T'-1)
@@ -169,8 +221,16 @@ def stft(pred: Tensor, target: Tensor) -> Tensor:
     The paper's STFT loss (section 3.1). Scale on this setup (DESIGN.md): identical
     signals 0, half gain 1.19, white noise against its low-passed copy about 8.6.
 
-    Shape:
-        pred (B, 1, T'), target (B, 1, T >= T') -> scalar.
+    Args:
+        pred: prediction, (B, 1, T').
+        target: target, (B, 1, T >= T'); its last T' samples are compared.
+
+    Returns:
+        Scalar tensor: auraloss's spectral convergence + log-magnitude distance.
+
+    Raises:
+        ValueError: if either is not (B, 1, T), the batch sizes differ, the target is
+            shorter, or a slice is shorter than 16 samples.
     """
     target = _prepare(pred, target)
     mod = _auraloss_module((stft_resolution(pred.shape[-1]),), pred.device, pred.dtype)
@@ -180,8 +240,16 @@ def stft(pred: Tensor, target: Tensor) -> Tensor:
 def mrstft(pred: Tensor, target: Tensor) -> Tensor:
     """auraloss ``MultiResolutionSTFTLoss()`` defaults, keeping resolutions with FFT <= T.
 
-    Shape:
-        pred (B, 1, T'), target (B, 1, T >= T') -> scalar (mean over resolutions).
+    Args:
+        pred: prediction, (B, 1, T').
+        target: target, (B, 1, T >= T'); its last T' samples are compared.
+
+    Returns:
+        Scalar tensor: the mean of the STFT losses over the resolutions used.
+
+    Raises:
+        ValueError: if either is not (B, 1, T), the batch sizes differ, the target is
+            shorter, or a slice is shorter than 16 samples.
     """
     target = _prepare(pred, target)
     mod = _auraloss_module(mrstft_resolutions(pred.shape[-1]), pred.device, pred.dtype)
@@ -290,4 +358,4 @@ def hf_error(
     return ((diff * mask).sum(dim=1) / count).mean()
 
 
-__all__ = ["METRICS", "esr", "hf_error", "l1", "make_loss", "mrstft", "mrstft_resolutions", "stft", "stft_resolution"]
+__all__ = ["METRICS", "crop_like", "esr", "hf_error", "l1", "make_loss", "mrstft", "mrstft_resolutions", "stft", "stft_resolution"]

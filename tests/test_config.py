@@ -95,7 +95,7 @@ def test_bad_search_section(tmp_path, edit, expect):
 
 def test_parameter_the_model_does_not_have(tmp_path):
     """lstm.yaml's architecture is fixed to lstm: searching a TCN setting is refused before Ray starts."""
-    from metafx.search import check_space
+    from metafx.search_space import check_space
 
     raw = read_yaml(SPACES_DIR / "lstm.yaml")
     raw["search"]["params"]["model.tcn.kernel"] = {"dist": "categorical", "choices": [3, 5]}
@@ -105,7 +105,7 @@ def test_parameter_the_model_does_not_have(tmp_path):
 
 
 def test_empty_search_is_refused(tmp_path):
-    from metafx.search import check_space
+    from metafx.search_space import check_space
 
     raw = read_yaml(SPACES_DIR / "lstm.yaml")
     raw["search"]["params"] = {}
@@ -122,3 +122,78 @@ def test_tcn_receptive_field_checked():
 def test_unknown_study_lists_known():
     with pytest.raises(ConfigError, match="lstm.yaml"):
         load_config("nope.yaml")
+
+
+# --------------------------------------------------------------------------- one default, one check per setting
+
+
+def _minimal(tmp_path: Path):
+    """A study that gives only what has no default (one family), so every other setting is its default."""
+    raw = {"data": {"families": [{"name": "moog_vcf", "params": {"cutoff": [1000.0]}}]}}
+    return config_from_dict(raw, tmp_path / "minimal.yaml", budget="smoke")
+
+
+def test_a_left_out_key_gets_the_dataclass_default(tmp_path):
+    from metafx.config import EvalConfig, MAMLConfig, ModelConfig, SearchConfig, SourceConfig
+
+    cfg = _minimal(tmp_path)
+    assert cfg.model == ModelConfig() and cfg.maml == MAMLConfig() and cfg.eval == EvalConfig()
+    assert cfg.search == SearchConfig() and cfg.data.source == SourceConfig()
+    # Same types too (an int default stays an int, a float default a float).
+    assert type(cfg.maml.inner_lr) is float and type(cfg.maml.meta_steps) is int
+
+
+def test_cache_dir_honours_METAFX_CACHE_in_code_and_in_yaml(tmp_path, monkeypatch):
+    from metafx.config import DataConfig
+
+    monkeypatch.setenv("METAFX_CACHE", str(tmp_path / "cache"))
+    assert DataConfig().cache_dir == tmp_path / "cache"
+    assert _minimal(tmp_path).data.cache_dir == tmp_path / "cache"
+    assert load_config("lstm.yaml", "smoke").data.cache_dir == tmp_path / "cache"  # cache_dir: null
+    monkeypatch.delenv("METAFX_CACHE")
+    assert DataConfig().cache_dir == Path("~/.cache/metafx/datasets").expanduser()
+
+
+def test_every_setting_declares_its_check():
+    """A field without a declared check would be accepted unchecked: every section field carries one."""
+    from dataclasses import fields
+
+    from metafx.config import SECTIONS
+
+    seen = set()
+
+    def walk(cls, key):
+        for f in fields(cls):
+            assert f.metadata.get("kind") in ("num", "bool", "choice", "text", "section", "custom"), f"{key}.{f.name}"
+            if f.metadata["kind"] == "section":
+                walk(f.metadata["cls"], f"{key}.{f.name}")
+            seen.add(f"{key}.{f.name}")
+
+    for key, cls in SECTIONS.items():
+        walk(cls, key)
+    assert {"model.lstm.hidden", "data.source.seconds", "maml.inner_loss", "search.metric"} <= seen
+
+
+def test_null_is_not_a_default(tmp_path):
+    """An explicit null is a bad value for a setting that is not nullable (as before the field walk)."""
+    with pytest.raises(ConfigError, match=r"key 'model.arch' = None is invalid: allowed: lstm, tcn"):
+        load_config("lstm.yaml", "smoke", {"model.arch": None})
+    with pytest.raises(ConfigError, match=r"key 'maml.inner_lr' = None is invalid: expected a number"):
+        load_config("lstm.yaml", "smoke", {"maml.inner_lr": None})
+
+
+@pytest.mark.parametrize("name, cutoff", [
+    ("cutoff", True), ("Cutoff_Hz", True), ("lp_cutoff", True), ("freq", True), ("FC", True), ("frequency", True),
+    ("resonance", False), ("gain", False), ("freq_shift", False), ("fcx", False),
+])
+def test_is_cutoff_param(name, cutoff):
+    from metafx.config import is_cutoff_param
+
+    assert is_cutoff_param(name) is cutoff
+
+
+def test_architectures_come_from_the_model_sections():
+    from metafx.config import ARCHS, FILM_ARCHS
+
+    assert ARCHS == ("lstm", "tcn", "transformer", "arx", "ssm")
+    assert FILM_ARCHS == ("lstm", "tcn", "ssm")

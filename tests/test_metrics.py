@@ -8,7 +8,18 @@ import scipy.signal
 import torch
 
 from metafx.config import LOSS_TERMS, LossConfig
-from metafx.metrics import METRICS, esr, hf_error, l1, make_loss, mrstft, mrstft_resolutions, stft, stft_resolution
+from metafx.metrics import (
+    METRICS,
+    crop_like,
+    esr,
+    hf_error,
+    l1,
+    make_loss,
+    mrstft,
+    mrstft_resolutions,
+    stft,
+    stft_resolution,
+)
 
 
 # One torch thread: set for the whole suite in conftest.py.
@@ -28,6 +39,29 @@ def _lowpass(x: torch.Tensor, cutoff: float, order: int = 8) -> torch.Tensor:
 
 def test_registry_matches_config_terms():
     assert set(METRICS) == set(LOSS_TERMS)
+
+
+def test_metrics_is_a_leaf():
+    """metrics imports nothing from metafx at run time (the loss config is a type hint only)."""
+    import ast
+    import inspect
+
+    import metafx.metrics
+
+    tree = ast.parse(inspect.getsource(metafx.metrics))
+    runtime = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [a.name for n in runtime if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in runtime if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in names if m.split(".")[0] == "metafx"], names
+
+
+def test_crop_like_keeps_the_end():
+    y = torch.arange(10.0).view(1, 1, 10)
+    pred = torch.zeros(1, 1, 4)
+    torch.testing.assert_close(crop_like(y, pred), torch.tensor([[[6.0, 7.0, 8.0, 9.0]]]))
+    assert crop_like(y, y) is y
+    with pytest.raises(ValueError, match="more than"):
+        crop_like(pred, y)
 
 
 @pytest.mark.parametrize("name", sorted(METRICS))

@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metafx.config import ARXConfig, LSTMConfig, ModelConfig, SSMConfig, TCNConfig, TransformerConfig
-from metafx.models import MODELS, build_model, count_params, crop_like
+from metafx import config
+from metafx.config import ARCHS, FILM_ARCHS, ARXConfig, LSTMConfig, ModelConfig, SSMConfig, TCNConfig, TransformerConfig
+from metafx.metrics import crop_like
+from metafx.models import CONTEXT_ARCHS, MODELS, build_model, count_params
 from metafx.models.lstm import lstm_param_count
 from metafx.models.tcn import tcn_receptive_field
 from metafx.models.transformer import mu_law_decode, mu_law_encode
@@ -28,6 +30,14 @@ TINY = {
 
 def test_tiny_configs_cover_the_registry():
     assert set(TINY) == set(MODELS)
+
+
+def test_registry_is_keyed_by_the_config_architectures():
+    """One list of architectures: config.ARCHS (read off ModelConfig) names exactly the registered models."""
+    assert set(MODELS) == set(ARCHS)
+    assert set(CONTEXT_ARCHS) == set(FILM_ARCHS) <= set(ARCHS)
+    for arch in ARCHS:  # every architecture has its own sizes section in ModelConfig
+        assert hasattr(ModelConfig(), arch), arch
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
@@ -107,18 +117,10 @@ def test_tcn_receptive_field_and_alignment():
     assert rf == 1 + 2 * (1 + 2 + 4) == model.receptive_field
     assert model.output_len(100) == 100 - rf + 1
     assert tcn_receptive_field(5, 4, 10) == 4445  # TCN-100
+    assert tcn_receptive_field is config.tcn_receptive_field  # one formula: the model's and the validator's
     with pytest.raises(ValueError, match="receptive field"):
         model(torch.zeros(1, 1, rf - 1))
     assert not list(model.buffers()), "BatchNorm must not keep running statistics"
-
-
-def test_crop_like_keeps_the_end():
-    y = torch.arange(10.0).view(1, 1, 10)
-    pred = torch.zeros(1, 1, 4)
-    torch.testing.assert_close(crop_like(y, pred), torch.tensor([[[6.0, 7.0, 8.0, 9.0]]]))
-    assert crop_like(y, y) is y
-    with pytest.raises(ValueError, match="more than"):
-        crop_like(pred, y)
 
 
 def test_mu_law_round_trip():

@@ -1,4 +1,4 @@
-"""Model registry: every audio-effect model behind one interface.
+"""Model registry: every audio-effect model behind one interface, keyed by ``model.arch``.
 
 Contract (tested over the whole registry in tests/test_models.py):
 
@@ -8,7 +8,7 @@ Contract (tested over the whole registry in tests/test_models.py):
 * every model is causal: output sample ``t`` depends on input samples up to ``t`` (the
   TCN's batch-statistics BatchNorm aside, which normalizes with the statistics of
   the whole batch of slices), and a shorter output is aligned with the *end* of the
-  input, so a target is cropped with :func:`crop_like`;
+  input, so a target is cropped with :func:`metafx.metrics.crop_like`;
 * sizes come from the study YAML (``model.<arch>`` section), so a search can vary them;
 * no buffer changes in ``forward`` (MAML's ``functional_call`` must be pure);
 * ``head_prefixes``: class attribute, the parameter-name prefixes of the output head
@@ -20,10 +20,18 @@ shape ``(context_dim,)``, ``(1, context_dim)`` or ``(B, context_dim)`` (None = z
 FiLM-modulates the hidden layers (the LSTM also gets it as an input at every step). With
 ``context_dim == 0`` they are the unconditioned models, same parameters and outputs, and
 a ``ctx`` argument is a ValueError.
+
+Adding a model: its module here (a class with ``from_config(section[, context_dim])``,
+``output_len`` and ``head_prefixes``), one line in :data:`MODELS`, and in
+:mod:`metafx.config` a dataclass of its sizes (defaults and bounds in the field
+metadata) plus one ``subsection(..., model=True[, film=True])`` field of
+:class:`~metafx.config.ModelConfig`, which makes its name a ``model.arch``
+(:data:`metafx.config.ARCHS`). tests/test_models.py checks that :data:`MODELS` and
+``ARCHS`` agree and runs the contract over every entry.
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from metafx.config import FILM_ARCHS, ModelConfig
 from metafx.models.arx import MetaARX
@@ -39,7 +47,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "arx": MetaARX,  # closed-form ARX head on meta-learned features; trained with maml.method ridge
     "ssm": SSM,  # diagonal complex linear recurrence (LRU / S4D), FFT convolution
 }
-CONTEXT_ARCHS: tuple[str, ...] = FILM_ARCHS  # models whose forward takes a FiLM context (one list, in config)
+CONTEXT_ARCHS: tuple[str, ...] = FILM_ARCHS  # models whose forward takes a FiLM context (marked in ModelConfig)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -70,33 +78,15 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of trainable scalar parameters (what the paper's Table 1 reports)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def crop_like(y: Tensor, pred: Tensor) -> Tensor:
-    """Crop a target to a prediction's length, keeping its last samples.
-
-    Causal models with valid convolutions (the TCN) predict the last ``T'`` samples
-    of the slice, so the target keeps its last ``T'`` samples too (the paper crops the
-    label "to the same size").
+    """Number of trainable scalar parameters (what the paper's Table 1 reports).
 
     Args:
-        y: target, (B, 1, T).
-        pred: prediction, (B, 1, T') with ``T' <= T``.
+        model: any module.
 
     Returns:
-        ``y[..., T - T':]``, (B, 1, T'); ``y`` itself when the lengths match.
-
-    Raises:
-        ValueError: if the prediction is longer than the target.
+        The sum of ``numel()`` over the parameters with ``requires_grad``.
     """
-    T, Tp = y.shape[-1], pred.shape[-1]
-    if Tp == T:
-        return y
-    if Tp > T:
-        raise ValueError(f"crop_like: prediction has {Tp} samples, more than the target's {T}")
-    return y[..., T - Tp :]
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 __all__ = [
@@ -109,5 +99,4 @@ __all__ = [
     "TCN",
     "build_model",
     "count_params",
-    "crop_like",
 ]

@@ -217,6 +217,14 @@ class Features(nn.Module):
         return 2 + self.n_point + self.n_gate + self.n_env
 
     def forward(self, x: Tensor) -> Tensor:
+        """The feature channels of a batch of slices, each from a zero state.
+
+        Args:
+            x: slices, (N, T).
+
+        Returns:
+            (N, M, T), M = :attr:`channels`.
+        """
         N, T = x.shape
         xi = x[:, None]  # (N, 1, T)
         chans = [torch.ones_like(xi), xi]
@@ -267,7 +275,7 @@ class MetaARX(nn.Module):
             trained ``delta`` (zero at start): Adam then moves them ``ridge_lr_scale`` times
             faster than the other parameters (0 = fixed ridge).
         rmax: pole radius clamp; fft_pad: FFT length of the simulation in multiples of T.
-        cosine_lr: read by :mod:`metafx.closed_form` (outer learning-rate annealing).
+        cosine_lr: read by :mod:`metafx.engines.ridge` (outer learning-rate annealing).
 
     Shape:
         forward: (B, 1, T) -> (B, 1, T) with the prior-mean head (pre-adaptation).
@@ -306,6 +314,7 @@ class MetaARX(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ARXConfig) -> "MetaARX":
+        """Build from the ``model.arx`` section."""
         return cls(nb=cfg.nb, na=cfg.na, features=cfg.features, hidden=cfg.hidden, n_point=cfg.n_point,
                    n_env=cfg.n_env, n_gate=cfg.n_gate, n_start=cfg.n_start, ridge=cfg.ridge, ridge_a=cfg.ridge_a,
                    ridge_feat=cfg.ridge_feat, per_coef_ridge=cfg.per_coef_ridge, ridge_lr_scale=cfg.ridge_lr_scale,
@@ -315,6 +324,7 @@ class MetaARX(nn.Module):
 
     @property
     def channels(self) -> int:
+        """M: channels of the feature map."""
         return self.phi.channels
 
     @property
@@ -346,12 +356,23 @@ class MetaARX(nn.Module):
         return ("ridge_b_delta", "ridge_a_delta")
 
     def output_len(self, T: int) -> int:
+        """One output sample per input sample."""
         return T
 
     # ---- features
 
     def feats(self, x: Tensor) -> Tensor:
-        """Features of slices: (..., 1, T) -> (..., M, T)."""
+        """Features of slices.
+
+        Args:
+            x: slices, (..., 1, T).
+
+        Returns:
+            (..., M, T).
+
+        Raises:
+            ValueError: ``x`` is not (..., 1, T).
+        """
         lead, T = x.shape[:-2], x.shape[-1]
         if x.shape[-2] != 1:
             raise ValueError(f"MetaARX: expected slices (..., 1, T), got {tuple(x.shape)}")
@@ -417,7 +438,15 @@ class MetaARX(nn.Module):
     # ---- simulation
 
     def predict_features(self, feats: Tensor, head: ARXHead) -> Tensor:
-        """Zero-state simulation of batched heads: feats (B, K, M, T) -> (B, K, T)."""
+        """Zero-state simulation of batched heads on precomputed features.
+
+        Args:
+            feats: query features, (B, K, M, T).
+            head: one head per task, b (B, M, nb), a (B, na + 1).
+
+        Returns:
+            (B, K, T).
+        """
         B, K, M, T = feats.shape
         nb = head.b.shape[-1]
         X = lagged(feats.reshape(B * K, M, T), nb).reshape(B, K, T, M, nb)
@@ -452,7 +481,17 @@ class MetaARX(nn.Module):
         return ARXHead(h.b[0], h.a[0])
 
     def forward(self, x: Tensor) -> Tensor:
-        """Pre-adaptation prediction: the prior-mean head simulated on ``x`` (B, 1, T) -> (B, 1, T)."""
+        """Pre-adaptation prediction: the prior-mean head simulated on ``x``.
+
+        Args:
+            x: dry input, (B, 1, T).
+
+        Returns:
+            (B, 1, T).
+
+        Raises:
+            ValueError: ``x`` is not (B, 1, T).
+        """
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"MetaARX: expected (B, 1, T), got {tuple(x.shape)}")
         return self.predict(x, self.prior_head())

@@ -1,7 +1,7 @@
 """FiLM conditioning on a task context, shared by the LSTM, the TCN and the SSM.
 
 A context vector of ``context_dim`` numbers (the task vector CAVIA adapts, or the one the
-amortized encoder infers; metafx/meta.py) modulates hidden features as
+amortized encoder infers; metafx/engines/gradient.py) modulates hidden features as
 ``h * (1 + gamma) + beta`` with ``(gamma, beta)`` a linear function of the context
 (Perez et al. 2018).
 """

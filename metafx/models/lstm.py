@@ -108,7 +108,15 @@ class LSTMModel(nn.Module):
 
 
 def lstm_param_count(hidden: int, context_dim: int = 0) -> int:
-    """Closed-form parameter count of :class:`LSTMModel` (used by tests and reports)."""
+    """Closed-form parameter count of :class:`LSTMModel` (used by tests and reports).
+
+    Args:
+        hidden: LSTM width.
+        context_dim: task-context size (0 = no FiLM, no context inputs).
+
+    Returns:
+        The number of trainable scalars ``count_params(LSTMModel(hidden, context_dim=...))`` gives.
+    """
     film = (context_dim + 1) * 2 * hidden if context_dim else 0
     return 4 * hidden * (1 + context_dim + hidden) + 8 * hidden + hidden + 1 + film
 

@@ -145,7 +145,15 @@ class SSMBlock(nn.Module):
         return torch.bmm(P, A).reshape(P.shape[0], J * M)[:, :T]  # (C, J, M) -> (C, T)
 
     def forward(self, h: Tensor, ctx: Tensor | None = None) -> Tensor:
-        """``ctx``: None, or the checked context (1 or B, context_dim) of :func:`context_batch`."""
+        """One block: causal FFT convolution with the modes' kernel, GELU, 1x1 mixing [, FiLM], residual.
+
+        Args:
+            h: hidden signal, (B, C, T).
+            ctx: None, or the checked context (1 or B, context_dim) of :func:`context_batch`.
+
+        Returns:
+            (B, C, T).
+        """
         T = h.shape[-1]
         n = _fft_len(T)
         k = self.kernel(T)  # (C, T)
@@ -247,7 +255,17 @@ class SSM(nn.Module):
 
 
 def ssm_param_count(channels: int, state: int, layers: int, context_dim: int = 0) -> int:
-    """Closed-form parameter count of :class:`SSM`."""
+    """Closed-form parameter count of :class:`SSM`.
+
+    Args:
+        channels: C, width of every block.
+        state: N, complex modes per channel and block.
+        layers: number of blocks.
+        context_dim: task-context size (0 = no FiLM).
+
+    Returns:
+        The number of trainable scalars ``count_params(SSM(...))`` gives.
+    """
     C, N = channels, state
     film = (context_dim + 1) * 2 * C if context_dim else 0
     return 2 * C + layers * (6 * C * N + C + C * C + C + film) + C + 1

@@ -14,7 +14,7 @@ by the receptive field minus one: ``T' = T - (rf - 1)`` with
 ``rf = 1 + (kernel - 1) * sum_i growth ** i``. Output sample ``t`` depends on input
 samples ``t .. t + rf - 1`` only, i.e. the output is aligned with the *end* of the
 input (causal); the target is cropped to its last ``T'`` samples
-(:func:`metafx.models.crop_like`), as the paper does.
+(:func:`metafx.metrics.crop_like`), as the paper does.
 
 Sizes. The paper's "TCN 16k" is micro-tcn's TCN-100 (4 blocks, kernel 5, growth 10,
 32 channels): 16,065 parameters and a 4,445-sample receptive field (about 100 ms at
@@ -49,22 +49,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from metafx.config import TCNConfig
+from metafx.config import TCNConfig, tcn_receptive_field  # one formula, shared with the validator
 from metafx.models.film import apply_film, context_batch, make_film
-
-
-def tcn_receptive_field(kernel: int, blocks: int, dilation_growth: int) -> int:
-    """Receptive field in samples of a stack of valid dilated convolutions.
-
-    Args:
-        kernel: Conv1d kernel size.
-        blocks: number of blocks.
-        dilation_growth: block ``i`` has dilation ``dilation_growth ** i``.
-
-    Returns:
-        ``1 + (kernel - 1) * sum_i dilation_growth ** i``.
-    """
-    return 1 + (kernel - 1) * sum(dilation_growth**i for i in range(blocks))
 
 
 class TCNBlock(nn.Module):
@@ -88,7 +74,15 @@ class TCNBlock(nn.Module):
             self.film = make_film(context_dim, out_ch)
 
     def forward(self, x: Tensor, ctx: Tensor | None = None) -> Tensor:
-        """``ctx``: None, or the checked context (1 or B, context_dim) of :func:`context_batch`."""
+        """One block with its cropped residual.
+
+        Args:
+            x: (B, in_ch, T).
+            ctx: None, or the checked context (1 or B, context_dim) of :func:`context_batch`.
+
+        Returns:
+            (B, out_ch, T - dilation * (kernel - 1)), aligned with the end of ``x``.
+        """
         h = self.act(self.bn(self.conv(x)))  # (B, out_ch, T - shrink)
         if ctx is not None:
             h = apply_film(h, self.film, ctx)

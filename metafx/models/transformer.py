@@ -90,6 +90,10 @@ def mu_law_decode(tokens: Tensor, levels: int = 256, dtype: torch.dtype = torch.
 def sinusoidal_encoding(max_len: int, d_model: int) -> Tensor:
     """Fixed sinusoidal positional encoding of Vaswani et al. (2017).
 
+    Args:
+        max_len: number of positions.
+        d_model: embedding width.
+
     Returns:
         (max_len, d_model): ``pe[t, 2i] = sin(t / 10000^(2i/d))``, ``pe[t, 2i+1] = cos(...)``.
     """
