@@ -33,6 +33,8 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 from scipy.signal import welch  # noqa: E402
 
+from metafx.config import is_cutoff_param  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 #: Keys of an example dict given to :func:`write_trial_artifacts`.
@@ -456,7 +458,7 @@ def _plot_spectrum(path: Path, sig: Mapping[str, np.ndarray], sr: int, meta: Map
             keep = f > 0  # log axis: drop DC
             ax.semilogx(f[keep], 10 * np.log10(pxx[keep] + 1e-20), label=label, **st)
         for name, v in meta["params"].items():
-            if re.search(r"cutoff|freq|fc", str(name), re.I) and isinstance(v, (int, float)) and 0 < v < sr / 2:
+            if is_cutoff_param(str(name)) and isinstance(v, (int, float)) and 0 < v < sr / 2:
                 ax.axvline(float(v), color="tab:red", ls=":", lw=1, label=f"{name} = {format_value(v)} Hz")
         ax.set_xlim(max(sr / nper, 10.0), sr / 2)
         ax.set_xlabel("frequency (Hz)")

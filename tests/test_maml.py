@@ -1,4 +1,4 @@
-"""MAML engine: backend parity, finite-difference meta-gradients, purity, errors.
+"""Plain MAML engine (metafx.engines.maml): backend parity, finite-difference meta-gradients, purity, errors.
 
 Episodes are synthetic: white noise through a one-pole low-pass with a random cutoff
 per task (deterministic), the shape of a real task without rendering anything.
@@ -14,22 +14,31 @@ import torch
 from torch.func import functional_call
 
 from metafx.config import LossConfig, MAMLConfig
-from metafx.maml import (
-    NonFiniteLossError,
-    adapt,
-    adapt_and_predict,
-    make_outer_optimizer,
-    meta_step,
-    second_order_safe,
-)
-from metafx.metrics import esr, l1
-from metafx.models import crop_like
+from metafx.engines import base
+from metafx.engines.base import NonFiniteLossError, make_outer_optimizer, second_order_safe
+from metafx.engines.maml import ENGINE, adapt_params
+from metafx.metrics import crop_like, esr, l1
 from metafx.models.lstm import LSTMModel
 from metafx.models.tcn import TCN
 from metafx.models.transformer import AudioTransformer
 
 
 # One torch thread: set for the whole suite in conftest.py.
+
+
+def meta_step(model, episodes, cfg, opt, step=0, with_stats=True):
+    return ENGINE.meta_step(model, episodes, cfg, opt, step, with_stats=with_stats)
+
+
+def adapt(model, params, buffers, sx, sy, *, steps, lr, loss_fn, first_order, backend="func"):
+    """The plain-MAML inner loop with the settings given as arguments (loss l1 or esr)."""
+    cfg = MAMLConfig(inner_steps=steps, inner_lr=lr, inner_loss=LossConfig(((loss_fn.__name__, 1.0),)), backend=backend)
+    return adapt_params(model, params, buffers, sx, sy, cfg, first_order=first_order)
+
+
+def adapt_and_predict(model, episode, cfg, steps=None):
+    cfg = cfg if steps is None else replace(cfg, inner_steps=steps)
+    return base.adapt_and_predict(ENGINE, model, episode, cfg)
 
 SR = 48000
 
@@ -162,7 +171,7 @@ def test_meta_step_updates_and_reports():
     opt = make_outer_optimizer(model, cfg)
     w0 = [p.detach().clone() for p in model.parameters()]
     stats = meta_step(model, EPISODES, cfg, opt, step=1)
-    assert set(stats) == {"support_l1_pre", "support_l1_post", "query_l1_post", "outer_loss", "grad_norm"}
+    assert set(stats) == {"support_l1_pre", "support_l1_post", "query_l1_post", "outer_loss", "grad_norm", "lr"}
     assert all(np.isfinite(v) for v in stats.values())
     assert stats["support_l1_post"] < stats["support_l1_pre"]
     assert stats["outer_loss"] == pytest.approx(stats["query_l1_post"])  # outer loss is L1 by default

@@ -12,7 +12,7 @@ import torch
 
 from metafx.config import REPO_ROOT, load_config
 from metafx.data.tasks import load_taskset
-from metafx.maml import NonFiniteLossError
+from metafx.engines import NonFiniteLossError
 from metafx.train import meta_train
 from resume_check import assert_resume_matches_uninterrupted
 

@@ -5,7 +5,7 @@
 For each family (moog_vcf, diode_ladder, cubicnl, compressor; the grids of
 metafx/data/effects/README.md with ~100-120 tasks, 10 s of synthesized source, 4 + 4
 slices of 2048 samples at the local budget), on the *same* fixed test episodes
-(:func:`metafx.train.evaluate_test`: ``eval.test_episodes`` drawn with ``eval.test_seed``
+(:func:`metafx.evaluate.evaluate_test`: ``eval.test_episodes`` drawn with ``eval.test_seed``
 from the test tasks):
 
 * ``identity``, ``lsfir`` (256-tap least-squares FIR on the support slices): baselines;
@@ -117,24 +117,21 @@ def timed_meta_steps(cfg, taskset, n: int, *, same_batch: bool = False, with_sta
     import numpy as np
     import torch
 
-    from metafx import maml as engine
-    from metafx import metrics as M
     from metafx.data.tasks import EpisodeSampler
-    from metafx.train import _episodes_for_step, adaptation_engine, build_learner
+    from metafx.engines import engine_for, make_outer_optimizer
 
     mc = cfg.maml
     torch.manual_seed(mc.seed)
-    model = build_learner(cfg)
-    opt = engine.make_outer_optimizer(model, mc)
-    inner, outer = M.make_loss(mc.inner_loss), M.make_loss(mc.outer_loss)
+    eng = engine_for(cfg)
+    model = eng.build_learner(cfg)
+    opt = make_outer_optimizer(model, mc)
     sampler = EpisodeSampler(taskset, "train", mc.k_support, mc.k_query, mc.slice_len, seed=mc.seed)
-    eng = adaptation_engine(cfg)
-    fixed = _episodes_for_step(sampler, 4242, 1, mc.meta_batch) if same_batch else None
+    fixed = sampler.for_step(4242, 1, mc.meta_batch) if same_batch else None
     times = []
     for s in range(1, n + 2):
-        eps = fixed if same_batch else _episodes_for_step(sampler, mc.seed + 99991, s, mc.meta_batch)
+        eps = fixed if same_batch else sampler.for_step(mc.seed + 99991, s, mc.meta_batch)
         t = time.perf_counter()
-        eng.meta_step(model, eps, mc, opt, inner, outer, step=s, with_stats=with_stats)
+        eng.meta_step(model, eps, mc, opt, s, with_stats=with_stats)
         times.append(time.perf_counter() - t)
     return float(np.median(times[1:]))
 
@@ -165,11 +162,11 @@ def run_family(family: str, budget: str, opts: dict[str, Any]) -> dict[str, Any]
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {family} %(levelname)s %(name)s: %(message)s")
-    from metafx import metrics as M
     from metafx.config import load_config
-    from metafx.data.tasks import EpisodeSampler, load_taskset
+    from metafx.data.tasks import load_taskset
     from metafx.models import build_model
-    from metafx.train import evaluate_test, joint_baseline, pick_device, single_task_baseline
+    from metafx.evaluate import evaluate_test, fixed_test_episodes, joint_baseline, single_task_baseline
+    from metafx.train import pick_device
 
     block = dict(FAMILIES[family])
     if opts.get("max_tasks"):
@@ -186,7 +183,7 @@ def run_family(family: str, budget: str, opts: dict[str, Any]) -> dict[str, Any]
     torch.manual_seed(cfg.maml.seed)
     classical = build_model(cfg.model)
     t = time.time()
-    m, _ = evaluate_test(classical, cfg, taskset, device, M.make_loss(cfg.maml.inner_loss), baselines=False)
+    m, _ = evaluate_test(classical, cfg, taskset, device, baselines=False)
     ev_s = round(time.time() - t, 2)
     ref_identity = m["test/identity_l1"]
     n_test = len(taskset.split("test"))
@@ -245,12 +242,9 @@ def run_family(family: str, budget: str, opts: dict[str, Any]) -> dict[str, Any]
                      "final_val_l1": info["final_val_l1"], "inner_steps": cfg.maml.inner_steps,
                      "inner_lr": cfg.maml.inner_lr})
         if not opts.get("no_lstm_baselines"):
-            mc = cfg.maml
-            test_eps = EpisodeSampler(taskset, "test", mc.k_support, mc.k_query, mc.slice_len,
-                                      seed=cfg.eval.test_seed).fixed(cfg.eval.test_episodes, seed=cfg.eval.test_seed)
-            inner = M.make_loss(mc.inner_loss)
+            test_eps = fixed_test_episodes(cfg, taskset)
             t = time.time()
-            jm = joint_baseline(cfg, taskset, test_eps, device, inner)
+            jm = joint_baseline(cfg, taskset, test_eps, device)
             rows.append({**lstm_common, "method": "joint", "adapted_params": info["params"],
                          "seconds_per_meta_step": None, "wall_seconds": round(time.time() - t, 2),
                          "train_steps": cfg.eval.joint_steps, **_metric_cols(jm, "test/joint/"),

@@ -43,8 +43,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-ARCHS = ("lstm", "tcn", "transformer")
-BACKENDS = ("func", "higher")
+from metafx.config import BACKENDS
+
+BENCH_ARCHS = ("lstm", "tcn", "transformer")  # the paper's models
 ORDERS = (("second", False), ("first", True))
 
 
@@ -78,27 +79,28 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from metafx.config import load_config
-    from metafx.maml import make_outer_optimizer, meta_step
-    from metafx.models import build_model, count_params
+    from metafx.engines import engine_for, make_outer_optimizer
+    from metafx.models import count_params
 
     torch.set_num_threads(spec["threads"])
     cfg = load_config(spec["space"], spec["budget"], overrides=spec["overrides"])
     mc = cfg.maml
     torch.manual_seed(0)
-    model = build_model(cfg.model)
     mc = replace(mc, backend=spec["backend"], first_order=spec["first_order"])
+    engine = engine_for(mc)
+    model = engine.build_learner(cfg)  # the learner of the method; the settings replaced above are read per step
     opt = make_outer_optimizer(model, mc)
     eps = synthetic_episodes(mc.meta_batch, mc.k_support, mc.k_query, mc.slice_len)
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    meta_step(model, eps, mc, opt, step=0, with_stats=False)  # warm-up
+    engine.meta_step(model, eps, mc, opt, 0, with_stats=False)  # warm-up
     warm = time.perf_counter() - t0
     # At least `repeats` timed steps and about `min_time` seconds of them (at most 20),
     # a single one when the warm-up alone was slow: the median resists a busy machine.
     times: list[float] = []
     while len(times) < (1 if warm > spec["slow"] else 20):
         t0 = time.perf_counter()
-        meta_step(model, eps, mc, opt, step=len(times) + 1, with_stats=False)
+        engine.meta_step(model, eps, mc, opt, len(times) + 1, with_stats=False)
         times.append(time.perf_counter() - t0)
         if len(times) >= spec["repeats"] and sum(times) >= spec["min_time"]:
             break
@@ -163,7 +165,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench.py metastep")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slow", type=float, default=20.0, help="warm-up seconds above which only 1 timed step runs")
-    ap.add_argument("--archs", default=",".join(ARCHS))
+    ap.add_argument("--archs", default=",".join(BENCH_ARCHS))
     ap.add_argument("--min-time", type=float, default=5.0, help="keep timing until this many seconds (at most 20 steps)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per worker (1 = one trial per core, as search.cpus_per_trial: 1)")
@@ -175,8 +177,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     archs = [a for a in opts.archs.split(",") if a]
     for a in archs:
-        if a not in ARCHS:
-            raise SystemExit(f"unknown arch {a!r}; choose from {', '.join(ARCHS)}")
+        if a not in BENCH_ARCHS:
+            raise SystemExit(f"unknown arch {a!r}; choose from {', '.join(BENCH_ARCHS)}")
 
     rows: list[dict[str, Any]] = []
     t_start = time.time()

@@ -116,16 +116,16 @@ def _run_one(job: tuple[str, str, str, dict[str, Any]]) -> dict[str, Any]:
                            "stabilized": cfg.maml.stabilized(), "meta_steps": cfg.maml.meta_steps}
     if part == "steps":
         from metafx.models import count_params
-        from metafx.train import build_learner
+        from metafx.engines import engine_for
 
-        out["params"] = count_params(build_learner(cfg))
+        out["params"] = count_params(engine_for(cfg).build_learner(cfg))
         out["seconds_per_meta_step"] = round(_step_time(cfg, taskset), 4)
     else:
         out.update(_curve(cfg, taskset, evaluate=part == "rows"))
         if part == "rows":
-            from metafx.train import build_learner
+            from metafx.engines import engine_for
 
-            lrn = build_learner(cfg)
+            lrn = engine_for(cfg).build_learner(cfg)
             names = lrn.adapted_names() if hasattr(lrn, "adapted_names") else None
             out["adapted_params"] = (cfg.model.context_dim if cfg.maml.method in ("cavia", "encoder") else
                                      sum(p.numel() for n, p in lrn.net.named_parameters() if n in names) if names

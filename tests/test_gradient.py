@@ -1,4 +1,4 @@
-"""metafx.meta: ANIL, CAVIA, the amortized encoder and the MAML++ stabilizers.
+"""metafx.engines.gradient: ANIL, CAVIA, the amortized encoder and the MAML++ stabilizers.
 
 Synthetic one-pole episodes from tests/test_maml.py (no rendering); the end-to-end
 training and resume on a real rendered task set are at the end.
@@ -10,11 +10,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from metafx import maml as plain
-from metafx import meta
+from torch.func import functional_call
+
 from metafx.config import ConfigError, MAMLConfig, load_config
-from metafx.maml import NonFiniteLossError
-from metafx.models import crop_like
+from metafx.engines import base, gradient as meta
+from metafx.engines.base import NonFiniteLossError, make_outer_optimizer
+from metafx.engines.gradient import ENGINE, MetaLearner
+from metafx.engines.maml import ENGINE as PLAIN
+from metafx.metrics import crop_like
 from metafx.models.lstm import LSTMModel
 from metafx.models.ssm import SSM
 from metafx.models.tcn import TCN
@@ -31,14 +34,24 @@ NETS = {
 def learner(arch: str, method: str, *, steps: int = 2, lr: float = 0.05, learn_lr: bool = False, dtype=torch.float64):
     torch.manual_seed(0)
     c = 3 if method in ("cavia", "encoder") else 0
-    return meta.MetaLearner(NETS[arch](c), method, inner_steps=steps, inner_lr=lr, learn_inner_lr=learn_lr,
-                            context_dim=c, encoder_hidden=8, encoder_bands=4).to(dtype)
+    return MetaLearner(NETS[arch](c), method, learned_lrs=(steps, lr) if learn_lr else None,
+                       context_dim=c, encoder_hidden=8, encoder_bands=4).to(dtype)
 
 
 def mcfg(**kw) -> MAMLConfig:
     base = dict(inner_steps=2, inner_lr=0.05, outer_lr=1e-3, first_order=False, meta_steps=10)
     base.update(kw)
     return MAMLConfig(**base)
+
+
+def inner(lrn, params, buffers, ep, *, steps, first_order, lr=0.05):
+    """The gradient engine's inner loop with ``steps`` L1 steps at ``lr`` (unless learned)."""
+    return meta.inner_loop(lrn, params, buffers, ep.support_x, ep.support_y, mcfg(inner_steps=steps, inner_lr=lr),
+                           first_order=first_order)
+
+
+def net_call(lrn, net_p, x, ctx):
+    return functional_call(lrn.net, (net_p, {}), (x,), {"ctx": ctx} if lrn.context_dim else {})
 
 
 def test_msl_weights_anneal_from_uniform_to_last_step():
@@ -55,9 +68,9 @@ def test_msl_weights_anneal_from_uniform_to_last_step():
 def test_meta_step_updates_every_meta_parameter(arch, method, first_order):
     lrn = learner(arch, method, learn_lr=True)
     cfg = mcfg(method=method, first_order=first_order, learn_inner_lr=True, multi_step_loss=True, grad_clip=10.0)
-    opt = meta.make_outer_optimizer(lrn, cfg)
+    opt = make_outer_optimizer(lrn, cfg)
     before = {k: v.detach().clone() for k, v in lrn.named_parameters()}
-    stats = meta.meta_step(lrn, [make_episode(1), make_episode(2)], cfg, opt, step=1)
+    stats = ENGINE.meta_step(lrn, [make_episode(1), make_episode(2)], cfg, opt, 1)
     for k in ("support_l1_pre", "support_l1_post", "query_l1_post", "outer_loss", "grad_norm", "inner_lr_mean"):
         assert torch.isfinite(torch.tensor(stats[k])), k
     if method != "encoder":  # "pre" is the zero context; the encoder's context is a different start
@@ -73,8 +86,7 @@ def test_anil_adapts_only_the_head(arch):
     assert names and all(n.startswith("head.") for n in names)
     ep = make_episode(3)
     params, buffers = dict(lrn.named_parameters()), dict(lrn.named_buffers())
-    net_p, ctx, _ = meta.inner_loop(lrn, params, buffers, ep.support_x, ep.support_y, steps=2,
-                                    loss_fn=plain.l1, first_order=False)
+    net_p, ctx, _ = inner(lrn, params, buffers, ep, steps=2, first_order=False)
     assert ctx is None
     for n, t in net_p.items():
         if n in names:
@@ -90,10 +102,10 @@ def test_stabilized_maml_matches_the_plain_engine_at_step_one():
     net = TCN(channels=3, blocks=2, kernel=3, dilation_growth=2).double()
     ref = TCN(channels=3, blocks=2, kernel=3, dilation_growth=2).double()
     ref.load_state_dict(net.state_dict())
-    lrn = meta.MetaLearner(net, "maml", inner_steps=2, inner_lr=0.05)
+    lrn = MetaLearner(net, "maml")
     cfg = mcfg(outer_schedule="cosine")
-    s1 = meta.meta_step(lrn, ep, cfg, torch.optim.SGD(lrn.parameters(), lr=0.0), step=1)
-    s2 = plain.meta_step(ref, ep, replace(cfg, outer_schedule="constant"), torch.optim.SGD(ref.parameters(), lr=0.0), step=1)
+    s1 = ENGINE.meta_step(lrn, ep, cfg, torch.optim.SGD(lrn.parameters(), lr=0.0), 1)
+    s2 = PLAIN.meta_step(ref, ep, replace(cfg, outer_schedule="constant"), torch.optim.SGD(ref.parameters(), lr=0.0), 1)
     assert s1["outer_loss"] == pytest.approx(s2["outer_loss"], rel=1e-10)
     for (n, p), (_, q) in zip(lrn.net.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=n)
@@ -106,9 +118,8 @@ def _query_loss_at(arch: str, method: str, lr_value: float) -> float:
             p.fill_(lr_value)
     ep = make_episode(6)
     params, buffers = dict(lrn.named_parameters()), dict(lrn.named_buffers())
-    net_p, ctx, _ = meta.inner_loop(lrn, params, buffers, ep.support_x, ep.support_y, steps=2, loss_fn=plain.l1,
-                                    first_order=False)
-    q = meta._net_call(lrn, net_p, {}, ep.query_x, ctx)
+    net_p, ctx, _ = inner(lrn, params, buffers, ep, steps=2, first_order=False)
+    q = net_call(lrn, net_p, ep.query_x, ctx)
     return q, ep, lrn
 
 
@@ -133,11 +144,9 @@ def test_cavia_context_starts_at_zero_and_moves():
     lrn = learner("ssm", "cavia", steps=3, lr=0.5)
     ep = make_episode(7)
     params, buffers = dict(lrn.named_parameters()), dict(lrn.named_buffers())
-    net_p, ctx, _ = meta.inner_loop(lrn, params, buffers, ep.support_x, ep.support_y, steps=0, loss_fn=plain.l1,
-                                    first_order=True)
+    net_p, ctx, _ = inner(lrn, params, buffers, ep, steps=0, first_order=True, lr=0.5)
     assert torch.count_nonzero(ctx) == 0
-    _, ctx3, _ = meta.inner_loop(lrn, params, buffers, ep.support_x, ep.support_y, steps=3, loss_fn=plain.l1,
-                                 first_order=True)
+    _, ctx3, _ = inner(lrn, params, buffers, ep, steps=3, first_order=True, lr=0.5)
     assert ctx3.shape == (1, 3) and torch.count_nonzero(ctx3) > 0
     assert all(net_p[n] is params["net." + n] for n in net_p)  # the weights are not adapted
 
@@ -153,8 +162,8 @@ def test_encoder_infers_different_contexts_for_different_tasks_and_learns_in_one
     assert feats.shape == (4 * 4 + 3,) and torch.isfinite(feats).all()
     # No inner step: pure amortized inference, the encoder gets the meta-gradient.
     cfg = mcfg(method="encoder", inner_steps=0)
-    opt = meta.make_outer_optimizer(lrn, cfg)
-    meta.meta_step(lrn, [a, b], cfg, opt, step=1)
+    opt = make_outer_optimizer(lrn, cfg)
+    ENGINE.meta_step(lrn, [a, b], cfg, opt, 1)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lrn.encoder.parameters())
 
 
@@ -164,7 +173,7 @@ def test_adapt_and_predict_is_pure_and_works_under_no_grad(method):
     ep = make_episode(10)
     state = {k: v.clone() for k, v in lrn.state_dict().items()}
     with torch.no_grad():
-        pre, post = meta.adapt_and_predict(lrn, ep, mcfg(method=method))
+        pre, post = base.adapt_and_predict(ENGINE, lrn, ep, mcfg(method=method))
     assert pre.shape == post.shape == ep.query_y.shape
     assert not pre.requires_grad and not post.requires_grad
     assert not torch.equal(pre, post)
@@ -178,15 +187,15 @@ def test_non_finite_support_loss_names_step_and_task():
     ep.support_x[0, 0, 5] = float("nan")
     cfg = mcfg(method="cavia")
     with pytest.raises(NonFiniteLossError, match=r"meta-step 7, episode 0 .*task=11.*inner step 0"):
-        meta.meta_step(lrn, [ep], cfg, meta.make_outer_optimizer(lrn, cfg), step=7)
+        ENGINE.meta_step(lrn, [ep], cfg, make_outer_optimizer(lrn, cfg), 7)
     assert all(p.grad is None for p in lrn.parameters())
 
 
 def test_outer_cosine_schedule_reaches_zero_at_the_end():
     lrn = learner("tcn", "maml")
     cfg = mcfg(outer_schedule="cosine", meta_steps=4, outer_lr=0.01)
-    opt = meta.make_outer_optimizer(lrn, cfg)
-    lrs = [meta.meta_step(lrn, [make_episode(12)], cfg, opt, step=s, with_stats=False)["lr"] for s in range(1, 5)]
+    opt = make_outer_optimizer(lrn, cfg)
+    lrs = [ENGINE.meta_step(lrn, [make_episode(12)], cfg, opt, s, with_stats=False)["lr"] for s in range(1, 5)]
     assert lrs[0] == pytest.approx(0.01) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.01 * 0.2
 
 

@@ -8,10 +8,10 @@ import pytest
 import scipy.signal
 import torch
 
-from metafx import closed_form
 from metafx.config import ConfigError, load_config
 from metafx.data.tasks import load_taskset
-from metafx.maml import make_outer_optimizer
+from metafx.engines.base import NonFiniteLossError, make_outer_optimizer
+from metafx.engines.ridge import ENGINE
 from metafx.models import build_model
 from metafx.models.arx import ARXHead, MetaARX, iir_fft, pole_radius, stabilize
 from metafx.train import meta_train
@@ -189,7 +189,6 @@ def test_resume_matches_uninterrupted(smoke, tmp_path):
 def test_non_finite_query_raises_naming_the_task(smoke):
     cfg, taskset = smoke
     from metafx.data.tasks import EpisodeSampler
-    from metafx.maml import NonFiniteLossError
 
     model = build_model(cfg.model)
     ep = EpisodeSampler(taskset, "train", 2, 2, cfg.maml.slice_len, seed=0).sample()
@@ -198,7 +197,7 @@ def test_non_finite_query_raises_naming_the_task(smoke):
     opt = make_outer_optimizer(model, cfg.maml)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match=r"meta-step 3.*task=") as e:
-        closed_form.meta_step(model, [ep], cfg.maml, opt, step=3)
+        ENGINE.meta_step(model, [ep], cfg.maml, opt, 3)
     assert ep.task_id in str(e.value)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])

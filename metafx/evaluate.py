@@ -1,0 +1,254 @@
+"""Held-out evaluation of a meta-learned model and every baseline, on the same fixed episodes.
+
+Metric names (the paper's Figure 3 and Table 1), on fixed test episodes (``eval.test_episodes``
+drawn with ``eval.test_seed``, identical for every method and baseline):
+``test/query_{l1,stft,mrstft,esr,hf}_{pre,post}`` of the meta-learned model and
+``test/<baseline>/query_{l1,stft,mrstft,esr,hf}_post`` for the baselines
+
+* ``identity``: the dry input as the prediction;
+* ``lsfir``: a least-squares FIR fitted on the support slices (:mod:`metafx.baselines`);
+* ``joint``: the same model trained on every training task without an inner loop, then adapted
+  with the same inner loop (:func:`joint_baseline`);
+* ``single_task``: the same model trained normally on one test task's own audio, query slices
+  excluded (:func:`single_task_baseline`): the ceiling meta-learning approaches;
+
+plus the aliases ``test/identity_l1`` and ``test/identity_stft``. Classical ARX (no
+meta-learning) is :func:`classical_arx`, evaluated like any learner.
+
+``hf`` is :func:`metafx.metrics.hf_error`, the spectral error above each task's cutoff (only for
+families with a cutoff parameter, :func:`metafx.config.is_cutoff_param`).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from metafx import metrics as M
+from metafx.baselines import identity_predict, lsfir_fit, lsfir_predict
+from metafx.config import Config, is_cutoff_param
+from metafx.data.tasks import Episode, EpisodeSampler, TaskSet
+from metafx.engines import NonFiniteLossError, adapt_and_predict, engine_for
+from metafx.metrics import crop_like
+from metafx.models import build_model
+
+EVAL_METRICS = ("l1", "stft", "mrstft", "esr")
+
+
+def to_device(ep: Episode, device: torch.device) -> Episode:
+    """The episode with its slices on ``device`` (the same object on the CPU)."""
+    if device.type == "cpu":
+        return ep
+    return replace(ep, **{k: getattr(ep, k).to(device) for k in ("support_x", "support_y", "query_x", "query_y")})
+
+
+def task_cutoff(ep: Episode) -> float | None:
+    """The episode's cutoff in Hz, when its family has a cutoff parameter."""
+    for k, v in (ep.params or {}).items():
+        if is_cutoff_param(k):
+            return float(v)
+    return None
+
+
+def metric_row(pred: torch.Tensor, target: torch.Tensor, ep: Episode, cfg: Config, suffix: str) -> dict[str, float]:
+    """All evaluation metrics of one prediction on one episode's query slices, keyed ``query_<metric>_<suffix>``."""
+    target = crop_like(target, pred)
+    out = {f"query_{m}_{suffix}": float(M.METRICS[m](pred, target)) for m in EVAL_METRICS}
+    cutoff = task_cutoff(ep)
+    if cutoff is not None:
+        out[f"query_hf_{suffix}"] = float(M.hf_error(pred, target, cutoff, cfg.data.sample_rate, margin=cfg.eval.hf_margin))
+    return out
+
+
+def mean_rows(rows: Sequence[dict[str, float]], prefix: str) -> dict[str, float]:
+    """Per-key means over ``rows`` (keys missing in some rows are averaged where present), prefixed."""
+    keys = sorted({k for r in rows for k in r})
+    return {f"{prefix}{k}": float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+
+
+def evaluate_adaptation(learner, episodes: Sequence[Episode], cfg: Config, device) -> tuple[list[dict], list]:
+    """Pre- and post-adaptation metrics of ``learner`` on each episode's query slices.
+
+    Returns:
+        ``(rows, predictions)``: rows[i] holds ``query_<metric>_{pre,post}``; predictions[i] is
+        ``(pred_pre, pred_post)``, each (K_q, 1, T'), on the CPU.
+
+    Raises:
+        NonFiniteLossError: an adaptation failed (names the task).
+    """
+    engine = engine_for(cfg)
+    rows, preds = [], []
+    for ep in episodes:
+        ep = to_device(ep, device)
+        pre, post = adapt_and_predict(engine, learner, ep, cfg.maml)
+        r = metric_row(pre, ep.query_y, ep, cfg, "pre")
+        r.update(metric_row(post, ep.query_y, ep, cfg, "post"))
+        rows.append(r)
+        preds.append((pre.detach().cpu(), post.detach().cpu()))
+    return rows, preds
+
+
+def val_metrics(learner, episodes: Sequence[Episode], cfg: Config, device) -> dict[str, float]:
+    """``val/query_l1_pre`` and ``val/query_l1_post`` on the validation episodes."""
+    rows, _ = evaluate_adaptation(learner, episodes, cfg, device)
+    return {
+        "val/query_l1_pre": float(np.mean([r["query_l1_pre"] for r in rows])),
+        "val/query_l1_post": float(np.mean([r["query_l1_post"] for r in rows])),
+    }
+
+
+def baseline_rows(name: str, predict: Callable[[Episode], torch.Tensor], episodes, cfg: Config) -> dict[str, float]:
+    """``test/<name>/query_<metric>_post`` of a predictor that sees one episode at a time."""
+    rows = []
+    for ep in episodes:
+        with torch.no_grad():
+            pred = predict(ep)
+        rows.append(metric_row(pred, ep.query_y, ep, cfg, "post"))
+    return mean_rows(rows, f"test/{name}/")
+
+
+def lsfir(ep: Episode, cfg: Config) -> torch.Tensor:
+    """The least-squares FIR baseline fitted on the episode's support slices, on its query input."""
+    h = lsfir_fit(ep.support_x, ep.support_y, cfg.eval.lsfir_taps, cfg.eval.lsfir_ridge)
+    return lsfir_predict(h, ep.query_x)
+
+
+def classical_arx(cfg: Config) -> torch.nn.Module:
+    """Classical ARX (no meta-learning): a :class:`metafx.models.arx.MetaARX` of ``cfg`` with ``features: none``.
+
+    Evaluated with the ridge engine, it is an ARX(nb, na) on ``[1, x]`` fitted by ridge on the
+    support slices of each task.
+    """
+    arx_cfg = replace(cfg.model, arch="arx", arx=replace(cfg.model.arx, features="none"))
+    return build_model(arx_cfg)
+
+
+def train_plain(model, sample_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
+                loss_fn, device, clip: float) -> None:
+    """Ordinary supervised training (no inner loop): the joint and single-task baselines.
+
+    Raises:
+        NonFiniteLossError: a training loss is not finite.
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for s in range(steps):
+        x, y = sample_batch(s)
+        x, y = x.to(device), y.to(device)
+        pred = model(x)
+        loss = loss_fn(pred, crop_like(y, pred))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"baseline training: non-finite loss at step {s}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+
+
+def joint_baseline(cfg: Config, taskset: TaskSet, test_eps, device) -> dict[str, float]:
+    """The same model trained on all training tasks without MAML, then adapted with plain MAML's inner loop."""
+    torch.manual_seed(cfg.maml.seed)
+    model = build_model(cfg.model).to(device)
+    mc = cfg.maml
+    sampler = EpisodeSampler(taskset, "train", mc.k_support, mc.k_query, mc.slice_len, seed=mc.seed)
+
+    def batch(s: int):
+        eps = sampler.for_step(mc.seed + 7919, s, mc.meta_batch)
+        x = torch.cat([torch.cat([e.support_x, e.query_x]) for e in eps])
+        y = torch.cat([torch.cat([e.support_y, e.query_y]) for e in eps])
+        return x, y
+
+    train_plain(model, batch, cfg.eval.joint_steps, mc.outer_lr, M.make_loss(mc.outer_loss), device, mc.grad_clip)
+    joint_cfg = replace(cfg, maml=replace(mc, method="joint"))
+    rows, _ = evaluate_adaptation(model, test_eps, joint_cfg, device)
+    return mean_rows([{k.replace("_pre", "_noadapt"): v for k, v in r.items()} for r in rows], "test/joint/")
+
+
+def single_task_baseline(cfg: Config, taskset: TaskSet, test_eps, device) -> dict[str, float]:
+    """The same model trained normally on one test task's own audio (query slices excluded)."""
+    rows = []
+    mc = cfg.maml
+    L = mc.slice_len
+    done: set[int] = set()
+    for ep in test_eps:
+        if ep.task in done:
+            continue
+        if len(done) >= cfg.eval.single_task_tasks:
+            break
+        done.add(ep.task)
+        torch.manual_seed(mc.seed)
+        model = build_model(cfg.model).to(device)
+        x_all = taskset.input
+        y_all = taskset.targets[ep.task]
+        n = x_all.shape[0]
+        q_starts = [int(p) for p in ep.positions[mc.k_support:]]
+        allowed = np.ones(max(n - L, 1), dtype=bool)
+        for q in q_starts:  # never train on audio that overlaps a query slice
+            allowed[max(0, q - L + 1): q + L] = False
+        starts = np.flatnonzero(allowed)
+        if starts.size == 0:
+            continue
+        rng = np.random.default_rng([mc.seed, ep.task])
+        B = mc.k_support + mc.k_query
+
+        def batch(s: int):
+            idx = rng.choice(starts, size=B)
+            x = torch.from_numpy(np.stack([np.asarray(x_all[i:i + L]) for i in idx]))[:, None]
+            y = torch.from_numpy(np.stack([np.asarray(y_all[i:i + L]) for i in idx]))[:, None]
+            return x.float(), y.float()
+
+        train_plain(model, batch, cfg.eval.single_task_steps, mc.outer_lr, M.make_loss(mc.outer_loss), device,
+                    mc.grad_clip)
+        model.eval()
+        e = to_device(ep, device)
+        with torch.no_grad():
+            pred = model(e.query_x)
+        rows.append(metric_row(pred.cpu(), ep.query_y, ep, cfg, "post"))
+    return mean_rows(rows, "test/single_task/") if rows else {}
+
+
+def fixed_test_episodes(cfg: Config, taskset: TaskSet) -> list[Episode]:
+    """The fixed test episodes of a study: identical for every method and baseline."""
+    sampler = EpisodeSampler(taskset, "test", cfg.maml.k_support, cfg.maml.k_query, cfg.maml.slice_len,
+                             seed=cfg.eval.test_seed)
+    return sampler.fixed(cfg.eval.test_episodes, seed=cfg.eval.test_seed)
+
+
+def evaluate_test(learner, cfg: Config, taskset: TaskSet, device, *, baselines: bool = True,
+                  n_examples: int = 2) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Final evaluation on the fixed test episodes, with the baselines on the same episodes.
+
+    Args:
+        learner: the meta-learned module of ``cfg`` (its engine is ``engine_for(cfg)``).
+        cfg: the study config.
+        taskset: the task set whose test split is used.
+        device: where the learner lives.
+        baselines: include the joint and single-task baselines (identity and LS-FIR always run).
+        n_examples: how many test episodes to return as example signals.
+
+    Returns:
+        ``(metrics, examples)``; examples hold the first query slice of each of the first
+        ``n_examples`` episodes (input, target, predictions before and after adaptation).
+    """
+    test_eps = fixed_test_episodes(cfg, taskset)
+    rows, preds = evaluate_adaptation(learner, test_eps, cfg, device)
+    out = mean_rows(rows, "test/")
+    out.update(baseline_rows("identity", lambda ep: identity_predict(ep.query_x), test_eps, cfg))
+    out["test/identity_l1"] = out["test/identity/query_l1_post"]
+    out["test/identity_stft"] = out["test/identity/query_stft_post"]
+    out.update(baseline_rows("lsfir", lambda ep: lsfir(ep, cfg), test_eps, cfg))
+    if baselines and cfg.eval.joint_steps > 0 and cfg.maml.method != "joint":
+        out.update(joint_baseline(cfg, taskset, test_eps, device))
+    if baselines and cfg.eval.single_task_steps > 0:
+        out.update(single_task_baseline(cfg, taskset, test_eps, device))
+    examples = []
+    for ep, (pre, post) in list(zip(test_eps, preds))[:n_examples]:
+        examples.append({
+            "task_id": ep.task_id, "family": ep.family, "params": dict(ep.params),
+            "input": ep.query_x[0, 0].numpy().copy(), "target": ep.query_y[0, 0].numpy().copy(),
+            "pred_pre": pre[0, 0].numpy().copy(), "pred_post": post[0, 0].numpy().copy(),
+        })
+    return out, examples
