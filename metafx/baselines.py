@@ -5,7 +5,7 @@
 * :func:`lsfir_fit` / :func:`lsfir_predict`: classical system identification, a
   least-squares FIR filter fitted on the support slices of a task and applied to its
   query slices. The Moog ladder in ``ve.moog_vcf`` is linear, so a few hundred taps
-  approximate it well; DESIGN.md measured a 256-tap fit on 4 x 2048 support samples
+  approximate it well; docs/design.md records a 256-tap fit on 4 x 2048 support samples
   at MAE 0.014 / STFT 2.2 on held-out Moog tasks, better than the paper's best
   meta-learned LSTM (0.031 / 2.353). It is the bar a meta-learned model has to clear.
 """

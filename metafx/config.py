@@ -18,7 +18,7 @@ Four modules, one concept each; import every name from here:
   rules that tie settings together).
 
 Every problem raises :class:`ConfigError` naming the file, the dotted key, the
-bad value and what is allowed (nanoGPT's "Unknown config key", DESIGN.md
+bad value and what is allowed (nanoGPT's "Unknown config key", docs/design.md
 style rule 3). The resolved mapping (:attr:`Config.raw`) is what checkpoints,
 MLflow and the best-config writer store, so a stored config reloads to the
 same :class:`Config`.

@@ -24,7 +24,7 @@ from metafx.config_io import flatten
 # ARCHS and FILM_ARCHS are read off ModelConfig's model sections (below ModelConfig).
 # maml: adapt every weight (paper); anil: adapt only the output head; cavia: adapt only a FiLM context
 # vector; encoder: infer the context from the support pairs (amortized), optionally refined by inner
-# steps; joint: no inner loop in training (ablation); ridge: closed-form head (metafx.closed_form),
+# steps; joint: no inner loop in training (ablation); ridge: closed-form head (metafx.engines.ridge),
 # only with model.arch arx.
 METHODS = ("maml", "anil", "cavia", "encoder", "joint", "ridge")
 CONTEXT_METHODS = ("cavia", "encoder")  # need model.context_dim >= 1 and a model with FiLM

@@ -28,7 +28,7 @@ uses one resolution scaled down from the (512, 50, 240) one. Each fallback is lo
 once as a warning.
 
 auraloss clamps the power spectrum at ``eps = 1e-8``, i.e. a 1e-4 floor on the
-magnitude of an unnormalized STFT (DESIGN.md); :func:`hf_error` uses the same floor.
+magnitude of an unnormalized STFT (docs/design.md); :func:`hf_error` uses the same floor.
 The auraloss modules are created once per (resolution, device, dtype) and cached.
 """
 from __future__ import annotations
@@ -218,7 +218,7 @@ def esr(pred: Tensor, target: Tensor) -> Tensor:
 def stft(pred: Tensor, target: Tensor) -> Tensor:
     """auraloss ``STFTLoss()`` with its defaults: spectral convergence + L1 log magnitude.
 
-    The paper's STFT loss (section 3.1). Scale on this setup (DESIGN.md): identical
+    The paper's STFT loss (section 3.1). Scale on this setup (docs/design.md): identical
     signals 0, half gain 1.19, white noise against its low-passed copy about 8.6.
 
     Args:

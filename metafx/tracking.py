@@ -1,6 +1,6 @@
 """MLflow tracking of a search: one parent run per search, one child run per trial.
 
-This is the only module that imports mlflow (DESIGN.md, style rule 1).
+This is the only module that imports mlflow (docs/design.md, style rule 1).
 
 Architecture: a single writer. Every MLflow write happens in the search
 DRIVER process: the Ray Tune callback in :mod:`metafx.search` calls a

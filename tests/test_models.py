@@ -47,7 +47,7 @@ def test_model_contract(arch):
     if arch == "arx":
         # forward() is the prior-mean head, the identity at start: give every channel a nonzero prior so
         # that every feature parameter is used. The log-ridges act only in fit() (their meta-gradient is
-        # checked against finite differences in tests/test_closed_form.py).
+        # checked against finite differences in tests/test_ridge.py).
         with torch.no_grad():
             model.prior.normal_(0, 0.05)
     fit_only = set(getattr(model, "fit_only_parameters", lambda: ())())

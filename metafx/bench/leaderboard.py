@@ -67,8 +67,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "attack": [0.002, 0.02], "release": [0.1]}},
 }
 
-# The prototype's best closed-form settings per family (/tmp/proto/REPORT.md: moog v4, diode v3,
-# cubic v1, comp v3); "arx" = features none (arx.yaml's defaults), "arx_learned" = learned features.
+# The prototype's best closed-form settings per family (moog v4, diode v3, cubic v1, comp v3 of the
+# prototype that preceded metafx; its report is not part of the repository); "arx" = features none (arx.yaml's defaults), "arx_learned" = learned features.
 LEARNED = {"model.arx.features": "learned", "model.arx.hidden": 32, "model.arx.n_point": 12,
            "model.arx.n_env": 6, "model.arx.n_gate": 8}
 RIDGE_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -458,7 +458,7 @@ NOTES = [
     "say where.",
     "Best checkpoint = lowest `val/query_l1_post` (L1 only) among the periodic validations, as for every method in "
     "metafx.train; the outer loss is 5 L1 + STFT.",
-    "The ridge settings per family are the prototype's best (/tmp/proto/REPORT.md), not re-searched on these task "
+    "The ridge settings per family are the best of the prototype that preceded metafx, not re-searched on these task "
     "sets; the prototype rendered other grids (10 x 10) over another 10 s source, so its numbers are not comparable "
     "one to one.",
     "LSTM rows: one meta-learned initialization adapted by one SGD step; joint = the same LSTM trained on all "

@@ -12,7 +12,7 @@ Every hyperparameter is read from the ``maml`` config section at call time (neve
 the learner when it is built), so a config replaced after building cannot silently disagree
 with the learner.
 
-Pitfalls handled here (DESIGN.md, "Known pitfalls"), by :func:`second_order_safe`:
+Pitfalls handled here (docs/design.md, "Known pitfalls"), by :func:`second_order_safe`:
 second-order through a cuDNN RNN has no double backward (cuDNN is switched off for models with
 an RNN) and second-order through attention has no double backward for the fused SDPA kernels
 (the math kernel is forced for models with attention).

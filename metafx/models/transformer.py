@@ -43,7 +43,7 @@ used ``dim_feedforward=2048``; ``model.transformer.ff: 256`` (our default) gives
 297,857 for the large model and 125,837 for the small one.
 
 Second-order MAML through attention on CPU needs the math SDPA kernel; the MAML
-engine switches to it (:func:`metafx.maml.second_order_safe`).
+engine switches to it (:func:`metafx.engines.base.second_order_safe`).
 """
 from __future__ import annotations
 
