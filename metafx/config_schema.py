@@ -31,7 +31,7 @@ CONTEXT_METHODS = ("cavia", "encoder")  # need model.context_dim >= 1 and a mode
 OUTER_SCHEDULES = ("constant", "cosine")
 ARX_FEATURES = ("none", "learned")
 BACKENDS = ("func", "higher")
-LOSS_TERMS = ("l1", "esr", "stft", "mrstft")
+LOSS_TERMS = ("l1", "esr", "esr_pe", "stft", "mrstft")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
 SOURCE_KINDS = ("synth", "folder")
 ON_UNSTABLE = ("drop", "fail")

@@ -12,6 +12,7 @@ from metafx.metrics import (
     METRICS,
     crop_like,
     esr,
+    esr_pe,
     hf_error,
     l1,
     make_loss,
@@ -96,10 +97,30 @@ def test_l1_and_esr_values():
     assert float(esr(torch.zeros_like(y), y)) == pytest.approx(1.0, rel=1e-6)
     assert float(esr(0.5 * y, y)) == pytest.approx(0.25, rel=1e-6)
     # Pre-emphasis 1 - 0.95 z^-1 weights high frequencies: a low-frequency error costs less
-    # than a high-frequency error of the same energy.
+    # than a high-frequency error of the same energy; plain ESR weighs them the same.
     t = torch.arange(y.shape[-1], dtype=torch.float64)
     lo, hi = torch.sin(2 * math.pi * 100 * t / SR), torch.sin(2 * math.pi * 10000 * t / SR)
-    assert float(esr(y + 0.05 * lo, y)) < 0.1 * float(esr(y + 0.05 * hi, y))
+    assert float(esr_pe(y + 0.05 * lo, y)) < 0.1 * float(esr_pe(y + 0.05 * hi, y))
+    assert float(esr(y + 0.05 * lo, y)) == pytest.approx(float(esr(y + 0.05 * hi, y)), rel=0.05)
+
+
+def test_esr_is_error_energy_over_target_energy_over_the_whole_signal():
+    """Hand-computed: one loud slice and one near-silent slice, the same small error on both.
+
+    A mean of per-slice ratios would be dominated by the silent slice (about 5e3 here); the
+    field's ESR sums both energies over everything first.
+    """
+    target = torch.tensor([[[1.0, -1.0, 1.0, -1.0]], [[1e-3, -1e-3, 1e-3, -1e-3]]], dtype=torch.float64)
+    pred = target + torch.tensor([[[0.1, 0.1, 0.1, 0.1]], [[0.1, 0.1, 0.1, 0.1]]], dtype=torch.float64)
+    err = 8 * 0.1**2  # 0.08
+    energy = 4 * 1.0 + 4 * 1e-6
+    assert float(esr(pred, target)) == pytest.approx(err / energy, rel=1e-6)  # about 0.02
+    per_slice_mean = ((0.04 / 4.0) + (0.04 / 4e-6)) / 2
+    assert per_slice_mean > 1e3 * float(esr(pred, target))
+    # Pre-emphasized, by hand: y_p[n] = y[n] - 0.95 y[n-1] within each slice.
+    yp = target[..., 1:] - 0.95 * target[..., :-1]
+    pp = pred[..., 1:] - 0.95 * pred[..., :-1]
+    assert float(esr_pe(pred, target)) == pytest.approx(float(((yp - pp) ** 2).sum() / (yp**2).sum()), rel=1e-6)
 
 
 def test_stft_scale_matches_design_notes():
