@@ -2,8 +2,8 @@
 
 Metric names (the paper's Figure 3 and Table 1), on fixed test episodes (``eval.test_episodes``
 drawn with ``eval.test_seed``, identical for every method and baseline):
-``test/query_{l1,stft,mrstft,esr,hf}_{pre,post}`` of the meta-learned model and
-``test/<baseline>/query_{l1,stft,mrstft,esr,hf}_post`` for the baselines
+``test/query_{l1,stft,mrstft,esr,esr_pe,hf}_{pre,post}`` of the meta-learned model and
+``test/<baseline>/query_{l1,stft,mrstft,esr,esr_pe,hf}_post`` for the baselines
 
 * ``identity``: the dry input as the prediction;
 * ``lsfir``: a least-squares FIR fitted on the support slices (:mod:`metafx.baselines`);
@@ -15,7 +15,9 @@ drawn with ``eval.test_seed``, identical for every method and baseline):
 plus the aliases ``test/identity_l1`` and ``test/identity_stft``. Classical ARX (no
 meta-learning) is :func:`classical_arx`, evaluated like any learner.
 
-``hf`` is :func:`metafx.metrics.hf_error`, the spectral error above each task's cutoff (only for
+``esr`` is the field's error-to-signal ratio: error energy over target energy summed over all query
+samples of an episode (:func:`metafx.metrics.esr`), then averaged over episodes like every metric;
+``esr_pe`` the same after Wright & Valimaki's pre-emphasis. ``hf`` is :func:`metafx.metrics.hf_error`, the spectral error above each task's cutoff (only for
 families with a cutoff parameter, :func:`metafx.config.is_cutoff_param`).
 """
 from __future__ import annotations
@@ -34,7 +36,8 @@ from metafx.engines import NonFiniteLossError, adapt_and_predict, engine_for
 from metafx.metrics import crop_like
 from metafx.models import build_model
 
-EVAL_METRICS = ("l1", "stft", "mrstft", "esr")
+EVAL_METRICS = ("l1", "stft", "mrstft", "esr", "esr_pe")
+EXAMPLE_SECONDS = 3.0  # audio per example task: long enough to judge by ear
 
 
 def to_device(ep: Episode, device: torch.device) -> Episode:
@@ -210,6 +213,66 @@ def single_task_baseline(cfg: Config, taskset: TaskSet, test_eps, device) -> dic
     return mean_rows(rows, "test/single_task/") if rows else {}
 
 
+def predict_long(predictor, x: torch.Tensor, window: int) -> torch.Tensor:
+    """A predictor trained on slices of ``window`` samples, run over a long signal.
+
+    Overlapping windows of ``window`` samples, hop ``h`` = half a window (or the model's output
+    length if shorter); each window contributes the last ``h`` samples of its output, so every
+    output sample has at least ``window - h`` samples of context, as in training. The signal is
+    preceded by zeros: the start is predicted from a zero state.
+
+    Shape:
+        x (T,) -> (T,).
+    """
+    T = x.shape[-1]
+    with torch.no_grad():
+        out_len = predictor(x.new_zeros(1, 1, window)).shape[-1]
+        hop = max(1, min(window // 2, out_len))
+        n_win = -(-T // hop)
+        xp = torch.cat([x.new_zeros(window - hop), x, x.new_zeros(n_win * hop - T)])
+        frames = xp.unfold(0, window, hop)[:n_win]  # (n_win, window)
+        outs = [predictor(f[:, None])[:, 0, -hop:] for f in frames.split(64)]  # (b, hop) each
+    return torch.cat(outs).reshape(-1)[:T]
+
+
+def example_signals(learner, cfg: Config, taskset: TaskSet, episodes: Sequence[Episode], device,
+                    n: int) -> list[dict[str, Any]]:
+    """Seconds of audio of ``n`` distinct test tasks: input, target and the predictions before and after adaptation.
+
+    Each task is adapted on its episode's support slices (as in the evaluation), then run over
+    :data:`EXAMPLE_SECONDS` of the task's audio starting at the episode's first query slice.
+
+    Returns:
+        dicts with ``task_id``, ``family``, ``params`` and 1-D float32 arrays ``input``, ``target``,
+        ``pred_pre``, ``pred_post`` of one length.
+    """
+    engine = engine_for(cfg)
+    seen: set[int] = set()
+    out = []
+    seg = int(EXAMPLE_SECONDS * cfg.data.sample_rate)
+    for ep in episodes:
+        if len(out) >= n:
+            break
+        if ep.task in seen:  # a small test split cycles: one example per task
+            continue
+        seen.add(ep.task)
+        start = int(ep.positions[cfg.maml.k_support])
+        start = max(0, min(start, taskset.num_samples - seg))
+        stop = min(start + seg, taskset.num_samples)
+        x = torch.from_numpy(np.array(taskset.input[start:stop], dtype=np.float32))
+        y = np.asarray(taskset.targets[ep.task][start:stop], dtype=np.float32)
+        e = to_device(ep, device)
+        p = next(learner.parameters())
+        xd = x.to(device=p.device, dtype=p.dtype)
+        after = engine.adapt(learner, e.support_x.to(p.dtype), e.support_y.to(p.dtype), cfg.maml)
+        pre = predict_long(engine.before(learner), xd, cfg.maml.slice_len)
+        post = predict_long(after, xd, cfg.maml.slice_len)
+        out.append({"task_id": ep.task_id, "family": ep.family, "params": dict(ep.params),
+                    "input": x.numpy().copy(), "target": y.copy(),
+                    "pred_pre": pre.float().cpu().numpy(), "pred_post": post.float().cpu().numpy()})
+    return out
+
+
 def fixed_test_episodes(cfg: Config, taskset: TaskSet) -> list[Episode]:
     """The fixed test episodes of a study: identical for every method and baseline."""
     sampler = EpisodeSampler(taskset, "test", cfg.maml.k_support, cfg.maml.k_query, cfg.maml.slice_len,
@@ -218,7 +281,8 @@ def fixed_test_episodes(cfg: Config, taskset: TaskSet) -> list[Episode]:
 
 
 def evaluate_test(learner, cfg: Config, taskset: TaskSet, device, *, baselines: bool = True,
-                  n_examples: int = 2) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                  n_examples: int = 2, episodes: Sequence[Episode] | None = None
+                  ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Final evaluation on the fixed test episodes, with the baselines on the same episodes.
 
     Args:
@@ -227,13 +291,14 @@ def evaluate_test(learner, cfg: Config, taskset: TaskSet, device, *, baselines: 
         taskset: the task set whose test split is used.
         device: where the learner lives.
         baselines: include the joint and single-task baselines (identity and LS-FIR always run).
-        n_examples: how many test episodes to return as example signals.
+        n_examples: how many test tasks to return as example signals.
+        episodes: the test episodes, when already drawn (:func:`fixed_test_episodes`).
 
     Returns:
-        ``(metrics, examples)``; examples hold the first query slice of each of the first
-        ``n_examples`` episodes (input, target, predictions before and after adaptation).
+        ``(metrics, examples)``; examples are :func:`example_signals` of up to ``n_examples``
+        distinct test tasks.
     """
-    test_eps = fixed_test_episodes(cfg, taskset)
+    test_eps = list(episodes) if episodes is not None else fixed_test_episodes(cfg, taskset)
     rows, preds = evaluate_adaptation(learner, test_eps, cfg, device)
     out = mean_rows(rows, "test/")
     out.update(baseline_rows("identity", lambda ep: identity_predict(ep.query_x), test_eps, cfg))
@@ -244,11 +309,5 @@ def evaluate_test(learner, cfg: Config, taskset: TaskSet, device, *, baselines: 
         out.update(joint_baseline(cfg, taskset, test_eps, device))
     if baselines and cfg.eval.single_task_steps > 0:
         out.update(single_task_baseline(cfg, taskset, test_eps, device))
-    examples = []
-    for ep, (pre, post) in list(zip(test_eps, preds))[:n_examples]:
-        examples.append({
-            "task_id": ep.task_id, "family": ep.family, "params": dict(ep.params),
-            "input": ep.query_x[0, 0].numpy().copy(), "target": ep.query_y[0, 0].numpy().copy(),
-            "pred_pre": pre[0, 0].numpy().copy(), "pred_post": post[0, 0].numpy().copy(),
-        })
+    examples = example_signals(learner, cfg, taskset, test_eps, device, n_examples)
     return out, examples

@@ -32,7 +32,7 @@ import torch
 from metafx.config import Config
 from metafx.data.tasks import EpisodeSampler, TaskSet
 from metafx.engines import engine_for, make_outer_optimizer
-from metafx.evaluate import evaluate_test, to_device, val_metrics
+from metafx.evaluate import evaluate_test, fixed_test_episodes, to_device, val_metrics
 from metafx.models import count_params
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ def meta_train(
     train_s = EpisodeSampler(taskset, "train", mc.k_support, mc.k_query, mc.slice_len, seed=mc.seed)
     val_s = EpisodeSampler(taskset, "val", mc.k_support, mc.k_query, mc.slice_len, seed=mc.seed + 1)
     val_eps = val_s.fixed(mc.val_episodes, seed=mc.seed + 1)
+    test_eps = fixed_test_episodes(cfg, taskset) if evaluate else []  # an empty test split fails here, not after training
 
     own_tmp = None
     if workdir is None:
@@ -187,7 +188,7 @@ def meta_train(
                          params=count_params(model), best_step=int(best["step"]))
     if evaluate:
         model.load_state_dict(best["model"])
-        test, examples = evaluate_test(model, cfg, taskset, device, baselines=baselines)
+        test, examples = evaluate_test(model, cfg, taskset, device, baselines=baselines, episodes=test_eps)
         result.metrics.update(test)
         result.metrics["best_step"] = float(best["step"])
         result.metrics["params"] = float(result.params)

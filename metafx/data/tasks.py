@@ -199,8 +199,9 @@ class EpisodeSampler:
         self.split_name = split
         self.indices = taskset.split(split)
         if not self.indices:
-            raise ValueError(f"split {split!r} of {taskset.path} has no tasks: set data.val_fraction / "
-                             f"data.test_fraction > 0 or enlarge the parameter grid")
+            sizes = ", ".join(f"{name} {len(taskset.split(name))}" for name in SPLITS)
+            raise ValueError(f"split {split!r} of {taskset.path} has no tasks (tasks per split: {sizes}): set "
+                             f"data.val_fraction / data.test_fraction > 0 or enlarge the parameter grid")
         self.k_support, self.k_query, self.slice_len = int(k_support), int(k_query), int(slice_len)
         need = (self.k_support + self.k_query) * self.slice_len
         if need > taskset.num_samples:
