@@ -273,10 +273,10 @@ def example_signals(learner, cfg: Config, taskset: TaskSet, episodes: Sequence[E
     return out
 
 
-def fixed_test_episodes(cfg: Config, taskset: TaskSet) -> list[Episode]:
-    """The fixed test episodes of a study: identical for every method and baseline."""
+def fixed_test_episodes(cfg: Config, taskset: TaskSet, family: str | None = None) -> list[Episode]:
+    """The fixed test episodes of a study (of one family): identical for every method and baseline."""
     sampler = EpisodeSampler(taskset, "test", cfg.maml.k_support, cfg.maml.k_query, cfg.maml.slice_len,
-                             seed=cfg.eval.test_seed)
+                             seed=cfg.eval.test_seed, family=family)
     return sampler.fixed(cfg.eval.test_episodes, seed=cfg.eval.test_seed)
 
 

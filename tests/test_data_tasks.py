@@ -151,3 +151,47 @@ def test_incomplete_directory_is_refused(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(TaskSetError, match="not a complete dataset.*launch/render.py"):
         TaskSet(tmp_path / "x")
+
+
+@pytest.fixture(scope="module")
+def two_families(tmp_path_factory) -> TaskSet:
+    """A real multi-family task set: the Moog VCF and the wah, rendered by DAWDreamer."""
+    cfg = load_config("lstm.yaml", "smoke", overrides={
+        "data.cache_dir": str(tmp_path_factory.mktemp("multi")),
+        "data.families": [
+            {"name": "moog_vcf", "dsp": "moog_vcf.dsp", "params": {"cutoff": [300.0, 900.0, 2700.0], "resonance": [0.0, 0.5]}},
+            {"name": "wah", "dsp": "wah.dsp", "params": {"pedal": [0.0, 0.25, 0.5, 0.75, 1.0], "resonance": [0.5]}},
+        ],
+    })
+    return load_taskset(cfg.data, progress=False)
+
+
+def test_episodes_draw_tasks_across_families(two_families):
+    ts = two_families
+    assert ts.families == ["moog_vcf", "wah"]
+    s = EpisodeSampler(ts, "train", 2, 2, 512, seed=0)
+    fams = {ep.family for step in range(1, 30) for ep in s.for_step(0, step, 2)}
+    assert fams == {"moog_vcf", "wah"}
+
+
+def test_a_left_out_family_never_reaches_meta_training(two_families):
+    """Split by family: no task of the left-out family in train or val; test holds only its held-out tasks."""
+    ts = two_families
+    out = TaskSet(ts.path, left_out=["wah"])
+    fam = {t["index"]: t["family"] for t in ts.tasks}
+    assert out.split("train") and out.split("val")
+    assert all(fam[i] == "moog_vcf" for i in out.split("train") + out.split("val"))
+    assert out.split("test") == ts.split("test", "wah") and out.split("test")  # the same held-out wah tasks
+    train = EpisodeSampler(out, "train", 2, 2, 512, seed=0)
+    val = EpisodeSampler(out, "val", 2, 2, 512, seed=1)
+    seen = {ep.family for step in range(1, 40) for ep in train.for_step(0, step, 2)}
+    seen |= {ep.family for ep in val.fixed(8, seed=1)}
+    assert seen == {"moog_vcf"}
+    assert {ep.family for ep in EpisodeSampler(out, "test", 2, 2, 512).fixed(6, seed=2)} == {"wah"}
+    # Pickled (as Ray ships it to a trial): the same split.
+    back = pickle.loads(pickle.dumps(out))
+    assert back.left_out == ("wah",) and back.split("train") == out.split("train")
+    with pytest.raises(Exception, match="not in this dataset"):
+        TaskSet(ts.path, left_out=["fuzz"])
+    with pytest.raises(Exception, match="every family is left out"):
+        TaskSet(ts.path, left_out=["moog_vcf", "wah"])

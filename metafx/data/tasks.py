@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -53,13 +53,26 @@ class TaskSet:
         targets: float32 read-only memmap, shape ``(N, T)``; row ``i`` is task ``i``.
         tasks: ``N`` dicts with ``index, id, family, params, split`` (and ``grid_index``).
         manifest: the full ``manifest.json``.
+        left_out: families left out of meta-training (see below).
+
+    Splits are by task, stratified by family, as rendered into the manifest. With
+    ``left_out`` families (a study's ``data.left_out_families``) the split becomes one by
+    family: ``train`` and ``val`` hold no task of a left-out family, and ``test`` holds only
+    the test tasks of the left-out families: effects the meta-learner has never seen. The
+    same held-out tasks of a family are then the test split whether it is left out or not,
+    so in-family and left-out results compare on the same episodes; the left-out families'
+    train and val tasks are not used. The rendered dataset is the same either way.
+
+    Args:
+        path: the dataset directory.
+        left_out: family names to leave out of meta-training.
 
     Raises:
         TaskSetError: the directory is not a complete dataset of a supported format, or the
             arrays disagree with the manifest.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], left_out: Sequence[str] = ()):
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if not mpath.is_file():
@@ -82,11 +95,21 @@ class TaskSet:
                 f"{self.path}: arrays input {self.input.shape} / targets {self.targets.shape} do not match the manifest "
                 f"({len(self.tasks)} tasks x {T} samples); delete the directory and render again"
             )
-        self._splits = {s: [t["index"] for t in self.tasks if t["split"] == s] for s in SPLITS}
+        self.left_out: tuple[str, ...] = tuple(left_out)
+        unknown = sorted(set(self.left_out) - set(self.families))
+        if unknown:
+            raise TaskSetError(f"{self.path}: left-out families {unknown} are not in this dataset (families: "
+                               f"{', '.join(self.families)}); name families of the study's data.families")
+        if self.left_out and set(self.left_out) == set(self.families):
+            raise TaskSetError(f"{self.path}: every family is left out of meta-training; leave at least one in")
+        out = set(self.left_out)
+        self._splits = {s: [t["index"] for t in self.tasks if t["split"] == s and
+                            ((t["family"] in out) == (s == "test") if out else True)] for s in SPLITS}
 
-    # Pickle as the path: the receiving process maps the same files (one copy per node), never the arrays.
+    # Pickle as the path and the left-out families: the receiving process maps the same files
+    # (one copy per node), never the arrays.
     def __reduce__(self) -> tuple[Any, ...]:
-        return (TaskSet, (str(self.path),))
+        return (TaskSet, (str(self.path), self.left_out))
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -110,11 +133,12 @@ class TaskSet:
         """Family names in manifest order."""
         return [f["name"] for f in self.manifest["families"]]
 
-    def split(self, name: str) -> list[int]:
+    def split(self, name: str, family: str | None = None) -> list[int]:
         """Task indices of a split.
 
         Args:
             name: ``"train"``, ``"val"`` or ``"test"``.
+            family: only the tasks of this family.
 
         Returns:
             Indices into :attr:`tasks` / rows of :attr:`targets` (a new list).
@@ -124,7 +148,7 @@ class TaskSet:
         """
         if name not in self._splits:
             raise ValueError(f"unknown split {name!r}; allowed: {', '.join(SPLITS)}")
-        return list(self._splits[name])
+        return [i for i in self._splits[name] if family is None or self.tasks[i]["family"] == family]
 
 
 def load_taskset(cfg: DataConfig, progress: bool = True) -> TaskSet:
@@ -187,17 +211,21 @@ class EpisodeSampler:
         slice_len: samples per slice ``L``.
         seed: seed of the sampler's numpy Generator: the same seed gives the same
             sequence of episodes from :meth:`sample`.
+        family: only the tasks of this family (per-family evaluation).
 
     Raises:
         ValueError: the split is empty, or ``(k_support + k_query) * slice_len`` exceeds the signal length.
     """
 
-    def __init__(self, taskset: TaskSet, split: str, k_support: int, k_query: int, slice_len: int, seed: int = 0):
+    def __init__(self, taskset: TaskSet, split: str, k_support: int, k_query: int, slice_len: int, seed: int = 0,
+                 family: str | None = None):
         if k_support < 1 or k_query < 1 or slice_len < 1:
             raise ValueError(f"k_support ({k_support}), k_query ({k_query}) and slice_len ({slice_len}) must be >= 1")
         self.taskset = taskset
         self.split_name = split
-        self.indices = taskset.split(split)
+        self.indices = taskset.split(split, family)
+        if not self.indices and family is not None:
+            raise ValueError(f"split {split!r} of {taskset.path} has no task of family {family!r}")
         if not self.indices:
             sizes = ", ".join(f"{name} {len(taskset.split(name))}" for name in SPLITS)
             raise ValueError(f"split {split!r} of {taskset.path} has no tasks (tasks per split: {sizes}): set "
