@@ -6,6 +6,7 @@
     python launch/bench.py sharing                     # task set held once by 4 concurrent trials
     python launch/bench.py leaderboard [-- --jobs 2]   # every family x method on the same held-out episodes
     python launch/bench.py methods -- --part steps|speed|stability|rows   # methods beyond the paper
+    python launch/bench.py universal [--budget local]   # one meta-model for every family, and left-out families
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ SUITES = {
     "sharing": "metafx.bench.sharing",
     "leaderboard": "metafx.bench.leaderboard",
     "methods": "metafx.bench.methods",
+    "universal": "metafx.bench.universal",
 }
 
 
