@@ -79,7 +79,7 @@ def main(args, rest) -> int:
     ap.add_argument("--families", default=None, help="comma-separated subset of the study's families to report")
     ap.add_argument("--no-per-family", action="store_true", help="skip the per-family specialists")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    opts = ap.parse_args(rest)
+    opts = ap.parse_args([a for a in rest if a != "--"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     over = list(opts.set) + ([f"maml.meta_steps={opts.steps}"] if opts.steps else [])
