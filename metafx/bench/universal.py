@@ -166,7 +166,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 
 def report(result: dict[str, Any]) -> str:
     rows = result["rows"]
-    lines = [f"# One meta-model for many effects, and effects it has never seen",
+    lines = ["# One meta-model for many effects, and effects it has never seen",
              "",
              f"Command: `{result['command']}` ({result['budget']} budget, study `{result['study']}`, "
              f"{result['tasks']} tasks of {result['seconds_per_task']:.0f} s, {result['cores']} cores, "
