@@ -12,19 +12,27 @@ export RAY_USAGE_STATS_ENABLED=0
 
 .PHONY: setup run test test-slow ui bench render clean-cache
 
+# pip runs with -q (its output is thousands of lines); each step says first what it installs.
 $(BIN)/.metafx-installed: pyproject.toml
+	@echo "==> creating the virtual environment $(VENV) with $(PY)"
 	$(PY) -m venv $(VENV)
+	@echo "==> upgrading pip"
 	$(BIN)/pip install -q --upgrade pip
+	@echo "==> installing PyTorch ($(TORCH_SPEC)); CPU build unless TORCH_SPEC says otherwise"
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	@echo "==> installing metafx and its dependencies (Ray, Optuna, MLflow, DAWDreamer, auraloss, pytest, ...)"
 	$(BIN)/pip install -q -e '.[test]'
+	@echo "==> set-up done: run commands with $(BIN)/python, or activate the environment with  . $(BIN)/activate"
 	touch $@
 
 setup: $(BIN)/.metafx-installed
 
 run: setup
+	@echo "==> python launch/search.py --space $(SPACE) --budget $(BUDGET)"
 	$(BIN)/python launch/search.py --space $(SPACE) --budget $(BUDGET)
 
 test: setup
+	@echo "==> python -m pytest -q (the default suite; the slow end-to-end tests: make test-slow)"
 	$(BIN)/python -m pytest -q
 
 # Slow end-to-end tests (real browser on the MLflow UI, resume after SIGKILL, ...).

@@ -17,6 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from metafx import cli  # noqa: E402
+from metafx.config import BUDGETS  # noqa: E402
+
 SUITES = {
     "render": "metafx.bench.render",
     "metastep": "metafx.bench.metastep",
@@ -25,18 +28,19 @@ SUITES = {
     "leaderboard": "metafx.bench.leaderboard",
     "methods": "metafx.bench.methods",
     "universal": "metafx.bench.universal",
+    "capture": "metafx.bench.capture",  # python launch/bench.py capture [-- --families a,b --support 0.5,1,3,10]
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, epilog=cli.EXIT_STATUS_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("suite", choices=sorted(SUITES))
-    ap.add_argument("--budget", default="local", choices=["smoke", "local", "paper"])
+    ap.add_argument("--budget", default="local", choices=BUDGETS)
     ap.add_argument("--space", default="lstm.yaml")
     ap.add_argument("--out", default=None, help="output folder (default: benchmarks/ in the repo)")
     args, rest = ap.parse_known_args(argv)
-    mod = importlib.import_module(SUITES[args.suite])
-    return int(mod.main(args, rest) or 0)
+    return cli.run(lambda: importlib.import_module(SUITES[args.suite]).main(args, rest))
 
 
 if __name__ == "__main__":

@@ -11,29 +11,26 @@ RAY_ADDRESS (as under `ray job submit`), else a local Ray on this machine. Each 
 chunk of tasks of one family) is a Ray task; the cache (data.cache_dir / $METAFX_CACHE)
 must be on storage every node sees. The result is the dataset a local render writes.
 
-Exit status 2 on a configuration error, 1 on a render or source error, 130 when
-interrupted (Ctrl-C, SIGTERM): no dataset directory is left half-written.
+The first lines say which keys the budget replaces (value in the study -> value used).
+An interrupted render (Ctrl-C, SIGTERM) leaves no dataset directory half-written.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from metafx.config import BUDGETS, ConfigError, load_config  # noqa: E402
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+from metafx import cli  # noqa: E402
+from metafx.config import BUDGETS, ConfigError, check_audio_length  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, epilog=cli.EXIT_STATUS_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", default="lstm.yaml", help="study name in search_spaces/ or a path to a study YAML")
     ap.add_argument("--budget", default=None, choices=BUDGETS, help="scale (default: the file's budget, else local)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -47,25 +44,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --ray: tasks per part (default: about two parts per CPU slot)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # SIGTERM (a scheduler, `ray job stop`) unwinds like Ctrl-C: running parts are cancelled, nothing half-written stays.
-    signal.signal(signal.SIGTERM, _interrupt)
-    if (args.cpus_per_part < 1 or (args.tasks_per_part is not None and args.tasks_per_part < 1)):
-        print("config error: --cpus-per-part and --tasks-per-part must be >= 1", file=sys.stderr)
-        return 2
+    return cli.run(lambda: _render(args), interrupted="no dataset was written; finished parts of a --ray render "
+                                                     "are kept and reused by the next run")
 
-    try:
-        cfg = load_config(args.space, args.budget, overrides=args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
 
-    from metafx.data.plan import RenderError
+def _render(args: argparse.Namespace) -> int:
+    if args.cpus_per_part < 1 or (args.tasks_per_part is not None and args.tasks_per_part < 1):
+        raise ConfigError("--cpus-per-part and --tasks-per-part must be >= 1")
+    cfg = cli.load_study(args.space, args.budget, args.overrides)
+
     from metafx.data.render import render_taskset  # the dawdreamer import
-    from metafx.data.sources import SourceError
     from metafx.data.tasks import TaskSet
 
     t0 = time.perf_counter()
-    try:
+    with cli.naming_study(cfg):
         if args.ray:
             from metafx.cluster import init_ray
             from metafx.data.distributed import render_on_ray
@@ -75,16 +67,6 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=not args.quiet)
         else:
             result = render_taskset(cfg.data, progress=not args.quiet)
-    except KeyboardInterrupt:
-        print("interrupted: no dataset was written; finished parts of a --ray render are kept and reused by the "
-              "next run", file=sys.stderr)
-        return 130
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (RenderError, SourceError) as e:
-        print(f"render error: {e}", file=sys.stderr)
-        return 1
     wall = time.perf_counter() - t0
     ts, rendered = TaskSet(result.path), result.rendered
 
@@ -108,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         r = ts.manifest["render"]
         print(f"render:   reused from cache (originally {r['total_seconds']:.2f} s, {r['speed_x_realtime']:.0f}x real time)")
+    check_audio_length(cfg, ts.num_samples)  # the dataset is kept; the study's slices need more audio
     return 0
 
 

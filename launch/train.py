@@ -4,25 +4,29 @@
         [--set maml.inner_lr=0.05 ...] [--results out.json] [--workdir DIR] [--resume DIR]
 
 No Ray and no MLflow on this path. ``--space`` also accepts the best-config YAML a
-search writes.
+search writes. The first lines say which keys the budget replaces (value in the study
+-> value used).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from metafx.config import ConfigError, load_config  # noqa: E402
+from metafx import cli  # noqa: E402
+from metafx.config import BUDGETS, ConfigError, check_audio_length  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, epilog=cli.EXIT_STATUS_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", required=True, help="study name in search_spaces/ or a YAML path")
-    ap.add_argument("--budget", choices=["smoke", "local", "paper"], default=None)
+    ap.add_argument("--budget", choices=BUDGETS, default=None, help="scale (default: the file's budget, else local)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--results", type=Path, default=None, help="write every metric to this JSON file")
     ap.add_argument("--workdir", type=Path, default=None, help="checkpoints (and artifacts) go here")
@@ -30,16 +34,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baselines", action="store_true", help="skip the joint and single-task baselines")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.space, args.budget, args.set)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: _train(args), interrupted=lambda: _interrupted(args, argv))
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str] | None) -> str:
+    """What an interrupted run kept, and how to continue it."""
+    train = sys.modules.get("metafx.train")  # not imported yet: interrupted before training, nothing kept
+    ckpt = args.workdir / "checkpoint" if args.workdir is not None else None  # where meta_train keeps them
+    if train is None or ckpt is None or not (ckpt / train.CHECKPOINT_FILE).is_file():
+        return "no checkpoint was kept" + ("" if args.workdir else " (give --workdir DIR to keep them)")
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" in given:  # continue from the newest checkpoint, not the one resumed from before
+        i = given.index("--resume")
+        del given[i:i + 2]
+    return f"continue with  python launch/train.py {shlex.join(given + ['--resume', str(ckpt)])}"
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = cli.load_study(args.space, args.budget, args.set)
 
     from metafx.data.tasks import load_taskset
-    from metafx.train import meta_train
+    from metafx.train import CHECKPOINT_FILE, meta_train
 
-    taskset = load_taskset(cfg.data)
+    if args.resume is not None:
+        f = args.resume / CHECKPOINT_FILE if args.resume.is_dir() else args.resume
+        if not f.is_file():
+            raise ConfigError(f"--resume {args.resume}: no checkpoint at {f}")
+
+    with cli.naming_study(cfg):
+        taskset = load_taskset(cfg.data)
+        check_audio_length(cfg, taskset.num_samples)
 
     def report(metrics: dict, ckpt) -> None:
         shown = {k: round(v, 4) for k, v in metrics.items() if k in

@@ -3,8 +3,10 @@
 A study file (``search_spaces/*.yaml``) is a complete single-trial configuration
 (``data``, ``model``, ``maml``, ``eval`` sections) plus an optional ``search``
 section and a ``budgets`` section of dotted overrides (``smoke``, ``local``,
-``paper``). :func:`load_config` resolves the file, applies the budget and any
-``--set key=value`` overrides to the raw mapping, then validates every key.
+``paper``). :func:`load_config` resolves the file and validates the study as written
+(so a bad value is reported even where the chosen budget replaces it), then applies the
+budget and any ``--set key=value`` overrides to the raw mapping and validates every key
+again. :attr:`Config.budget_changes` keeps what the budget replaced (:func:`budget_report`).
 
 Four modules, one concept each; import every name from here:
 
@@ -34,14 +36,14 @@ from typing import Any, Mapping
 
 from metafx.config_fields import FieldValidator, field_default, field_named
 from metafx.config_io import (
-    REPO_ROOT, SPACES_DIR, ConfigError, dump_config, flatten, get_dotted, parse_override, read_yaml, resolve_space,
-    set_dotted,
+    REPO_ROOT, SPACES_DIR, ConfigError, dump_config, flatten, get_dotted, inline_yaml, lookup_dotted, parse_override,
+    read_yaml, resolve_space, set_dotted,
 )
 from metafx.config_schema import (
     ARCHS, ARX_FEATURES, BACKENDS, CONTEXT_METHODS, DISTRIBUTIONS, FILM_ARCHS, GRID_SCALES, LOSS_TERMS, METHODS,
-    OUTER_SCHEDULES, ARXConfig, Config, DataConfig, EvalConfig, FamilyConfig, LossConfig, LSTMConfig, MAMLConfig,
-    ModelConfig, ParamGrid, SearchConfig, SearchParam, SourceConfig, SSMConfig, TCNConfig, TransformerConfig,
-    default_cache_dir, is_cutoff_param, tcn_receptive_field,
+    OUTER_SCHEDULES, STEP_METHODS, ARXConfig, BudgetChange, Config, DataConfig, EvalConfig, FamilyConfig, LossConfig,
+    LSTMConfig, MAMLConfig, ModelConfig, ParamGrid, SearchConfig, SearchParam, SourceConfig, SSMConfig, TCNConfig,
+    TransformerConfig, default_cache_dir, is_cutoff_param, tcn_receptive_field,
 )
 
 EFFECTS_DIR = Path(__file__).resolve().parent / "data" / "effects"
@@ -52,11 +54,12 @@ SEARCHABLE_SECTIONS = ("data", "model", "maml", "eval")
 __all__ = [
     "ARCHS", "ARX_FEATURES", "BACKENDS", "BUDGETS", "CONTEXT_METHODS", "DEFAULT_BUDGET", "DISTRIBUTIONS",
     "EFFECTS_DIR", "FILM_ARCHS", "LOSS_TERMS", "METHODS", "OUTER_SCHEDULES", "REPO_ROOT", "SPACES_DIR",
-    "ARXConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "FamilyConfig", "LSTMConfig",
-    "LossConfig", "MAMLConfig", "ModelConfig", "ParamGrid", "SSMConfig", "SearchConfig", "SearchParam",
-    "SourceConfig", "TCNConfig", "TransformerConfig",
-    "config_from_dict", "default_cache_dir", "dump_config", "flatten", "get_dotted", "is_cutoff_param",
-    "load_config", "parse_override", "read_yaml", "resolve_space", "set_dotted", "tcn_receptive_field",
+    "STEP_METHODS", "ARXConfig", "BudgetChange", "Config", "ConfigError", "DataConfig", "EvalConfig",
+    "FamilyConfig", "LSTMConfig", "LossConfig", "MAMLConfig", "ModelConfig", "ParamGrid", "SSMConfig",
+    "SearchConfig", "SearchParam", "SourceConfig", "TCNConfig", "TransformerConfig",
+    "budget_changes", "budget_report", "check_audio_length", "config_from_dict", "default_cache_dir",
+    "dump_config", "flatten", "get_dotted", "is_cutoff_param", "load_config", "parse_override", "read_yaml",
+    "resolve_space", "set_dotted", "tcn_receptive_field",
 ]
 
 
@@ -64,6 +67,9 @@ __all__ = [
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "maml": MAMLConfig, "eval": EvalConfig,
                              "search": SearchConfig}
 TOP_KEYS = ("name", "data", "model", "maml", "eval", "search", "budget", "budgets")
+# The keys of one search.params entry, and of a slider's range under data.families[i].params.
+SEARCH_PARAM_KEYS = ("dist", "low", "high", "step", "choices", "when")
+GRID_KEYS = ("low", "high", "num", "scale")
 
 
 # --------------------------------------------------------------------------- loading
@@ -109,10 +115,14 @@ def config_from_dict(
         overrides: as in :func:`load_config`.
 
     Returns:
-        The validated :class:`Config`; its ``raw`` is the resolved mapping with ``budget`` set.
+        The validated :class:`Config`; its ``raw`` is the resolved mapping with ``budget`` set,
+        its ``budget_changes`` the keys the budget overrides (:func:`budget_changes`).
 
     Raises:
-        ConfigError: naming the file, the key, the value and what is allowed.
+        ConfigError: naming the file, the key, the value and what is allowed. The study as
+            written is validated first, so a bad value is reported even where the chosen
+            budget replaces it. An error in a value given as ``--set key=value`` (``overrides``
+            as a list) names that ``--set``, not the file.
     """
     raw = copy.deepcopy(dict(raw))
     budgets = raw.pop("budgets", None) or {}
@@ -125,17 +135,161 @@ def config_from_dict(
     for b in budgets:
         if b not in BUDGETS:
             raise ConfigError(f"{path}: budgets.{b}: unknown budget; allowed: {', '.join(BUDGETS)}")
-    for k, v in (budgets.get(budget) or {}).items():
+    by_budget = budgets.get(budget) or {}
+    if not isinstance(by_budget, dict):
+        raise ConfigError(f"{path}: budgets.{budget} must map dotted keys to values")
+    study = copy.deepcopy(raw)  # the study as written
+    for k, v in by_budget.items():
         set_dotted(raw, k, v, where=f"{path}: budgets.{budget}")
+    cli: dict[str, str] = {}  # key -> the --set that gave its value
     if overrides:
-        items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
-        for k, v in items:
-            set_dotted(raw, k, v, where=f"{path}: override {k}")
-    cfg = _Validator(path).config(raw, budget)
+        if isinstance(overrides, Mapping):
+            items = [(k, v, f"{path}: override {k}") for k, v in overrides.items()]
+        else:
+            items = [(*parse_override(o), f"--set {o}") for o in overrides]
+        for k, v, where in items:
+            set_dotted(raw, k, v, where=where)
+            if where.startswith("--set"):
+                cli[k] = where
+    if by_budget:  # a value the budget replaces is still checked: the study as written must be valid
+        try:
+            _Validator(path).config(copy.deepcopy(study), budget)
+        except ConfigError as e:
+            over = _owner(e.key, {k: f"budgets.{budget}" for k in by_budget})
+            if over is None:
+                raise
+            raise ConfigError(f"{e} (in the study as written: budget {budget} replaces this value, but the study "
+                              "itself must be valid)", key=e.key, allowed=e.allowed) from None
+    try:
+        cfg = _Validator(path).config(raw, budget)
+    except ConfigError as e:
+        where = _owner(e.key, cli)
+        if where is not None:  # the bad value came from the command line, not the file
+            raise ConfigError(f"{where}: {_without_path(str(e), path)}", key=e.key, allowed=e.allowed) from None
+        if _owner(e.key, {k: "" for k in by_budget}) is not None:
+            raise ConfigError(f"{e} (the value of budgets.{budget})", key=e.key, allowed=e.allowed) from None
+        raise
     resolved = copy.deepcopy(raw)
     resolved["budget"] = budget
     object.__setattr__(cfg, "raw", resolved)
+    object.__setattr__(cfg, "budget_changes", _changes(study, by_budget, resolved))
     return cfg
+
+
+def _owner(key: str | None, origins: Mapping[str, str]) -> str | None:
+    """The origin of the override that set ``key`` or a section above it, or None."""
+    if key is None:
+        return None
+    for k, where in origins.items():
+        if key == k or key.startswith((k + ".", k + "[")):
+            return where
+    return None
+
+
+def _without_path(msg: str, path: Path) -> str:
+    """``msg`` without its leading ``<path>: ``."""
+    head = f"{path}: "
+    return msg[len(head):] if msg.startswith(head) else msg
+
+
+def _schema_default(key: str) -> tuple[bool, Any]:
+    """The default of a dotted key of the sections, walking the dataclass fields: ``(found, default)``."""
+    parts = key.split(".")
+    cls: Any = SECTIONS.get(parts[0])
+    for i, part in enumerate(parts[1:], start=1):
+        if cls is None:
+            return False, None
+        try:
+            f = field_named(cls, part)
+        except KeyError:
+            return False, None
+        if i == len(parts) - 1:
+            v = field_default(f)
+            return True, dict(v.terms) if isinstance(v, LossConfig) else v
+        cls = f.metadata.get("cls")
+    return False, None
+
+
+def _changes(study: Mapping[str, Any], by_budget: Mapping[str, Any], resolved: Mapping[str, Any]) -> tuple[BudgetChange, ...]:
+    """The keys of ``by_budget`` whose value in ``resolved`` differs from the study as written."""
+    out = []
+    for k in by_budget:
+        found, old = lookup_dotted(study, k)
+        default = not found
+        if default:
+            found, old = _schema_default(k)
+        _, new = lookup_dotted(resolved, k)
+        if not found or old != new:
+            out.append(BudgetChange(k, old, new, default))
+    return tuple(out)
+
+
+def budget_changes(cfg_or_space: Config | str | os.PathLike[str], budget: str | None = None) -> tuple[BudgetChange, ...]:
+    """The keys a budget overrides: ``(key, value in the study, value used, default)`` for each that differs.
+
+    Args:
+        cfg_or_space: a loaded :class:`Config` (its budget), or a study name or path.
+        budget: with a study name or path: the budget (None = the file's, else ``local``).
+
+    Returns:
+        One :class:`BudgetChange` per key of ``budgets.<budget>`` whose value differs from the
+        study as written (``default`` True where the study leaves the key out), in file order.
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    if isinstance(cfg_or_space, Config):
+        return cfg_or_space.budget_changes
+    return load_config(cfg_or_space, budget).budget_changes
+
+
+def budget_report(cfg: Config) -> str:
+    """What the budget replaced, for the start of every run.
+
+    Args:
+        cfg: a loaded study.
+
+    Returns:
+        ``budget smoke replaces 3 key(s) of <file>:`` and one line
+        ``  key: <value in the study> in the study -> <value used> used`` per key, or one line
+        saying the study is used as written.
+    """
+    ch = cfg.budget_changes
+    if not ch:
+        return f"budget {cfg.budget}: {cfg.source_file} is used as written (the budget replaces none of its values)"
+    lines = [f"budget {cfg.budget} replaces {len(ch)} key(s) of {cfg.source_file}:"]
+    for c in ch:
+        old = f"{inline_yaml(c.study)}{' (default)' if c.default else ''}"
+        used = inline_yaml(c.used) + (" (not searched)" if c.used is None and c.key.startswith("search.params.") else "")
+        lines.append(f"  {c.key}: {old} in the study -> {used} used")
+    return "\n".join(lines)
+
+
+def check_audio_length(cfg: Config, num_samples: int) -> None:
+    """Check that the rendered source is long enough for one episode (a folder may hold less than asked).
+
+    The load-time check compares the slices with ``data.source.seconds``; a folder source can
+    hold less audio than that, which is known only once it is read.
+
+    Args:
+        cfg: the study.
+        num_samples: samples of the rendered source (:attr:`metafx.data.tasks.TaskSet.num_samples`).
+
+    Raises:
+        ConfigError: naming the study file, the slices, the audio there is and the fix.
+    """
+    m, sr = cfg.maml, cfg.data.sample_rate
+    need = (m.k_support + m.k_query) * m.slice_len
+    if num_samples >= need:
+        return
+    src = cfg.data.source
+    where = f"the source folder {src.path} holds only" if src.kind == "folder" else "the source audio is only"
+    raise ConfigError(
+        f"{cfg.source_file}: maml.k_support + maml.k_query = {m.k_support + m.k_query} slices of maml.slice_len = "
+        f"{m.slice_len} samples need {need} samples ({need / sr:.3f} s) of audio, but {where} {num_samples} "
+        f"({num_samples / sr:.3f} s; data.source.seconds = {src.seconds:g}): add audio"
+        f"{' to the folder' if src.kind == 'folder' else ''} or lower maml.slice_len / k_support / k_query",
+        key="maml.slice_len")
 
 
 # --------------------------------------------------------------------------- validation
@@ -143,6 +297,10 @@ def config_from_dict(
 
 class _Validator(FieldValidator):
     """The study's hand-written checks: ``checked_by`` fields, cross-field rules, families, search parameters."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.built: dict[str, Any] = {}  # the sections validated so far (search is last: its checks read them)
 
     # ---- hand-written checks of single settings (named by checked_by)
 
@@ -197,6 +355,11 @@ class _Validator(FieldValidator):
 
     def rules(self, obj: Any, key: str) -> None:
         """The rules that tie several settings of one section together."""
+        if isinstance(obj, MAMLConfig) and obj.method in STEP_METHODS and obj.inner_steps < 1:
+            raise self.err(key + ".inner_steps", obj.inner_steps,
+                           f"{key}.method = {obj.method!r} adapts only by inner gradient steps, so with 0 steps nothing "
+                           f"is adapted (its adapted metrics would equal those before adaptation): set "
+                           f"{key}.inner_steps >= 1, or {key}.method: joint to train without adaptation")
         if isinstance(obj, DataConfig) and obj.val_fraction + obj.test_fraction >= 1:
             raise self.err(key + ".val_fraction", obj.val_fraction,
                            f"val_fraction + test_fraction ({obj.val_fraction + obj.test_fraction}) must be < 1")
@@ -228,7 +391,10 @@ class _Validator(FieldValidator):
         name = raw.get("name", self.path.stem)
         if not isinstance(name, str) or not name:
             raise self.err("name", name, "expected a non-empty string")
-        s = {key: self.build(cls, raw.get(key), key) for key, cls in SECTIONS.items()}
+        self.built = {}
+        for key, cls in SECTIONS.items():
+            self.built[key] = self.build(cls, raw.get(key), key)
+        s = self.built
         data, model, maml = s["data"], s["model"], s["maml"]
         if data.source.seconds * data.sample_rate < (maml.k_support + maml.k_query) * maml.slice_len:
             raise ConfigError(
@@ -350,26 +516,40 @@ class _Validator(FieldValidator):
     # ---- search parameters
 
     def search_param(self, key: str, spec: Any) -> SearchParam:
-        """One ``search.params.<key>`` entry; the key must name a real setting of a searchable section."""
+        """One ``search.params.<key>`` entry; the key must name a real setting of a searchable section.
+
+        Its range (``low`` and ``high``) or every choice must be values the key itself accepts
+        (the field's declared check), so a bad range fails here, before any trial starts.
+        """
         full = f"search.params.{key}"
-        spec = self.section(spec, full, ("dist", "low", "high", "step", "choices", "when"))
+        spec = self.section(spec, full, SEARCH_PARAM_KEYS)
         sec = key.split(".")
-        if sec[0] not in SEARCHABLE_SECTIONS:
+        if sec[0] not in SEARCHABLE_SECTIONS or len(sec) < 2:
             raise self.err(full, key, "a searched key must be a dotted key under data, model, maml or eval")
-        # The key must name a real setting: walk the dataclass fields.
+        # The key must name a real setting: walk the dataclass fields (and the validated sections beside them).
         cls: Any = SECTIONS[sec[0]]
-        for part in sec[1:]:
-            names = tuple(f.name for f in fields(cls)) if cls is not None else ()
+        parent: Any = None
+        obj: Any = self.built.get(sec[0])
+        f: Field | None = None
+        term = None  # maml.inner_loss.<term>: the weight of one loss term
+        for i, part in enumerate(sec[1:], start=1):
+            names = tuple(x.name for x in fields(cls)) if cls is not None else ()
             if part not in names:
                 allowed = ", ".join(names) if names else "(no sub-keys)"
                 raise ConfigError(
                     f"{self.path}: search.params key {key!r} is not a setting of the model or trainer: "
-                    f"{part!r} is unknown; allowed there: {allowed}"
+                    f"{part!r} is unknown; allowed there: {allowed}", key=full, allowed=f"allowed there: {allowed}"
                 )
-            m = field_named(cls, part).metadata
-            if m.get("check") == "loss":  # maml.inner_loss.<term>: any term name
+            f = field_named(cls, part)
+            parent, obj = obj, getattr(obj, part, None)
+            if f.metadata.get("check") == "loss":
+                if i + 1 < len(sec):
+                    term = ".".join(sec[i + 1:])
+                    if term not in LOSS_TERMS:
+                        raise self.err(full, key, f"{'.'.join(sec[:i + 1])}.<term> takes a loss term: "
+                                                  f"{', '.join(LOSS_TERMS)}")
                 break
-            cls = m.get("cls")
+            cls = f.metadata.get("cls")
         dist = spec.get("dist")
         if dist not in DISTRIBUTIONS:
             raise self.err(full + ".dist", dist, f"unknown distribution; allowed: {', '.join(DISTRIBUTIONS)}")
@@ -381,6 +561,7 @@ class _Validator(FieldValidator):
             ch = spec.get("choices")
             if not isinstance(ch, list) or not ch:
                 raise self.err(full + ".choices", ch, "a categorical parameter needs a non-empty list of choices")
+            self.search_values(key, f, parent, term, dist, [("choice", c) for c in ch])
             return SearchParam(key, dist, choices=tuple(ch), when=when)
         lo = self.num(spec["low"], full + ".low") if "low" in spec else None
         hi = self.num(spec["high"], full + ".high") if "high" in spec else None
@@ -396,4 +577,73 @@ class _Validator(FieldValidator):
                 raise self.err(full, spec, "dist int needs integer low and high")
             step = self.num(spec.get("step", 1), full + ".step", lo=1, integer=True)
             lo, hi = int(lo), int(hi)
+        self.search_values(key, f, parent, term, dist, [("low", spec["low"]), ("high", spec["high"])])
         return SearchParam(key, dist, low=lo, high=hi, step=step, log=dist == "loguniform", when=when)
+
+    def search_values(self, key: str, f: Field, parent: Any, term: str | None, dist: str,
+                      values: list[tuple[str, Any]]) -> None:
+        """Check a searched parameter's bounds or choices as values of its key.
+
+        Args:
+            key: the searched dotted key.
+            f: its field (for a loss term: the loss field).
+            parent: the validated section holding ``f`` (hand-written checks read its other settings).
+            term: for ``maml.<loss>.<term>``: the term whose weight is searched; else None.
+            dist: the distribution.
+            values: ``(what, value)``: ``("low", lo), ("high", hi)`` or ``("choice", c)`` for each choice.
+
+        Raises:
+            ConfigError: a value the key does not accept, or a numeric distribution for a key that
+                is not a number (or real numbers for an integer key); names the file, the
+                parameter, the value and what the key accepts.
+        """
+        full = f"search.params.{key}"
+        m = f.metadata
+        kind = m.get("kind")
+        accepts = "weights > 0" if term else _accepts(f)
+        if term is None and dist != "categorical" and kind != "num":
+            raise ConfigError(f"{self.path}: {full}: dist {dist} samples numbers, but {key} takes "
+                              f"{accepts or 'no number'}: use "
+                              "dist: categorical with a list of choices", key=full, allowed="dist: categorical")
+        if term is None and dist in ("uniform", "loguniform") and m.get("integer"):
+            raise ConfigError(f"{self.path}: {full}: dist {dist} samples real numbers, but {key} takes {accepts}: "
+                              "use dist: int (or categorical)", key=full, allowed="dist: int or categorical")
+        done = {x.name: getattr(parent, x.name) for x in fields(parent)} if parent is not None else {}
+        for what, v in values:
+            try:
+                if term is not None:
+                    self.num(v, key, lo=0, lo_open=True)
+                else:
+                    self.value(f, {f.name: v}, key, done)
+            except ConfigError as e:
+                allowed = accepts or e.allowed
+                raise ConfigError(f"{self.path}: {full}: {what} {v!r} is not a value {key} accepts ({allowed})",
+                                  key=full, allowed=allowed) from None
+
+
+def _accepts(f: Field) -> str | None:
+    """What a field accepts, in words, from its declared check (None for a hand-written check)."""
+    m = f.metadata
+    kind = m.get("kind")
+    if kind == "num":
+        what = "integers" if m["integer"] else "numbers"
+        lo, hi = m["lo"], m["hi"]
+        if lo is not None and hi is not None:
+            what += f" in {'(' if m['lo_open'] else '['}{lo:g}, {hi:g}]"
+        elif lo is not None:
+            what += f" {'>' if m['lo_open'] else '>='} {lo:g}"
+        elif hi is not None:
+            what += f" <= {hi:g}"
+        return what + (", or null" if m["nullable"] else "")
+    if kind == "bool":
+        return "true or false"
+    if kind == "choice":
+        ch = m["choices"]() if callable(m["choices"]) else m["choices"]
+        return "one of " + ", ".join(map(str, ch))
+    if kind == "text":
+        return m["expect"].removeprefix("expected ")
+    if kind == "section":
+        return f"a mapping of {', '.join(x.name for x in fields(m['cls']))}"
+    if m.get("check") == "loss":
+        return f"a loss term ({', '.join(LOSS_TERMS)}), a weighted sum such as '5*l1+stft', or a mapping term -> weight"
+    return None

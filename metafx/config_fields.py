@@ -164,9 +164,10 @@ class FieldValidator:
             allowed: what is allowed, or how to fix it.
 
         Returns:
-            A :class:`ConfigError` naming the file, the key, the value and ``allowed``, to raise.
+            A :class:`ConfigError` naming the file, the key, the value and ``allowed``, to raise;
+            its ``key`` and ``allowed`` attributes hold the dotted key and ``allowed``.
         """
-        return ConfigError(f"{self.path}: key '{key}' = {value!r} is invalid: {allowed}")
+        return ConfigError(f"{self.path}: key '{key}' = {value!r} is invalid: {allowed}", key=key, allowed=allowed)
 
     def section(self, d: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
         """Check the keys of one YAML section.
@@ -188,9 +189,9 @@ class FieldValidator:
             raise self.err(key, d, "expected a mapping (a YAML section)")
         for k in d:
             if k not in allowed:
-                raise ConfigError(
-                    f"{self.path}: unknown key '{key + '.' if key else ''}{k}'; allowed keys here: {', '.join(allowed)}"
-                )
+                full = f"{key + '.' if key else ''}{k}"
+                raise ConfigError(f"{self.path}: unknown key '{full}'; allowed keys here: {', '.join(allowed)}",
+                                  key=full, allowed=f"allowed keys here: {', '.join(allowed)}")
         return d
 
     def num(self, v: Any, full: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,

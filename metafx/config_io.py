@@ -21,7 +21,18 @@ _INDEX = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<i>\d+)\]$")
 
 
 class ConfigError(ValueError):
-    """A study file or override is invalid. The message names file, key, value and the fix."""
+    """A study file or override is invalid. The message names file, key, value and the fix.
+
+    Args:
+        message: the whole message (one line).
+        key: the dotted key at fault, when one key is (``None`` for rules across keys).
+        allowed: what that key allows, or how to fix it (the end of the message).
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, allowed: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.allowed = allowed
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -102,6 +113,52 @@ def get_dotted(d: Mapping[str, Any], key: str, default: Any = None) -> Any:
             return default
         cur = cur[p]
     return cur
+
+
+def lookup_dotted(d: Mapping[str, Any], key: str) -> tuple[bool, Any]:
+    """Find ``a.b.c`` (or ``data.families[0].params``) in a nested mapping, as :func:`set_dotted` reads keys.
+
+    Under ``search.params`` the rest of the key is one (dotted) parameter name.
+
+    Args:
+        d: the nested mapping.
+        key: the dotted key; ``name[i]`` indexes a list.
+
+    Returns:
+        ``(True, value)``, or ``(False, None)`` when a part of the key is missing.
+    """
+    parts = key.split(".")
+    cur: Any = d
+    trail: list[str] = []
+    for i, p in enumerate(parts):
+        if trail == ["search", "params"]:
+            rest = ".".join(parts[i:])
+            return (True, cur[rest]) if isinstance(cur, Mapping) and rest in cur else (False, None)
+        m = _INDEX.match(p)
+        name = m.group("name") if m else p
+        if not isinstance(cur, Mapping) or name not in cur:
+            return False, None
+        cur = cur[name]
+        if m:
+            idx = int(m.group("i"))
+            if not isinstance(cur, list) or idx >= len(cur):
+                return False, None
+            cur = cur[idx]
+        trail.append(name)
+    return True, cur
+
+
+def inline_yaml(value: Any) -> str:
+    """A value as one line of YAML flow style (``{low: 300, high: 4000}``, ``[0.0, 0.4]``, ``null``).
+
+    Args:
+        value: a plain value, mapping or sequence (paths and numpy scalars are converted).
+
+    Returns:
+        The text, without a trailing newline or document end marker.
+    """
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, sort_keys=False, width=1 << 30).strip()
+    return text[:-4].rstrip() if text.endswith("\n...") else text  # a scalar document ends with "..."
 
 
 def parse_override(text: str) -> tuple[str, Any]:

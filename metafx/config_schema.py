@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from metafx.config_fields import checked_by, flag, number, one_of, subsection, text
 from metafx.config_io import flatten
@@ -28,6 +28,9 @@ from metafx.config_io import flatten
 # only with model.arch arx.
 METHODS = ("maml", "anil", "cavia", "encoder", "joint", "ridge")
 CONTEXT_METHODS = ("cavia", "encoder")  # need model.context_dim >= 1 and a model with FiLM
+# Adapt only by inner gradient steps, so they need maml.inner_steps >= 1 (with 0 nothing is adapted: that is
+# method joint). encoder with 0 steps is pure amortized inference; ridge and joint take no inner steps.
+STEP_METHODS = ("maml", "anil", "cavia")
 OUTER_SCHEDULES = ("constant", "cosine")
 ARX_FEATURES = ("none", "learned")
 BACKENDS = ("func", "higher")
@@ -328,9 +331,22 @@ class SearchConfig:
     max_failures: int = number(2, lo=0, integer=True)
 
 
+class BudgetChange(NamedTuple):
+    """One key a budget overrides: its value in the study as written and the value the run uses."""
+
+    key: str  # dotted key, as written under budgets.<budget>
+    study: Any  # the value in the study's main sections (the field's default when the study leaves it out)
+    used: Any  # the value used: the budget's, or a --set override's when one sets the same key
+    default: bool = False  # the study leaves the key out: ``study`` is the default
+
+
 @dataclass(frozen=True)
 class Config:
-    """A validated study: its name, file, budget and sections, and the resolved mapping it came from."""
+    """A validated study: its name, file, budget and sections, and the resolved mapping it came from.
+
+    ``budget_changes`` lists the keys the budget overrides whose value differs from the study
+    as written (:func:`metafx.config.budget_report` prints them at the start of every run).
+    """
 
     name: str
     source_file: Path
@@ -341,6 +357,7 @@ class Config:
     eval: EvalConfig
     search: SearchConfig
     raw: Mapping[str, Any] = field(repr=False, compare=False, hash=False, default_factory=dict)
+    budget_changes: tuple[BudgetChange, ...] = field(repr=False, compare=False, hash=False, default=())
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved mapping, what checkpoints and MLflow store.

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from metafx.config import ARCHS, Config, ConfigError, SearchConfig, SearchParam, config_from_dict, get_dotted
+from metafx.config import (ARCHS, STEP_METHODS, Config, ConfigError, SearchConfig, SearchParam, config_from_dict,
+                           get_dotted)
 
 #: The metrics a trial reports (train metrics; ``val/...`` ones too), accepted as ``search.metric``.
 REPORTED_METRICS = ("query_l1_post", "query_l1_pre", "support_l1_post", "support_l1_pre")
@@ -96,7 +97,10 @@ def check_space(cfg: Config) -> None:
 
     A model parameter (``model.<arch>.<key>``) must belong to an architecture the trial
     can have (:data:`metafx.config.ARCHS`, restricted by ``model.arch`` and ``when``);
-    every ``when`` key must be searched or set; the metric must be one the trials report.
+    every ``when`` key must be searched or set; a method that adapts only by inner steps
+    (:data:`metafx.config.STEP_METHODS`) must never meet ``maml.inner_steps`` 0; the metric must
+    be one the trials report. (Each parameter's range against its key's own bounds is checked
+    when the study loads.)
 
     Args:
         cfg: the study config.
@@ -125,9 +129,34 @@ def check_space(cfg: Config) -> None:
         for key, _ in p.when:
             if key not in searched and get_dotted(cfg.to_dict(), key) is None:
                 raise ConfigError(f"{cfg.source_file}: search.params.{p.key}.when: {key!r} is neither searched nor set")
+    _check_inner_steps(cfg)
     if s.metric.split("/")[-1] not in REPORTED_METRICS and not s.metric.startswith("val/"):
         raise ConfigError(f"{cfg.source_file}: search.metric = {s.metric!r}: allowed are the reported training "
                           "metrics, e.g. val/query_l1_post, query_l1_post")
+
+
+def _check_inner_steps(cfg: Config) -> None:
+    """Refuse a space where a trial could pair maml / anil / cavia with ``maml.inner_steps`` 0 (the loader refuses it)."""
+    params = {p.key: p for p in cfg.search.params}
+    mp = params.get("maml.method")
+    methods = set(mp.choices) if mp else {cfg.maml.method}
+    if mp is not None and mp.when:  # conditional: the file's method applies otherwise
+        methods.add(cfg.maml.method)
+    sp = params.get("maml.inner_steps")
+    if sp is None:
+        lowest, what = cfg.maml.inner_steps, f"maml.inner_steps = {cfg.maml.inner_steps} (not searched)"
+    else:
+        lowest = min(sp.choices) if sp.dist == "categorical" else sp.low
+        what = f"search.params.maml.inner_steps reaches {lowest}"
+        conds = dict(sp.when).get("maml.method")
+        if conds:
+            methods &= set(conds)
+    bad = sorted(methods & set(STEP_METHODS))
+    if lowest is not None and lowest < 1 and bad:
+        raise ConfigError(
+            f"{cfg.source_file}: {what}, but a trial can have maml.method {' | '.join(bad)}, which adapts only by "
+            f"inner steps and needs maml.inner_steps >= 1: raise the range's low to 1 (or add "
+            f"`when: {{maml.method: [...]}}` without {', '.join(bad)}); method joint trains without adaptation")
 
 
 def trial_config(cfg: Config, sampled: Mapping[str, Any]) -> Config:

@@ -197,3 +197,130 @@ def test_architectures_come_from_the_model_sections():
 
     assert ARCHS == ("lstm", "tcn", "transformer", "arx", "ssm")
     assert FILM_ARCHS == ("lstm", "tcn", "ssm")
+
+
+# --------------------------------------------------------------------------- the study as written, and what a budget replaces
+
+
+def _study(tmp_path: Path, edit) -> Path:
+    """lstm.yaml with its budgets, edited, written to tmp_path."""
+    raw = read_yaml(SPACES_DIR / "lstm.yaml")
+    edit(raw)
+    p = tmp_path / "mine.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("data.families[0].params.cutoff", {"low": 200, "high": 30000, "num": 4, "scale": "log"}, "below Nyquist"),
+    ("maml.slice_len", "long", "expected an integer"),
+    ("maml.meta_steps", 0, "must be >= 1"),
+])
+def test_a_bad_value_the_budget_replaces_is_still_refused(tmp_path, key, value, expect):
+    """The smoke budget overrides each of these keys; the study as written is validated all the same."""
+    from metafx.config import set_dotted
+
+    p = _study(tmp_path, lambda r: set_dotted(r, key, value))
+    with pytest.raises(ConfigError) as e:
+        load_config(p, "smoke")
+    msg = str(e.value)
+    assert str(p) in msg and f"'{key}" in msg and expect in msg, msg
+    assert "budget smoke replaces this value" in msg, msg
+
+
+def test_budget_changes_name_what_the_budget_replaces(tmp_path):
+    """A user edits the grid of a copied study; --budget smoke uses its own grid and says so."""
+    from metafx.config import budget_changes, budget_report
+
+    grid = {"low": 100, "high": 2000, "num": 5, "scale": "log"}
+    p = _study(tmp_path, lambda r: r["data"]["families"][0]["params"].update(cutoff=grid))
+    cfg = load_config(p, "smoke")
+    ch = {c.key: c for c in cfg.budget_changes}
+    assert ch["data.families[0].params.cutoff"].study == grid
+    assert ch["data.families[0].params.cutoff"].used == {"low": 300, "high": 4000, "num": 4, "scale": "log"}
+    assert ch["maml.meta_steps"][:3] == ("maml.meta_steps", 200, 6)
+    assert budget_changes(p, "smoke") == cfg.budget_changes
+    report = budget_report(cfg)
+    assert report.splitlines()[0] == f"budget smoke replaces {len(ch)} key(s) of {p}:"
+    assert ("  data.families[0].params.cutoff: {low: 100, high: 2000, num: 5, scale: log} in the study -> "
+            "{low: 300, high: 4000, num: 4, scale: log} used") in report.splitlines()
+    # A key the study leaves out is shown with its default; a --set on a replaced key shows the value used.
+    p2 = _study(tmp_path, lambda r: r["eval"].pop("joint_steps"))
+    c2 = {c.key: c for c in load_config(p2, "smoke", ["maml.meta_steps=9"]).budget_changes}
+    assert c2["eval.joint_steps"] == ("eval.joint_steps", 200, 4, True)
+    assert c2["maml.meta_steps"].used == 9
+    assert "used as written" in budget_report(load_config("all.yaml", "local"))
+
+
+def test_set_errors_name_the_command_line_not_the_file():
+    for over, expect in [(["maml.inner_steps=-1"], "--set maml.inner_steps=-1: key 'maml.inner_steps' = -1 is invalid"),
+                         (["data.sample_rte=44100"], "--set data.sample_rte=44100: unknown key 'data.sample_rte'"),
+                         (["data.families[2].max_tasks=3"], "--set data.families[2].max_tasks=3: cannot set")]:
+        with pytest.raises(ConfigError) as e:
+            load_config("lstm.yaml", "smoke", over)
+        msg = str(e.value)
+        assert msg.startswith(expect) and "lstm.yaml" not in msg, msg
+
+
+# --------------------------------------------------------------------------- inner steps
+
+
+@pytest.mark.parametrize("method", ["maml", "anil", "cavia"])
+def test_a_gradient_method_without_inner_steps_is_refused(method):
+    over = {"maml.method": method, "maml.inner_steps": 0, "model.context_dim": 4}
+    with pytest.raises(ConfigError) as e:
+        load_config("lstm.yaml", "smoke", over)
+    msg = str(e.value)
+    assert "maml.inner_steps" in msg and method in msg and "method: joint" in msg and ">= 1" in msg, msg
+
+
+@pytest.mark.parametrize("over", [
+    {"maml.method": "encoder", "maml.inner_steps": 0, "model.context_dim": 4},  # pure amortized inference
+    {"maml.method": "joint", "maml.inner_steps": 0},  # no inner loop in training
+])
+def test_methods_that_need_no_inner_steps_accept_zero(over):
+    assert load_config("lstm.yaml", "smoke", over).maml.inner_steps == 0
+    assert load_config("arx.yaml", "smoke").maml.inner_steps == 0  # ridge: the head is solved, not stepped
+
+
+def test_a_search_that_can_pair_maml_with_zero_steps_is_refused(tmp_path):
+    from metafx.search_space import check_space
+
+    raw = read_yaml(SPACES_DIR / "all.yaml")
+    raw["search"]["params"]["maml.inner_steps"]["low"] = 0
+    cfg = config_from_dict(raw, tmp_path / "x.yaml", budget="smoke")
+    with pytest.raises(ConfigError, match=r"inner_steps reaches 0, but a trial can have maml.method anil \| cavia \| maml"):
+        check_space(cfg)
+    raw["search"]["params"]["maml.inner_steps"]["when"] = {"maml.method": ["encoder"]}
+    check_space(config_from_dict(raw, tmp_path / "x.yaml", budget="smoke"))  # encoder alone may take 0 steps
+
+
+# --------------------------------------------------------------------------- search ranges against the key's own bounds
+
+
+@pytest.mark.parametrize("key, spec, expect", [
+    ("maml.inner_lr", {"dist": "uniform", "low": -0.1, "high": -0.01},
+     "search.params.maml.inner_lr: low -0.1 is not a value maml.inner_lr accepts (numbers >= 0)"),
+    ("model.lstm.hidden", {"dist": "int", "low": 16, "high": 8192},
+     "search.params.model.lstm.hidden: high 8192 is not a value model.lstm.hidden accepts (integers in [1, 4096])"),
+    ("maml.outer_lr", {"dist": "uniform", "low": 0, "high": 0.01},
+     "search.params.maml.outer_lr: low 0 is not a value maml.outer_lr accepts (numbers > 0)"),
+    ("model.arch", {"dist": "categorical", "choices": ["lstm", "gru"]},
+     "search.params.model.arch: choice 'gru' is not a value model.arch accepts (one of lstm, tcn, transformer, arx, ssm)"),
+    ("maml.first_order", {"dist": "categorical", "choices": [True, "no"]},
+     "search.params.maml.first_order: choice 'no' is not a value maml.first_order accepts (true or false)"),
+    ("maml.outer_loss", {"dist": "categorical", "choices": ["l1", "l2"]},
+     "search.params.maml.outer_loss: choice 'l2' is not a value maml.outer_loss accepts"),
+    ("maml.outer_loss.stft", {"dist": "uniform", "low": 0, "high": 1},
+     "search.params.maml.outer_loss.stft: low 0 is not a value maml.outer_loss.stft accepts (weights > 0)"),
+    ("model.lstm.hidden", {"dist": "uniform", "low": 16, "high": 64},
+     "search.params.model.lstm.hidden: dist uniform samples real numbers, but model.lstm.hidden takes integers"),
+    ("maml.method", {"dist": "int", "low": 0, "high": 3},
+     "search.params.maml.method: dist int samples numbers, but maml.method takes one of maml"),
+    ("data.families[0].max_tasks", {"dist": "int", "low": 1, "high": 3}, "is not a setting"),
+])
+def test_search_ranges_are_checked_against_the_keys_bounds(tmp_path, key, spec, expect):
+    """Each bound and choice must be a value of its key: refused at load, before Ray or MLflow start."""
+    msg = _bad(tmp_path, lambda r: r["search"]["params"].update({key: spec}))
+    assert expect in msg, msg
+    assert "\n" not in msg

@@ -223,6 +223,24 @@ def test_unstable_settings_fail_when_asked(tmp_path):
     assert list(cache.iterdir()) == [], "a failed render leaves nothing behind"
 
 
+def test_on_unstable_fail_names_every_unstable_setting(tmp_path):
+    """Every unstable setting of every family is named, not only the first one found."""
+    fb = dsp_file(tmp_path, "fb", 'process = + ~ *(hslider("fb", 0.5, 0, 2, 0.001));')
+    fams = [{"name": "moog_vcf", "dsp": "moog_vcf.dsp", "params": {"cutoff": [1000, 10000, 10500], "resonance": [0.0, 0.9]}},
+            {"name": "fb", "dsp": fb, "params": {"fb": [0.5, 0.9, 1.5]}}]
+    cache = tmp_path / "c"
+    cfg = study(cache, fams, data__on_unstable="fail", data__val_fraction=0.2, data__test_fraction=0.2)
+    with pytest.raises(RenderError) as e:
+        render_taskset(cfg.data, progress=False)
+    msg = str(e.value)
+    for part in ("3 of 9 setting(s)", "{'cutoff': 10000.0, 'resonance': 0.9}", "{'cutoff': 10500.0, 'resonance': 0.9}",
+                 "family 'fb', params {'fb': 1.5}", "data.families[0].params, data.families[1].params",
+                 "on_unstable: drop"):
+        assert part in msg, (part, msg)
+    assert "'resonance': 0.0}" not in msg, "stable settings are not named"
+    assert list(cache.iterdir()) == [], "a failed render leaves nothing behind"
+
+
 def test_split_is_by_task_stratified_and_seeded(tmp_path):
     fams = [{"name": "moog_vcf", "dsp": "moog_vcf.dsp", "params": {"cutoff": [300, 1000, 3000], "resonance": [0.0, 0.3, 0.6]}},
             {"name": "cubicnl", "dsp": "cubicnl.dsp", "params": {"drive": [0.2, 0.5, 0.8], "offset": [0.0, 0.2]}}]
@@ -251,8 +269,10 @@ def test_too_few_tasks_for_a_split_is_a_config_error(tmp_path):
 
 def test_unknown_slider_names_the_sliders(tmp_path):
     cfg = study(tmp_path / "c", [{"name": "moog_vcf", "dsp": "moog_vcf.dsp", "params": {"cutof": [300, 600, 900], "resonance": [0.1]}}])
-    with pytest.raises(ConfigError, match=r"no slider named 'cutof'; its sliders are: cutoff, resonance"):
+    with pytest.raises(ConfigError, match=r"no slider named 'cutof'; its sliders are: cutoff, resonance") as e:
         render_taskset(cfg.data, progress=False)
+    assert str(e.value).startswith("key 'data.families[0].params.cutof': family 'moog_vcf': the .dsp ")
+    assert str(EFFECTS_DIR / "moog_vcf.dsp") in str(e.value) and e.value.key == "data.families[0].params.cutof"
 
 
 def test_faust_compile_error_is_reported(tmp_path):
@@ -406,6 +426,32 @@ def test_disk_space_is_checked(tmp_path, monkeypatch):
     with pytest.raises(RenderError, match=r"needs 0.0 GB but .* free: set data.cache_dir"):
         render_taskset(study(tmp_path / "c").data, progress=False)
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_launch_render_names_the_study_in_one_line(tmp_path):
+    """A grid key the .dsp does not have: exit 2, one line naming the study file and the key, no traceback."""
+    study_file = tmp_path / "mine.yaml"
+    raw = yaml.safe_load((REPO_ROOT / "search_spaces" / "lstm.yaml").read_text())
+    params = raw["data"]["families"][0]["params"]
+    params["reso"] = params.pop("resonance")  # a typo in the user's study
+    del raw["budgets"]["smoke"]["data.families[0].params.resonance"]
+    study_file.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, str(REPO_ROOT / "launch" / "render.py"), "--space", str(study_file), "--budget", "smoke",
+           "--quiet", "--set", f"data.cache_dir={tmp_path / 'c'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    err = [line for line in r.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(err) == 1 and err[0].startswith(f"error: {study_file}: key 'data.families[0].params.reso'"), r.stderr
+    assert "budget smoke replaces" in r.stdout and "maml.meta_steps: 200 in the study -> 6 used" in r.stdout
+
+
+def test_launch_scripts_document_their_exit_statuses():
+    for script in ("render.py", "train.py", "bench.py"):
+        r = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / script), "--help"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        for part in ("exit status:", "  1 ", "  2 ", "  130 ", "interrupted"):
+            assert part in r.stdout, (script, part)
 
 
 def test_launch_render_prints_and_reuses(tmp_path):

@@ -121,30 +121,34 @@ class DspInfo:
     outputs: int
     sliders: tuple[Slider, ...] = field(default_factory=tuple)
 
-    def resolve(self, name: str, *, family: str = "?") -> Slider:
+    def resolve(self, name: str, *, family: str = "?", key: str = "data.families[...].params", dsp: Any = None) -> Slider:
         """The slider a grid key refers to: by label, full address, or address suffix.
 
         Args:
             name: the grid key.
             family: name used in error messages.
+            key: the dotted key of the family's grid, e.g. ``data.families[0].params``.
+            dsp: the .dsp file, named in error messages.
 
         Returns:
             The one matching :class:`Slider`.
 
         Raises:
-            ConfigError: no slider or several sliders match ``name``.
+            ConfigError: no slider or several sliders match ``name`` (its ``key`` is ``<key>.<name>``).
         """
         hits = [s for s in self.sliders if name in (s.label, s.address) or s.address.endswith("/" + name)]
         if len(hits) == 1:
             return hits[0]
+        full = f"{key}.{name}"
+        where = f"the .dsp{f' {dsp}' if dsp else ''}"
         if not hits:
             labels = ", ".join(s.label for s in self.sliders) or "(none)"
-            raise ConfigError(
-                f"family {family!r}: the .dsp has no slider named {name!r}; its sliders are: {labels}. "
-                f"Rename the key under data.families[...].params or add hslider(\"{name}\", ...) to the .dsp"
-            )
+            fix = f"rename the key under {key} or add hslider(\"{name}\", ...) to the .dsp"
+            raise ConfigError(f"key '{full}': family {family!r}: {where} has no slider named {name!r}; its sliders "
+                              f"are: {labels}. Fix: {fix}", key=full, allowed=fix)
         addrs = ", ".join(s.address for s in hits)
-        raise ConfigError(f"family {family!r}: slider name {name!r} is ambiguous ({addrs}); use the full address as the key")
+        raise ConfigError(f"key '{full}': family {family!r}: slider name {name!r} is ambiguous in {where} ({addrs}); "
+                          "use the full address as the key", key=full, allowed="the full address as the key")
 
 
 def _faust_processor(engine: Any, name: str, dsp_text: str, dsp_dir: Path | None, *, family: str, dsp_path: Any) -> Any:
@@ -234,7 +238,7 @@ def prepare(cfg: DataConfig, families: set[int] | None = None) -> Prepared:
             raise RenderError(f"family {fam.name!r}: {fam.dsp} has no audio output")
         amap = {}
         for p in fam.params:
-            s = info.resolve(p.name, family=fam.name)
+            s = info.resolve(p.name, family=fam.name, key=f"data.families[{fi}].params", dsp=fam.dsp)
             amap[p.name] = s.address
             tol = 1e-6 * max(1.0, abs(s.min), abs(s.max))  # slider bounds are stored as float32
             out = [v for v in p.values if not s.min - tol <= v <= s.max + tol]
@@ -313,10 +317,13 @@ def check_stability(y: np.ndarray, input_peak: float, sample_rate: int) -> str |
     return None
 
 
-def _unstable_error(t: PlannedTask, reason: str) -> RenderError:
+def _unstable_error(planned: list[PlannedTask], unstable: dict[int, str]) -> RenderError:
+    """The ``on_unstable: fail`` error, naming every unstable setting (``{planned index: reason}``)."""
+    items = "; ".join(f"family {planned[i].family!r}, params {planned[i].params}: {unstable[i]}" for i in sorted(unstable))
+    grids = ", ".join(f"data.families[{fi}].params" for fi in sorted({planned[i].family_index for i in unstable}))
     return RenderError(
-        f"unstable render: family {t.family!r}, params {t.params}: {reason}. "
-        f"Fix: shrink data.families[{t.family_index}].params to stable settings "
+        f"unstable render: {len(unstable)} of {len(planned)} setting(s) (data.on_unstable: fail): {items}. "
+        f"Fix: shrink {grids} to stable settings "
         f"(for ve.moog_vcf keep cutoff below about sample_rate / 7 when resonance > 0), "
         f"or set data.on_unstable: drop to leave such tasks out with a warning"
     )
@@ -328,7 +335,7 @@ def _log_drop(t: PlannedTask, reason: str) -> None:
 
 def _render_rows(cfg: DataConfig, prep: Prepared, indices: list[int], x: np.ndarray, workers: int,
                  write: Callable[[int, np.ndarray], None], bar: Progress | None = None,
-                 log_drops: bool = True) -> dict[int, str]:
+                 log_drops: bool = True, raise_unstable: bool = True) -> dict[int, str]:
     """Render the planned tasks ``indices`` with ``workers`` threads; ``write(i, y)`` each stable row.
 
     Family by family: only ``min(workers, tasks)`` engines (each holding a copy of the
@@ -336,11 +343,16 @@ def _render_rows(cfg: DataConfig, prep: Prepared, indices: list[int], x: np.ndar
     thread, and each thread renders with one engine at a time. ``write`` runs on the
     render threads.
 
+    Args:
+        raise_unstable: with ``on_unstable: fail``, raise once every task is rendered (so the
+            error names every unstable setting); False returns them (a part's record, the
+            assembly raises).
+
     Returns:
         ``{planned index: reason}`` of the unstable tasks (dropped; ``on_unstable: fail`` raises instead).
 
     Raises:
-        RenderError: an unstable task with ``on_unstable: fail`` (queued tasks are cancelled first).
+        RenderError: unstable tasks with ``on_unstable: fail`` and ``raise_unstable``, naming each.
     """
     sr = cfg.sample_rate
     planned = prep.planned
@@ -386,9 +398,7 @@ def _render_rows(cfg: DataConfig, prep: Prepared, indices: list[int], x: np.ndar
                         if reason is None:
                             continue
                         unstable[i] = reason
-                        if cfg.on_unstable == "fail":
-                            raise _unstable_error(planned[i], reason)
-                        if log_drops:
+                        if log_drops and cfg.on_unstable != "fail":
                             _log_drop(planned[i], reason)
                     if bar is not None:
                         bar.update(done_n)
@@ -400,6 +410,8 @@ def _render_rows(cfg: DataConfig, prep: Prepared, indices: list[int], x: np.ndar
             finally:
                 del pool_q
                 _on_control(engines.clear)  # destroy the engines on the control thread
+    if unstable and cfg.on_unstable == "fail" and raise_unstable:
+        raise _unstable_error(planned, unstable)
     return unstable
 
 
@@ -594,7 +606,8 @@ def render_part(cfg: DataConfig, h: str, out_dir: str | os.PathLike[str], part: 
 
     Raises:
         RenderError: this node computes another dataset hash (different .dsp files, source or
-            dawdreamer / numpy versions), an unstable task with ``on_unstable: fail``, or a Faust error.
+            dawdreamer / numpy versions), or a Faust error. Unstable tasks are recorded, also with
+            ``on_unstable: fail`` (:func:`assemble_parts` raises then, naming those of every part).
     """
     t0 = time.perf_counter()
     mine = hash_key(dataset_key(cfg))
@@ -620,8 +633,9 @@ def render_part(cfg: DataConfig, h: str, out_dir: str | os.PathLike[str], part: 
     threads = max(1, min(threads, n))
     with atomic_file(out / f"{part.name}.npy") as tmp:
         with RowWriter(tmp, n, T) as writer:
+            # on_unstable: fail is raised by the assembly, which names the unstable settings of every part
             unstable = _render_rows(cfg, prep, list(part.indices), x, threads, lambda i, y: writer.write(pos[i], y),
-                                    None, log_drops=False)
+                                    None, log_drops=False, raise_unstable=False)
         sha = sha256_file(tmp)
     record = {
         "name": part.name, "family_index": part.family_index, "family": part.family, "indices": list(part.indices),
@@ -654,7 +668,8 @@ def assemble_parts(cfg: DataConfig, h: str, prep: Prepared, records: list[dict[s
         The complete dataset directory, and whether this call wrote it.
 
     Raises:
-        RenderError: missing or corrupt parts, or too few stable tasks left.
+        RenderError: missing or corrupt parts, unstable tasks with ``on_unstable: fail`` (naming
+            every one), or too few stable tasks left.
     """
     src_dir = parts_dir(cfg, h)
     planned = prep.planned
@@ -663,6 +678,9 @@ def assemble_parts(cfg: DataConfig, h: str, prep: Prepared, records: list[dict[s
     if covered != list(range(N)):
         raise RenderError(f"the parts in {src_dir} cover tasks {covered[:5]}... ({len(covered)}), expected each of "
                           f"the {N} planned tasks once")
+    unstable = {int(i): reason for r in records for i, reason in r["unstable"].items()}
+    if unstable and cfg.on_unstable == "fail":
+        raise _unstable_error(planned, unstable)
 
     def assemble(tmp: Path, key: dict[str, Any], h2: str) -> None:
         if h2 != h:
@@ -670,10 +688,6 @@ def assemble_parts(cfg: DataConfig, h: str, prep: Prepared, records: list[dict[s
         t0 = time.perf_counter()
         x = load_sources(cfg.source, cfg.sample_rate)
         T = int(x.size)
-        unstable = {int(i): reason for r in records for i, reason in r["unstable"].items()}
-        if unstable and cfg.on_unstable == "fail":  # the part renderer raises first; kept for safety
-            i = min(unstable)
-            raise _unstable_error(planned[i], unstable[i])
         for i in sorted(unstable):
             _log_drop(planned[i], unstable[i])
         check_plan_splits(cfg, planned, unstable)

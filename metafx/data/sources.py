@@ -417,8 +417,9 @@ def read_audio(path: Path, sample_rate: int, max_samples: int | None = None) -> 
             frames = min(info.frames, int(math.ceil(max_samples * info.samplerate / sample_rate)) + 64)
         data, sr_in = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+        why = str(e).strip().rstrip(".")  # libsndfile's messages end with a period of their own
         raise SourceError(
-            f"cannot read audio file {path}: {e}. Only WAV and FLAC are read: re-encode it "
+            f"cannot read audio file {path}: {why}. Only WAV and FLAC are read: re-encode it "
             f"(for example `ffmpeg -i {path} {Path(path).with_suffix('.fixed.wav').name}`) or remove it from the source folder"
         ) from e
     x = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
