@@ -326,6 +326,19 @@ class _Validator(FieldValidator):
             raise self.err(full, names, "family names must be unique")
         return fams
 
+    def check_left_out_families(self, v: Any, full: str, f: Field, done: Mapping[str, Any]) -> tuple[str, ...]:
+        if v is None or v == []:
+            return ()
+        names = [x.name for x in done["families"]]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise self.err(full, v, f"expected a list of family names of data.families ({', '.join(names)})")
+        unknown = [x for x in v if x not in names]
+        if unknown:
+            raise self.err(full, unknown, f"not in data.families; allowed: {', '.join(names)}")
+        if set(v) == set(names):
+            raise self.err(full, v, "every family is left out: leave at least one family in meta-training")
+        return tuple(v)
+
     def check_loss(self, v: Any, full: str, f: Field, done: Mapping[str, Any]) -> LossConfig:
         if v is None:
             return field_default(f)

@@ -138,6 +138,7 @@ class DataConfig:
     sample_rate: int = number(48000, lo=8000, hi=384000, integer=True)
     source: SourceConfig = subsection(SourceConfig)
     families: tuple[FamilyConfig, ...] = checked_by("families", default=())  # at least one in a study
+    left_out_families: tuple[str, ...] = checked_by("left_out_families", default=())  # split by family: never meta-trained on
     on_unstable: str = one_of("drop", ON_UNSTABLE)  # "drop" (warn) | "fail"
     val_fraction: float = number(0.15, lo=0, hi=0.9)
     test_fraction: float = number(0.15, lo=0, hi=0.9)

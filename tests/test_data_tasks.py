@@ -195,3 +195,18 @@ def test_a_left_out_family_never_reaches_meta_training(two_families):
         TaskSet(ts.path, left_out=["fuzz"])
     with pytest.raises(Exception, match="every family is left out"):
         TaskSet(ts.path, left_out=["moog_vcf", "wah"])
+
+
+def test_a_study_leaves_families_out_by_name(two_families):
+    """data.left_out_families reaches the loaded task set (the same render: the split is made at load)."""
+    cfg = load_config("lstm.yaml", "smoke", overrides={
+        "data.cache_dir": str(two_families.path.parent),
+        "data.families": [
+            {"name": "moog_vcf", "dsp": "moog_vcf.dsp", "params": {"cutoff": [300.0, 900.0, 2700.0], "resonance": [0.0, 0.5]}},
+            {"name": "wah", "dsp": "wah.dsp", "params": {"pedal": [0.0, 0.25, 0.5, 0.75, 1.0], "resonance": [0.5]}},
+        ],
+        "data.left_out_families": ["wah"],
+    })
+    ts = load_taskset(cfg.data, progress=False)
+    assert ts.path == two_families.path and ts.left_out == ("wah",)
+    assert {ts.tasks[i]["family"] for i in ts.split("train") + ts.split("val")} == {"moog_vcf"}

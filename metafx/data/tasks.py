@@ -152,7 +152,7 @@ class TaskSet:
 
 
 def load_taskset(cfg: DataConfig, progress: bool = True) -> TaskSet:
-    """Render the dataset for ``cfg`` if it is not cached, then open it.
+    """Render the dataset for ``cfg`` if it is not cached, then open it (with ``cfg.left_out_families`` left out).
 
     Args:
         cfg: the ``data`` section of a study config.
@@ -166,7 +166,7 @@ def load_taskset(cfg: DataConfig, progress: bool = True) -> TaskSet:
     """
     from metafx.data.render import render_taskset  # lazy: only the renderer imports dawdreamer
 
-    return TaskSet(render_taskset(cfg, progress=progress).path)
+    return TaskSet(render_taskset(cfg, progress=progress).path, left_out=cfg.left_out_families)
 
 
 @dataclass
