@@ -141,7 +141,7 @@ def test_forward_is_the_prior_head_and_identity_at_start():
 
 def test_ridge_and_arx_go_together():
     with pytest.raises(ConfigError, match="needs maml.method = 'ridge'"):
-        load_config("arx.yaml", "smoke", {"maml.method": "maml"})
+        load_config("arx.yaml", "smoke", {"maml.method": "maml", "maml.inner_steps": 1})
     with pytest.raises(ConfigError, match="needs model.arch = 'arx'"):
         load_config("lstm.yaml", "smoke", {"maml.method": "ridge"})
     with pytest.raises(ConfigError, match="model.arx.n_gate"):
