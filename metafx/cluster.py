@@ -22,7 +22,16 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- start or join
 
 
-def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+#: Seconds a local Ray's raylet waits for a new worker process to register before it kills it
+#: (Ray's ``worker_register_timeout_seconds``, 60 by default). A trial's worker imports Ray,
+#: torch and metafx; on a loaded 2-core machine that took longer than 60 s, the raylet killed
+#: the worker, the trial's actor died ("Some workers have not registered within the timeout"),
+#: Tune counted an errored trial and retried it. ``RAY_worker_register_timeout_seconds`` in the
+#: environment still wins.
+WORKER_REGISTER_TIMEOUT_S = 600
+
+
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, *, log_to_driver: bool = True) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local Ray.
 
     Does nothing when Ray is already initialized in this process.
@@ -43,10 +52,13 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     render aborted (SIGABRT), and a search under ``ray job stop`` failed and closed its runs
     as FAILED. The handler is installed again right after ``ray.init``.
 
+    A local Ray gives a starting worker :data:`WORKER_REGISTER_TIMEOUT_S` to register (not 60 s).
+
     Args:
         num_cpus: CPUs of a local Ray (None: all of this machine's); ignored when joining.
         num_gpus: GPUs of a local Ray (None: those Ray detects; logical GPUs in tests);
             ignored when joining.
+        log_to_driver: print the workers' stdout and stderr here (prefixed ``(pid=...)``).
 
     Raises:
         ConfigError: the cluster at ``RAY_ADDRESS`` cannot be reached or refused us, with the fix.
@@ -60,20 +72,20 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     try:
         address = os.environ.get("RAY_ADDRESS")
         if address:
-            _join(address)
+            _join(address, log_to_driver)
         else:
-            _start_local(num_cpus, num_gpus)
+            _start_local(num_cpus, num_gpus, log_to_driver)
     finally:
         if callable(saved) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, saved)
 
 
-def _join(address: str) -> None:
+def _join(address: str, log_to_driver: bool = True) -> None:
     """``ray.init`` on the cluster at ``address``; a refused connection becomes a ConfigError with the fix."""
     import ray
 
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     except ConnectionError as e:
         mode = os.environ.get("RAY_AUTH_MODE")
         hint = ("RAY_AUTH_MODE is not 'token' here: a Ray 2.59+ cluster with token authentication rejects "
@@ -85,7 +97,7 @@ def _join(address: str) -> None:
         raise ConfigError(f"cannot join the Ray cluster at RAY_ADDRESS={address!r} ({e}); {hint}") from e
 
 
-def _start_local(num_cpus: int | None, num_gpus: int | None) -> None:
+def _start_local(num_cpus: int | None, num_gpus: int | None, log_to_driver: bool = True) -> None:
     """A one-node Ray on the loopback address only.
 
     On Linux Ray rewrites ``127.0.0.1`` to the host's routable address and then binds its
@@ -102,13 +114,27 @@ def _start_local(num_cpus: int | None, num_gpus: int | None) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable at import
     try:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 configure_logging=True, logging_level=logging.WARNING)
+                 configure_logging=True, logging_level=logging.WARNING, log_to_driver=log_to_driver,
+                 _system_config=local_system_config())
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
             os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         else:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved_env
+
+
+def local_system_config() -> dict[str, object]:
+    """Ray system settings of a local Ray started by metafx (see :func:`init_ray`).
+
+    Returns:
+        ``worker_register_timeout_seconds`` (unless ``RAY_worker_register_timeout_seconds`` is
+        set: Ray reads it itself).
+    """
+    conf: dict[str, object] = {}
+    if not os.environ.get("RAY_worker_register_timeout_seconds"):
+        conf["worker_register_timeout_seconds"] = WORKER_REGISTER_TIMEOUT_S
+    return conf
 
 
 # --------------------------------------------------------------------------- storage

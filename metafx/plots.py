@@ -17,6 +17,7 @@ their checkpoint directory and the search driver uploads them (see
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -67,7 +68,7 @@ def write_trial_artifacts(
 
     Layout (relative to ``out_dir``)::
 
-        audio/<task_id>/input.wav, target.wav, pred_pre.wav, pred_post.wav
+        audio/<task_id>/input.wav, target.wav, pred_pre.wav, pred_post.wav, levels.json
         plots/<task_id>_time.png       target vs predictions over a 20 ms window
         plots/<task_id>_spectrum.png   Welch log-magnitude spectra, log frequency axis
         plots/training_curves.png      the three curves of the paper's Figure 3
@@ -76,8 +77,12 @@ def write_trial_artifacts(
     receptive field) are aligned to the END of the target: in the WAVs they are
     left-padded with zeros so every file of a task has the target's length and
     the files line up sample by sample; the plots only use the region where
-    all signals exist. WAVs are 16-bit PCM; samples beyond [-1, 1] are clipped
-    and non-finite samples set to 0, each with a logged warning.
+    all signals exist. WAVs are 16-bit PCM at a level a person can hear: one gain per
+    example for its four signals, so that the loudest peaks at -1 dBFS (:data:`WAV_PEAK_DBFS`;
+    at most +60 dB), recorded in ``levels.json`` with each signal's peak in the data.
+    Non-finite samples are written as 0, with a logged warning. In the plots the
+    prediction before adaptation is dashed and drawn over the one after, so both show
+    where they coincide.
 
     Args:
         out_dir: directory to write into (created if missing), typically the
@@ -377,25 +382,50 @@ def _check_example(ex: Mapping[str, Any], i: int) -> tuple[dict[str, np.ndarray]
     return sig, {"task_id": str(ex["task_id"]), "family": str(ex["family"]), "params": dict(params)}
 
 
+#: Peak level of the loudest signal of an example in its WAVs, dBFS.
+WAV_PEAK_DBFS = -1.0
+#: Largest gain applied to an example's WAVs (60 dB): near-silence is not blown up to full scale.
+MAX_WAV_GAIN = 1000.0
+
+
 def _write_example_audio(d: Path, sig: Mapping[str, np.ndarray], sr: int, task_id: str) -> list[Path]:
+    """The example's WAVs at a level a person can hear, with one gain for all four, and ``levels.json``.
+
+    The loudest of input, target and the predictions peaks at :data:`WAV_PEAK_DBFS`, so the
+    four files compare by ear as they compare in the data; the gain (at most
+    :data:`MAX_WAV_GAIN`) and each signal's peak before it are recorded in ``levels.json``.
+    """
     d.mkdir(parents=True, exist_ok=True)
     n = sig["target"].size
-    out = []
+    clean = {}
     for k in EXAMPLE_SIGNALS:
         a = sig[k]
         bad = ~np.isfinite(a)
         if bad.any():
             log.warning("task %s: %s has %d non-finite samples; written as 0", task_id, k, int(bad.sum()))
             a = np.where(bad, 0.0, a)
-        peak = float(np.max(np.abs(a))) if a.size else 0.0
-        if peak > 1.0:
-            log.warning("task %s: %s peaks at %.3g (> 1.0); clipped in the 16-bit WAV", task_id, k, peak)
-            a = np.clip(a, -1.0, 1.0)
+        clean[k] = a
+    peaks = {k: float(np.max(np.abs(a))) if a.size else 0.0 for k, a in clean.items()}
+    loudest = max(peaks.values())
+    gain = min(MAX_WAV_GAIN, 10 ** (WAV_PEAK_DBFS / 20) / loudest) if loudest > 0 else 1.0
+    out = []
+    for k in EXAMPLE_SIGNALS:
+        a = clean[k] * gain  # peaks at WAV_PEAK_DBFS at most: nothing clips
         if a.size < n:  # end-aligned: pad the front so files line up with the target
             a = np.concatenate([np.zeros(n - a.size), a])
         p = d / f"{k}.wav"
         sf.write(p, a.astype(np.float32), sr, subtype="PCM_16")
         out.append(p)
+    levels = {
+        "gain": gain, "gain_db": 20 * math.log10(gain),
+        "note": f"one gain for all four files: the loudest peaks at {WAV_PEAK_DBFS:g} dBFS; divide by gain for "
+                "the data's scale",
+        "peak_dbfs_in_data": {k: (20 * math.log10(v) if v > 0 else None) for k, v in peaks.items()},
+        "seconds": n / sr,
+    }
+    p = d / "levels.json"
+    p.write_text(json.dumps(levels, indent=2), encoding="utf-8")
+    out.append(p)
     return out
 
 
@@ -426,8 +456,11 @@ def _plot_time(path: Path, sig: Mapping[str, np.ndarray], sr: int, meta: Mapping
     fig, ax = plt.subplots(figsize=(10, 3.8))
     try:
         ax.plot(t, a["target"][start:start + w], color="black", lw=1.6, label="target")
-        ax.plot(t, a["pred_pre"][start:start + w], color="tab:orange", lw=1.0, alpha=0.9, label="prediction, before adaptation")
-        ax.plot(t, a["pred_post"][start:start + w], color="tab:blue", lw=1.0, alpha=0.9, label="prediction, after adaptation")
+        ax.plot(t, a["pred_post"][start:start + w], color="tab:blue", lw=1.4, alpha=0.8, zorder=2,
+                label="prediction, after adaptation")
+        # Dashed and on top: visible where it coincides with the prediction after adaptation.
+        ax.plot(t, a["pred_pre"][start:start + w], color="tab:orange", lw=1.4, ls=(0, (4, 3)), zorder=3,
+                label="prediction, before adaptation (dashed)")
         ax.set_xlabel("time (ms)")
         ax.set_ylabel("amplitude")
         ax.set_title(_title(meta, "time domain"), fontsize=10)
@@ -447,11 +480,14 @@ def _plot_spectrum(path: Path, sig: Mapping[str, np.ndarray], sr: int, meta: Map
     nper = int(min(m, 2048, max(256, m // 4)))
     fig, ax = plt.subplots(figsize=(10, 4.2))
     try:
+        # The two predictions often lie on each other (little adaptation): "before" is dashed and
+        # drawn on top of "after", so both stay visible where they coincide.
         styles = (
-            ("input", "input (dry)", dict(color="gray", lw=0.9, alpha=0.7)),
-            ("target", "target", dict(color="black", lw=1.6)),
-            ("pred_pre", "prediction, before adaptation", dict(color="tab:orange", lw=1.0)),
-            ("pred_post", "prediction, after adaptation", dict(color="tab:blue", lw=1.0)),
+            ("input", "input (dry)", dict(color="gray", lw=0.9, alpha=0.7, zorder=1)),
+            ("target", "target", dict(color="black", lw=1.6, zorder=2)),
+            ("pred_post", "prediction, after adaptation", dict(color="tab:blue", lw=1.6, alpha=0.8, zorder=3)),
+            ("pred_pre", "prediction, before adaptation (dashed)", dict(color="tab:orange", lw=1.4,
+                                                                         ls=(0, (4, 3)), zorder=4)),
         )
         for k, label, st in styles:
             f, pxx = welch(a[k], fs=sr, nperseg=nper)

@@ -14,16 +14,19 @@ Run layout, all tag keys prefixed ``metafx.`` (constants below)::
 
     experiment <study name>
       run <search_name>          tags role=search, search_name, budget, dataset_hash,
-                                 code_version, code_dirty, config_hash
+                                 code_version, code_dirty, config_hash, best_trial,
+                                 best_run_id, best_definition
                                  params: the flattened resolved config
                                  artifacts: config/config.yaml, dataset/manifest.json,
                                             summary/{trials.csv, trials.md, best_config.yaml,
                                             summary.json, *.png}
-        run <trial_id>           mlflow.parentRunId = the search run
-                                 tags role=trial, trial_id, ray_trial_id, model, node,
-                                 asha_stopped, error (+ the search's tags)
+        run "trial 3: lstm ..."  mlflow.parentRunId = the search run; named by trial_run_name
+                                 tags role=trial, trial_id, ray_trial_id, trial_number, model,
+                                 node, asha_stopped, outcome, stft_resolution, error
+                                 (+ the search's tags)
                                  params: the trial's sampled hyperparameters + flat config
-                                 metrics: every reported metric, step = meta-step
+                                 metrics: the metafx metrics it reported (no Ray internals),
+                                          step = meta-step; rank and best/<metric> at the end
                                  artifacts: whatever the trial wrote (checkpoint,
                                             audio/, plots/, results.json), error.txt
 """
@@ -63,6 +66,13 @@ TAG_DEVICE = "metafx.device"  # the torch device the trial trained on
 TAG_ASHA_STOPPED = "metafx.asha_stopped"  # "true" when the scheduler stopped the trial early
 TAG_ERROR = "metafx.error"  # short error message; the full text is the artifact error.txt
 TAG_CLOSED_BY = "metafx.closed_by"
+TAG_TRIAL_NUMBER = "metafx.trial_number"  # Tune's trial counter (1, 2, ...): the "trial 3" of the run name
+TAG_OUTCOME = "metafx.outcome"  # finished | stopped (ASHA) | failed: how the trial ended
+TAG_STFT_RESOLUTION = "metafx.stft_resolution"  # e.g. "fft=512,hop=128,win=512": what test/*stft* were computed with
+TAG_MRSTFT_RESOLUTIONS = "metafx.mrstft_resolutions"  # the MR-STFT resolutions, ";"-separated
+TAG_BEST_TRIAL = "metafx.best_trial"  # parent run: the best trial's run name (see best_definition)
+TAG_BEST_RUN = "metafx.best_run_id"  # parent run: the best trial's MLflow run id
+TAG_BEST_DEFINITION = "metafx.best_definition"  # parent run: what "best" means, in words
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag (the UI groups children under it)
 TAG_NOTE = "mlflow.note.content"  # MLflow's run description (Markdown) shown in the UI
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
@@ -72,6 +82,18 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 #: (or click "Model training") to land on the runs table.
 EXP_TAG_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+
+#: Experiment tag MLflow's UI reads as the experiment's primary metric (the first chart of its chart view).
+EXP_TAG_PRIMARY_METRIC = "mlflow.experiment.primaryMetric.name"
+#: Experiment tag prefix of a saved view of the runs page; ``?viewStateShareKey=<key>`` opens it.
+EXP_TAG_SHARED_VIEW = "mlflow.sharedViewState."
+#: The key of metafx's saved view (columns, order, expanded searches, charts) of every experiment.
+VIEW_KEY = "metafx"
+
+#: Metric of every trial run: its rank in the search (1 = best; see :func:`best_definition`).
+RANK_METRIC = "rank"
+#: Outcomes of a trial (tag ``metafx.outcome`` and the trial table's status column).
+FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")  # the terminal statuses of a run
 ERROR_TAG_CHARS = 1000
@@ -260,9 +282,20 @@ class SearchSummary:
         best_config_path: the best trial's configuration written as a study YAML, or None
             when no trial finished its evaluation.
         best_checkpoint: the best trial's last checkpoint (folder or URI), or None.
-        best_metrics: the best trial's numeric results (parent metrics ``best/<key>``).
-        table: one row per trial: trial id, status, step, sampled values and metrics.
+        best_metrics: the best trial's metafx metrics (parent metrics ``best/<key>``); its
+            ``search.metric`` is the trial's best value (see :func:`best_definition`), the
+            other keys are its final report (the test metrics of that checkpoint).
+        table: one row per trial, best first (:func:`rank_rows`): ``rank``, ``trial`` (number),
+            ``name`` (the run name), ``status`` (finished | stopped | failed), ``step`` (last),
+            ``best <metric>`` and ``best step``, test metrics, ``stft``, sampled values.
         parent_run_id: the search's MLflow run, or None when not tracked.
+        metric: the search metric.
+        best_trial: the best trial's run name, or None.
+        best_value: the best trial's best value of ``metric``, or None.
+        definition: :func:`best_definition` of this search, the sentence every output states.
+        failures: one entry per kind of failure (:func:`failure_kinds`), most frequent first.
+        view_path: the MLflow UI path of the ranked view of the trials (``#/experiments/...``),
+            or None when not tracked.
     """
 
     name: str
@@ -272,6 +305,181 @@ class SearchSummary:
     best_metrics: dict[str, float]
     table: list[dict[str, Any]]
     parent_run_id: str | None
+    metric: str = ""
+    best_trial: str | None = None
+    best_value: float | None = None
+    definition: str = ""
+    failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    view_path: str | None = None
+
+
+# --------------------------------------------------------------------------- best trial, names, failures
+
+
+def best_key(metric: str) -> str:
+    """The name of a trial's best value of ``metric`` (a metric of its run, a column of the table)."""
+    return f"best/{metric}"
+
+
+def best_definition(metric: str, mode: str = "min") -> str:
+    """What "best" means in every output of a search: one definition, stated in words.
+
+    Args:
+        metric: the search metric, e.g. ``val/query_l1_post``.
+        mode: ``min`` or ``max``.
+
+    Returns:
+        The sentence.
+    """
+    low = "lowest" if mode == "min" else "highest"
+    return (f"best trial = the trial that finished (ran its test evaluation) with the {low} {metric} "
+            f"at any of its validation reports; that value is the checkpoint it was tested with. "
+            f"Trials ASHA stopped early rank after every finished one")
+
+
+def rank_rows(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "min") -> list[dict[str, Any]]:
+    """Order trial rows by :func:`best_definition` and number them (``rank``, 1 = best).
+
+    Finished trials first, by their best value of ``metric``; then trials ASHA stopped, by
+    theirs; failed trials last (no rank).
+
+    Args:
+        rows: trial rows with ``status`` (finished | stopped | failed) and ``best <metric>``.
+        metric: the search metric.
+        mode: ``min`` or ``max``.
+
+    Returns:
+        New rows, ordered, with ``rank`` first.
+    """
+    col = f"best {metric}"
+    sign = 1.0 if mode == "min" else -1.0
+    order = {FINISHED: 0, STOPPED: 1}
+
+    def key(r: Mapping[str, Any]) -> tuple:
+        v = r.get(col)
+        finite = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+        return (order.get(r.get("status"), 2), 0 if finite else 1, sign * v if finite else 0.0,
+                r.get("trial") if isinstance(r.get("trial"), int) else 1 << 30)
+
+    out = []
+    for i, r in enumerate(sorted(rows, key=key), start=1):
+        ranked = r.get("status") in (FINISHED, STOPPED)
+        out.append({"rank": i if ranked else None, **{k: v for k, v in r.items() if k != "rank"}})
+    return out
+
+
+#: Prefixes and names shortened in run names ("trial 3: lstm hidden=32 inner_lr=0.012").
+_NAME_FIRST = ("maml.method", "model.arch")
+
+
+def trial_run_name(number: int | None, sampled: Mapping[str, Any], arch: str, method: str = "maml") -> str:
+    """A trial's readable name: its number, method and model, and the values Optuna sampled.
+
+    Example: ``trial 3: lstm hidden=32 inner_lr=0.012 outer_lr=0.0068 inner_steps=2``; the method
+    is named when it is not plain ``maml`` (``trial 5: ridge arx nb=13 na=12``).
+
+    Args:
+        number: Tune's trial counter (1, 2, ...), or None.
+        sampled: the sampled values under their dotted keys.
+        arch: the trial's ``model.arch``.
+        method: the trial's ``maml.method``.
+
+    Returns:
+        The name (MLflow run name, progress lines, trial table).
+    """
+    head = f"trial {number}" if number is not None else "trial"
+    words = ([method] if method != "maml" else []) + [arch]
+    rest = [(k, v) for k, v in sampled.items() if k not in _NAME_FIRST]
+    short = [k.rsplit(".", 1)[-1] for k, _ in rest]
+    for (k, v), name in zip(rest, short):
+        words.append(f"{name if short.count(name) == 1 else k}={_short_value(v)}")
+    return f"{head}: {' '.join(words)}"
+
+
+def _short_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:.2g}"
+    return str(v)
+
+
+#: Test metrics shown beside the search metric in metafx's runs view: the model, then its baselines.
+VIEW_METRICS = ("test/query_l1_post", "test/identity_l1", "test/lsfir/query_l1_post",
+                "test/query_stft_post", "test/identity_stft", "test/lsfir/query_stft_post")
+
+
+def view_key(search_name: str) -> str:
+    """The share key of a search's saved runs view (``?viewStateShareKey=<key>`` in the UI's URL)."""
+    import re
+
+    return "metafx-" + re.sub(r"[^A-Za-z0-9_.-]", "_", search_name)
+
+
+def runs_view(search_name: str, metric: str, searched: Sequence[str]) -> dict[str, Any]:
+    """MLflow's saved-view state of a search's runs page: its trials ranked, key columns shown.
+
+    MLflow's UI (3.x) shows no metric or parameter column until a person picks them; a
+    view saved as the experiment tag ``mlflow.sharedViewState.<key>`` is what its "Share"
+    button stores, and ``#/experiments/<id>/runs?viewStateShareKey=<key>`` opens it. This
+    one lists the search's trials (not the search's own run), ordered by ``rank`` (1 = best,
+    :func:`best_definition`), with the rank, the best value of the search metric, the test
+    metrics beside the baselines (:data:`VIEW_METRICS`), the trial's outcome and STFT
+    resolution and the searched parameters; its chart view shows every run (no run hidden),
+    the curves of every reported metric with ``metric`` first.
+
+    Args:
+        search_name: the search (its trial runs carry ``metafx.search_name``).
+        metric: the search metric.
+        searched: the searched parameters' dotted keys.
+
+    Returns:
+        The JSON-serializable state (search facets and UI state, as the UI stores them).
+    """
+    def col(kind: str, key: str) -> str:
+        return f"{kind}.`{key}`"
+
+    cols = [col("metrics", RANK_METRIC), col("metrics", best_key(metric)), col("tags", TAG_OUTCOME)]
+    cols += [col("metrics", m) for m in VIEW_METRICS]
+    cols += [col("tags", TAG_STFT_RESOLUTION)] + [col("params", k) for k in searched]
+    q = search_name.replace("'", "")
+    return {
+        "searchFilter": f"tags.`{TAG_SEARCH_NAME}` = '{q}' and tags.`{TAG_ROLE}` = 'trial'",
+        "orderByKey": col("metrics", RANK_METRIC),
+        "orderByAsc": True,
+        "selectedColumns": cols,
+        "columnOrder": cols,
+        "runsHiddenMode": "SHOW_ALL",
+        "hideEmptyCharts": True,
+    }
+
+
+def resolution_text(resolutions: Sequence[Sequence[int]]) -> str:
+    """``fft=512,hop=128,win=512`` for each (fft, hop, win), ``;``-separated (tag and table text)."""
+    return ";".join(f"fft={f},hop={h},win={w}" for f, h, w in resolutions)
+
+
+def failure_kinds(errors: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Group trial failures by kind: the first error of each kind and how many trials hit it.
+
+    Args:
+        errors: ``(trial name, error text)`` per failed trial, in trial order; the text is a
+            traceback or a message. Its kind is the exception type of its last line
+            (``ValueError: ...`` -> ``ValueError``), else the whole line.
+
+    Returns:
+        ``[{"kind", "count", "first": one-line message of the first trial of the kind,
+        "trial": that trial, "trials": [names]}]``, most frequent first.
+    """
+    kinds: dict[str, dict[str, Any]] = {}
+    for trial, text in errors:
+        line = error_summary(text)
+        head = line.split(":", 1)[0].strip()
+        kind = head.rsplit(".", 1)[-1] if head and " " not in head else line
+        k = kinds.setdefault(kind, {"kind": kind, "count": 0, "first": line, "trial": trial, "trials": []})
+        k["count"] += 1
+        k["trials"].append(trial)
+    return sorted(kinds.values(), key=lambda k: -k["count"])
 
 
 def write_summary(summary: SearchSummary, out_dir: Path) -> str | None:

@@ -25,30 +25,58 @@ to the CPU (:func:`metafx.cluster.pin_device`).
 
 MLflow: one writer. A Tune callback in the driver records every trial
 (:class:`metafx.tracking.Tracker`); trials never open the tracking store, they leave
-their artifacts in their final checkpoint, from where the driver logs them.
+their artifacts in their final checkpoint, from where the driver logs them. A trial's
+run is named ``trial 3: lstm hidden=32 ...`` and gets only metafx's metrics.
+
+The best trial has one definition (:func:`metafx.records.best_definition`): the trial that
+finished (ran its test evaluation) with the lowest value of ``search.metric`` at any of
+its validation reports, which is the checkpoint it was tested with; trials ASHA stopped
+rank after every finished one. The trial table's order, the summary, ``best_config.yaml``,
+the best checkpoint and the parent run's tags and ``best/`` metrics all use it
+(:func:`_summarize`).
+
+Output: metafx's own line per trial event (:class:`ProgressPrinter`); Ray's own output
+(Tune's tables, its log lines, the workers' output, colour codes) only with
+``verbose_ray`` (``launch/search.py --verbose-ray``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+import re
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from metafx.cluster import check_storage, init_ray, worker_facts
 from metafx.config import REPO_ROOT, Config, ConfigError, dump_config
 from metafx.records import (
+    FAILED,
+    FINISHED,
+    STOPPED,
     TAG_BUDGET,
     TAG_DATASET_HASH,
     TAG_DEVICE,
     TAG_GPU_IDS,
     TAG_HOSTNAME,
     TAG_MODEL,
+    TAG_MRSTFT_RESOLUTIONS,
     TAG_NODE,
     TAG_NODE_ID,
     TAG_RAY_TRIAL_ID,
+    TAG_STFT_RESOLUTION,
+    TAG_TRIAL_NUMBER,
     SearchSummary,
+    best_definition,
+    error_summary,
+    failure_kinds,
+    rank_rows,
+    resolution_text,
+    trial_run_name,
 )
 from metafx.search_space import DefineByRun, check_space, sampler, trial_config
 
@@ -75,9 +103,15 @@ def _trainable(config: dict[str, Any], study: Config) -> None:
     from metafx.engines import NonFiniteLossError
     from metafx.train import meta_train
 
+    from metafx.metrics import mrstft_resolutions, stft_resolution
+
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     node = worker_facts()
     cfg = trial_config(study, config)
+    # What the test STFT metrics of this trial are computed with (they fall back to smaller FFTs
+    # on short slices): recorded beside them (MLflow tags, the trial table).
+    node["stft_resolution"] = resolution_text([stft_resolution(cfg.maml.slice_len)])
+    node["mrstft_resolutions"] = resolution_text(mrstft_resolutions(cfg.maml.slice_len))
     trial_dir = Path(tune.get_context().get_trial_dir())
     taskset = load_taskset(cfg.data, progress=False)
     ckpt = tune.get_checkpoint()
@@ -99,14 +133,50 @@ def _trainable(config: dict[str, Any], study: Config) -> None:
         # Divergence is deterministic: retrying from a checkpoint would diverge again. End the
         # trial with its message (the MLflow run is marked FAILED) and let the search go on.
         tune.report({"step": cfg.maml.meta_steps + 1, cfg.search.metric: math.inf,
-                     NONFINITE_KEY: str(e)[-2000:], **node})
+                     NONFINITE_KEY: f"{type(e).__name__}: {str(e)[-2000:]}", **node})
 
 
 # --------------------------------------------------------------------------- MLflow callback
 
 
 _TRACKERS: dict[str, Any] = {}  # search name -> Tracker of this driver process
+#: The metrics a trial reports besides the ``val/`` and ``test/`` ones (:func:`metafx.train.meta_train`).
 _REPORTED = ("support_l1_pre", "support_l1_post", "query_l1_post", "outer_loss", "best_step", "params", "wall_seconds")
+_TEST_COLUMNS = ("test/query_l1_post", "test/query_l1_pre", "test/identity_l1", "test/lsfir/query_l1_post",
+                 "test/query_stft_post", "test/lsfir/query_stft_post")
+
+
+def metafx_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The metafx metrics of a Tune result: its numbers under ``val/``, ``test/`` and :data:`_REPORTED`.
+
+    Ray's own keys (``time_since_restore``, ``pid``, ``timestamp``, ``training_iteration``, ...)
+    and the node facts are left out: they are not results of the trial.
+
+    Args:
+        result: a Tune result dict (or a trial's last result).
+
+    Returns:
+        Key -> value, numbers only.
+    """
+    return {k: float(v) for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (k.startswith(("val/", "test/")) or k in _REPORTED)}
+
+
+def _trial_number(trial) -> int | None:
+    """Tune's counter of a trial (the ``3`` of ``_trainable_<id>_3_...``), from its experiment tag."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _trial_label(study: Config, number: int | None, sampled: dict[str, Any]) -> str:
+    """A trial's readable name (:func:`metafx.records.trial_run_name`) from its sampled values."""
+    try:
+        tcfg = trial_config(study, sampled)
+        arch, method = tcfg.model.arch, tcfg.maml.method
+    except ConfigError:
+        arch, method = study.model.arch, study.maml.method
+    return trial_run_name(number, sampled, arch, method)
 
 
 def _callback_base():
@@ -129,6 +199,10 @@ class MLflowTracking(_callback_base()):
     connection) is not pickled but looked up by search name, so a restored search
     reattaches to the tracker of the resuming driver.
 
+    A trial's run is named by :func:`metafx.records.trial_run_name` (``trial 3: lstm hidden=32
+    ...``); it gets only the metafx metrics of each report (:func:`metafx_metrics`), and the
+    STFT resolution its test metrics use as tags.
+
     Args:
         search_name: the search's name (the key of its Tracker in this driver).
         study: the study config (budget applied); a trial's config is rebuilt from it.
@@ -140,7 +214,7 @@ class MLflowTracking(_callback_base()):
         self.study = study
         self.dataset_hash = dataset_hash
         self.last: dict[str, dict] = {}
-        self.tagged: dict[str, str] = {}
+        self.tagged: dict[str, tuple] = {}
 
     @property
     def tracker(self):
@@ -149,24 +223,27 @@ class MLflowTracking(_callback_base()):
     def on_trial_start(self, iteration, trials, trial, **info):
         tcfg = trial_config(self.study, trial.config)
         params = {**tcfg.flat(), **{f"sampled.{k}": v for k, v in trial.config.items()}}
+        number = _trial_number(trial)
         self.tracker.trial_run(trial.trial_id, params=params, tags={
             TAG_MODEL: tcfg.model.arch, TAG_BUDGET: tcfg.budget, TAG_DATASET_HASH: self.dataset_hash,
-            TAG_RAY_TRIAL_ID: trial.trial_id})
+            TAG_RAY_TRIAL_ID: trial.trial_id, TAG_TRIAL_NUMBER: "" if number is None else number},
+            run_name=trial_run_name(number, trial.config, tcfg.model.arch, tcfg.maml.method))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result
         step = int(result.get("step", result.get("training_iteration", 0)))
-        nums = {k: float(v) for k, v in result.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and ("/" in k or k in _REPORTED)}
-        self.tracker.log_metrics(trial.trial_id, nums, step=step)
-        if "node_ip" in result and self.tagged.get(trial.trial_id) != result.get("node_id"):
+        self.tracker.log_metrics(trial.trial_id, metafx_metrics(result), step=step)
+        facts = (result.get("node_id"), result.get("stft_resolution"))
+        if "node_ip" in result and self.tagged.get(trial.trial_id) != facts:
             # The node changes when a retry lands on another node.
-            self.tagged[trial.trial_id] = result.get("node_id")
+            self.tagged[trial.trial_id] = facts
             self.tracker.set_tags(trial.trial_id, {TAG_NODE: result["node_ip"],
                                                    TAG_NODE_ID: result.get("node_id", ""),
                                                    TAG_HOSTNAME: result.get("hostname", ""),
                                                    TAG_GPU_IDS: result.get("gpu_ids", ""),
-                                                   TAG_DEVICE: result.get("device", "")})
+                                                   TAG_DEVICE: result.get("device", ""),
+                                                   TAG_STFT_RESOLUTION: result.get("stft_resolution", ""),
+                                                   TAG_MRSTFT_RESOLUTIONS: result.get("mrstft_resolutions", "")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self.last.get(trial.trial_id) or trial.last_result or {}
@@ -194,6 +271,61 @@ class MLflowTracking(_callback_base()):
         return state
 
 
+class ProgressPrinter(_callback_base()):
+    """metafx's own progress lines, in place of Ray Tune's status tables (``--verbose-ray`` shows those).
+
+    One line when a trial starts, one when it ends (finished with its best value and test
+    MAE, stopped by ASHA, or failed with its error's last line), and one when Ray restarts a
+    trial after a failure (a lost worker, a killed node) from its last checkpoint.
+
+    Args:
+        study: the study config (budget applied).
+        stream: where to print; None = ``sys.stdout`` at print time.
+    """
+
+    def __init__(self, study: Config, stream=None) -> None:
+        self.study = study
+        self.metric, self.mode = study.search.metric, study.search.mode
+        self.max_failures = study.search.max_failures
+        self.stream = stream
+        self.best: dict[str, tuple[float, int]] = {}
+        self.retries: dict[str, int] = {}
+
+    def _print(self, trial, text: str) -> None:
+        label = _trial_label(self.study, _trial_number(trial), dict(trial.config))
+        print(f"{time.strftime('%H:%M:%S')} {label}: {text}", file=self.stream or sys.stdout, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._print(trial, "started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        v = result.get(self.metric)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            old = self.best.get(trial.trial_id)
+            if old is None or (v < old[0] if self.mode == "min" else v > old[0]):
+                self.best[trial.trial_id] = (float(v), int(result.get("step", 0)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        best = self.best.get(trial.trial_id)
+        best_txt = f"best {self.metric} {best[0]:.4g} at step {best[1]}" if best else f"no {self.metric} reported"
+        if NONFINITE_KEY in last:
+            self._print(trial, f"failed: {error_summary(str(last[NONFINITE_KEY]))}")
+        elif "test/query_l1_post" in last:
+            self._print(trial, f"finished, {best_txt}; test MAE {last['test/query_l1_post']:.4g} (LS-FIR "
+                               f"{last.get('test/lsfir/query_l1_post', math.nan):.4g})")
+        else:
+            self._print(trial, f"stopped by ASHA at step {last.get('step', '?')}, {best_txt}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._print(trial, f"failed: {error_summary(_trial_error(trial))}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        n = self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+        self._print(trial, f"Ray lost it ({error_summary(_trial_error(trial))}); restarting it from its last "
+                           f"checkpoint (retry {n} of {self.max_failures})")
+
+
 def _trial_error(trial) -> str:
     try:
         path = trial.error_file
@@ -216,7 +348,9 @@ def run_search(
     resume: bool = False,
     num_samples: int | None = None,
     track: bool = True,
-    verbose: int = 1,
+    verbose: int | None = None,
+    verbose_ray: bool = False,
+    progress: bool = True,
 ) -> SearchSummary:
     """Run (or resume) the search described by ``cfg.search``.
 
@@ -228,6 +362,12 @@ def run_search(
         resume: continue the interrupted search of this name.
         num_samples: override ``search.num_samples``.
         track: record to MLflow.
+        verbose: Ray Tune's verbosity (0 silent, 1 status tables, 2 every result); default 1 with
+            ``verbose_ray``, else 0.
+        verbose_ray: show what Ray prints itself: Tune's status tables and log lines, the trial
+            workers' output, ANSI colours. Off: only metafx's progress lines
+            (:class:`ProgressPrinter`), warnings and errors.
+        progress: print metafx's progress lines.
 
     Returns:
         SearchSummary with the best configuration written as a study YAML.
@@ -238,8 +378,11 @@ def run_search(
             parent run and the running trials' runs are closed as KILLED first.
     """
     with _sigterm_interrupts():
-        return _run_search(cfg, name=name, storage=storage, tracking_uri=tracking_uri, resume=resume,
-                           num_samples=num_samples, track=track, verbose=verbose)
+        with _ray_output(verbose_ray):
+            return _run_search(cfg, name=name, storage=storage, tracking_uri=tracking_uri, resume=resume,
+                               num_samples=num_samples, track=track,
+                               verbose=(1 if verbose_ray else 0) if verbose is None else verbose,
+                               verbose_ray=verbose_ray, progress=progress)
 
 
 class _sigterm_interrupts:
@@ -276,8 +419,56 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+#: Ray's driver-side loggers whose lines are Ray's view of the search, not metafx's: Tune's
+#: experiment-state warnings, its "Trial task failed" tracebacks (a trial Ray retries, and
+#: that then finishes, read as a crash), the searcher's notes. metafx prints its own line per
+#: failure and retry (:class:`ProgressPrinter`), and the error text goes to MLflow.
+_RAY_LOGGERS = {"ray.tune": logging.ERROR, "ray.tune.execution.tune_controller": logging.CRITICAL,
+                "ray.train": logging.ERROR, "ray.air": logging.ERROR}
+
+
+@contextmanager
+def _ray_output(verbose_ray: bool) -> Iterator[None]:
+    """Keep Ray's own output out of a search's, unless ``verbose_ray``.
+
+    Quiet: Ray's driver loggers at ERROR (:data:`_RAY_LOGGERS`), Optuna's at WARNING, no
+    ANSI colour in the worker-log prefixes (``RAY_COLOR_PREFIX=0``), Tune's legacy output
+    engine (``RAY_AIR_NEW_OUTPUT=0``: at ``verbose=0`` it prints nothing, where the new one
+    still prints its experiment table and a TensorBoard hint). Tune's status tables and the
+    workers' output are switched off by :func:`_run_search` (``verbose=0``,
+    ``log_to_driver=False``). Levels and variables are restored after.
+    """
+    if verbose_ray:
+        yield
+        return
+    import optuna
+
+    saved = {name: logging.getLogger(name).level for name in _RAY_LOGGERS}
+    saved_optuna = optuna.logging.get_verbosity()
+    # Tune's new output engine prints its experiment table and a TensorBoard hint at any
+    # verbosity; the legacy engine at verbose=0 prints nothing.
+    env = {"RAY_COLOR_PREFIX": "0", "RAY_AIR_NEW_OUTPUT": "0"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    for name, level in _RAY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+        optuna.logging.set_verbosity(saved_optuna)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_uri: str | None, resume: bool,
-                num_samples: int | None, track: bool, verbose: int) -> SearchSummary:
+                num_samples: int | None, track: bool, verbose: int, verbose_ray: bool,
+                progress: bool) -> SearchSummary:
     check_space(cfg)
     storage = storage or str(DEFAULT_STORAGE)
     if "://" not in storage:
@@ -294,7 +485,7 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    init_ray()
+    init_ray(log_to_driver=verbose_ray)
     check_storage(storage)  # refuse a bad --storage before a long render
     # The task set is rendered (or reused) once, here, before any trial starts.
     taskset = _driver_taskset(cfg)
@@ -314,7 +505,7 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
         resources["gpu"] = s.gpus_per_trial
     trainable = tune.with_resources(trainable, resources)
 
-    callbacks = []
+    callbacks = [ProgressPrinter(cfg)] if progress else []
     if tracker:
         _TRACKERS[name] = tracker
         callbacks.append(MLflowTracking(name, cfg, taskset.hash))
@@ -349,8 +540,7 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
-                                            num_samples=num_samples or s.num_samples,
-                                            max_concurrent_trials=s.max_concurrent),
+                                            num_samples=num_samples or s.num_samples),
                 run_config=run_config,
             )
         results = tuner.fit()
@@ -360,9 +550,12 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
             # so it ends as on SIGTERM (parent and unfinished trials KILLED; --resume continues it).
             raise KeyboardInterrupt(f"search interrupted: {ended} of {target} trials finished")
         summary = _summarize(cfg, name, exp_path, results, parent)
-        status = "FINISHED"
         if tracker:
-            tracker.end_search("FINISHED", summary, _summary_files(cfg, summary, exp_path))
+            summary = dataclasses.replace(summary, view_path=tracker.view_path())
+        # A search none of whose trials finished its evaluation has no result: its run FAILED.
+        status = "FINISHED" if summary.best_trial is not None else "FAILED"
+        if tracker:
+            tracker.end_search(status, summary, _summary_files(cfg, summary, exp_path))
         return summary
     except KeyboardInterrupt:
         status = "KILLED"
@@ -409,40 +602,75 @@ def latest_search(storage: str, cfg: Config) -> str | None:
     return max(cands, key=lambda p: p.stat().st_mtime).name if cands else None
 
 
-def _completed(results) -> list:
-    out = []
-    for r in results:
-        if r.error is None and r.metrics and "test/query_l1_post" in r.metrics:
-            out.append(r)
-    return out
-
-
 def _local_dir(exp_path: str, name: str) -> Path:
     """Where the driver writes a search's summary files: the experiment folder, or ``ray_results/<name>``
     for remote storage."""
     return Path(exp_path) if "://" not in exp_path else REPO_ROOT / "ray_results" / name
 
 
+_TRIAL_DIR = re.compile(r"_([0-9a-f]{5,})_(\d+)_")  # <trainable>_<trial id>_<number>_<params>...
+
+
+def _best_of(r, metric: str, mode: str) -> tuple[float | None, int | None]:
+    """A trial's best value of ``metric`` over all its reports, and the step of that report.
+
+    From the trial's whole result history (Tune's ``progress.csv``); the last result when the
+    history is not readable.
+    """
+    df = getattr(r, "metrics_dataframe", None)
+    if df is not None and metric in getattr(df, "columns", ()):
+        import numpy as np
+
+        vals = np.asarray(df[metric], dtype=float)
+        ok = np.isfinite(vals)
+        if ok.any():
+            i = int(np.nanargmin(np.where(ok, vals, np.inf)) if mode == "min" else
+                    np.nanargmax(np.where(ok, vals, -np.inf)))
+            step = df["step"].iloc[i] if "step" in df.columns else None
+            return float(vals[i]), (int(step) if step is not None and step == step else None)
+    v = (r.metrics or {}).get(metric)
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return float(v), (r.metrics or {}).get("step")
+    return None, None
+
+
 def _summarize(cfg: Config, name: str, exp_path: str, results, parent: str | None) -> SearchSummary:
-    """The trial table and the best trial of Tune's ``results``; the best config is written as a study YAML."""
+    """The trial table, ranked by :func:`metafx.records.best_definition`, and the best trial.
+
+    The best configuration is written as a study YAML; failures are grouped by kind.
+    """
     s = cfg.search
-    table = []
+    col = f"best {s.metric}"
+    rows, errors = [], []
     for r in results:
         m = r.metrics or {}
-        row = {"trial": m.get("trial_id") or (Path(r.path).name.split("_")[2] if r.path else "?"),
-               "status": "ERROR" if r.error or NONFINITE_KEY in m else
-               ("done" if "test/query_l1_post" in m else "stopped"), "step": m.get("step")}
-        row.update({k: v for k, v in (r.config or {}).items()})
-        for k in (s.metric, "test/query_l1_post", "test/query_stft_post", "test/lsfir/query_l1_post"):
-            if k in m:
-                row[k] = m[k]
-        table.append(row)
-    done = _completed(results)
+        found = _TRIAL_DIR.search(Path(r.path).name) if r.path else None
+        tid = m.get("trial_id") or (found.group(1) if found else "?")
+        number = int(found.group(2)) if found else None
+        sampled = dict(r.config or {})
+        label = _trial_label(cfg, number, sampled)
+        if r.error is not None or NONFINITE_KEY in m:
+            status = FAILED
+            errors.append((label, str(m[NONFINITE_KEY]) if NONFINITE_KEY in m else _result_error(r)))
+        else:
+            status = FINISHED if "test/query_l1_post" in m else STOPPED
+        value, step = (None, None) if status == FAILED else _best_of(r, s.metric, s.mode)
+        row = {"trial": number, "name": label, "status": status, "step": m.get("step"), col: value,
+               "best step": step}
+        row.update({k: m[k] for k in _TEST_COLUMNS if k in m})
+        if m.get("stft_resolution"):
+            row["stft"] = m["stft_resolution"]
+        row.update(sampled)
+        row["trial_id"] = tid
+        rows.append((row, r))
+    ranked = rank_rows([row for row, _ in rows], s.metric, s.mode)
+    by_id = {row["trial_id"]: r for row, r in rows}
+    definition = best_definition(s.metric, s.mode)
+    best_row = next((row for row in ranked if row["status"] == FINISHED and row.get(col) is not None), None)
     best_cfg_path, best_ckpt, best_metrics = None, None, {}
-    if done:
-        sign = 1 if s.mode == "min" else -1
-        best = min(done, key=lambda r: sign * r.metrics.get(s.metric, math.inf))
-        best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))}
+    if best_row is not None:
+        best = by_id[best_row["trial_id"]]
+        best_metrics = {**metafx_metrics(best.metrics), s.metric: best_row[col]}
         tcfg = trial_config(cfg, best.config)
         raw = tcfg.to_dict()
         raw.pop("search", None)
@@ -450,10 +678,21 @@ def _summarize(cfg: Config, name: str, exp_path: str, results, parent: str | Non
         out_dir.mkdir(parents=True, exist_ok=True)
         best_cfg_path = out_dir / "best_config.yaml"
         dump_config(raw, best_cfg_path, header=(
-            f"# Best configuration of search {name!r} ({s.metric} = {best.metrics.get(s.metric):.5g}).\n"
+            f"# Best configuration of search {name!r}: {best_row['name']}, {s.metric} = {best_row[col]:.5g}\n"
+            f"# ({definition}).\n"
             f"# Rerun: python launch/train.py --space {best_cfg_path}"))
         best_ckpt = best.checkpoint.path if best.checkpoint else None
-    return SearchSummary(name, exp_path, best_cfg_path, best_ckpt, best_metrics, table, parent)
+    return SearchSummary(name, exp_path, best_cfg_path, best_ckpt, best_metrics, ranked, parent,
+                         metric=s.metric, best_trial=best_row["name"] if best_row else None,
+                         best_value=best_row[col] if best_row else None, definition=definition,
+                         failures=failure_kinds(errors))
+
+
+def _result_error(r) -> str:
+    """The error text of a failed trial's Tune result (its exception, or Ray's error file)."""
+    err = r.error
+    text = str(err) if err is not None else ""
+    return text or "trial failed (see Ray logs)"
 
 
 def _summary_files(cfg: Config, summary: SearchSummary, exp_path: str) -> list[Path]:
@@ -466,7 +705,7 @@ def _summary_files(cfg: Config, summary: SearchSummary, exp_path: str) -> list[P
 
     out = _local_dir(exp_path, summary.name)
     try:
-        study = study_from_rows([r for r in summary.table if r["status"] != "ERROR"], cfg.search.metric,
+        study = study_from_rows([r for r in summary.table if r["status"] != FAILED], f"best {cfg.search.metric}",
                                 cfg.search.mode, cfg.search.params)
         return optuna_plots(study, out / "plots")
     except ArtifactError as e:

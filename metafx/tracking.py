@@ -43,22 +43,33 @@ from mlflow.utils.validation import (
 from metafx.config import Config, flatten
 from metafx.records import (
     EXP_TAG_KIND,
+    EXP_TAG_PRIMARY_METRIC,
+    EXP_TAG_SHARED_VIEW,
     EXPERIMENT_KIND,
+    RANK_METRIC,
     TAG_ASHA_STOPPED,
+    TAG_BEST_DEFINITION,
+    TAG_BEST_RUN,
+    TAG_BEST_TRIAL,
     TAG_CLOSED_BY,
     TAG_ERROR,
     TAG_NOTE,
+    TAG_OUTCOME,
     TAG_PARENT,
     TAG_RAY_TRIAL_ID,
     TAG_ROLE,
     TAG_SEARCH_NAME,
+    TAG_STFT_RESOLUTION,
     TAG_TRIAL_ID,
     SearchSummary,
     artifact_location_for,
+    best_key,
     check_status,
     default_tracking_uri,
     error_summary,
+    runs_view,
     search_tags,
+    view_key,
     sqlite_path,
     write_inputs,
     write_summary,
@@ -170,10 +181,78 @@ class Tracker:
             self.parent_run_id, self.search_name, self._common_tags = run_id, search_name, common
             self._write(run_id, params=_param_dict(cfg.flat()), tags={**common, TAG_ROLE: "search"},
                         existing_params=old_params)
+            self._set_views(cfg, search_name)
             with tempfile.TemporaryDirectory(prefix="metafx-track-") as tmp:
                 write_inputs(cfg, search_name, manifest, Path(tmp))
                 self._retry(self._client.log_artifacts, run_id, tmp)
             return run_id
+
+    def view_path(self) -> str:
+        """The UI path (after the server's address) of this search's ranked runs view.
+
+        Returns:
+            ``#/experiments/<id>/runs?viewStateShareKey=<key>&workflowType=machine_learning``.
+
+        Raises:
+            TrackingError: no search was started.
+        """
+        self._parent()
+        return (f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={view_key(self.search_name or '')}"
+                "&workflowType=machine_learning")
+
+    def _set_views(self, cfg: Config, search_name: str) -> None:
+        """Experiment tags MLflow's UI reads: the primary metric (first chart) and this search's saved view.
+
+        The view (:func:`metafx.records.runs_view`) is stored as MLflow 3's UI stores a saved
+        view: the runs page lists it under "Views" as ``<search>: trials ranked``, and
+        :meth:`view_path` opens it.
+        """
+        view = runs_view(search_name, cfg.search.metric, [p.key for p in cfg.search.params])
+        # The envelope of MLflow's saved views: listed by name under "Views" on the runs page.
+        now = _now_ms()
+        saved = {"name": f"{search_name}: trials ranked", "createdAt": now, "updatedAt": now, "state": json.dumps(view)}
+        for key, value in ((EXP_TAG_PRIMARY_METRIC, cfg.search.metric),
+                           (EXP_TAG_SHARED_VIEW + view_key(search_name), json.dumps(saved))):
+            self._retry(self._client.set_experiment_tag, self.experiment_id, key, value)
+
+    def record_ranking(self, summary: SearchSummary) -> None:
+        """Write the search's one ranking into its runs: rank and best value per trial, the best on the parent.
+
+        Each trial row of ``summary.table`` with a ``trial_id`` gets the metrics ``rank``
+        (1 = best; none for a failed trial) and ``best/<metric>`` (its best value), and the
+        tag ``metafx.outcome``; the parent run gets the best trial's run name and id and
+        :func:`metafx.records.best_definition` as tags.
+
+        Args:
+            summary: the search's summary (:func:`metafx.records.rank_rows` order).
+
+        Raises:
+            TrackingError: no search was started.
+        """
+        with self._lock:
+            parent = self._parent()
+            col = f"best {summary.metric}"
+            best_run = None
+            for row in summary.table:
+                tid = row.get("trial_id")
+                if not tid:
+                    continue
+                rid = self._runs.get(tid) or self._find_child(tid)
+                if rid is None:
+                    continue
+                ms = [_metric(RANK_METRIC, row.get("rank"), 0), _metric(best_key(summary.metric), row.get(col), 0)]
+                self._write(rid, metrics=ms, tags={TAG_OUTCOME: row.get("status", "")})
+                if summary.best_trial is not None and row.get("name") == summary.best_trial:
+                    best_run = rid
+            tags = {TAG_BEST_DEFINITION: summary.definition}
+            resolutions = {row["stft"] for row in summary.table if row.get("stft")}
+            if resolutions:  # the search's STFT metrics (best/test/*stft*) were computed with these
+                tags[TAG_STFT_RESOLUTION] = " | ".join(sorted(resolutions))
+            if summary.best_trial is not None:
+                tags[TAG_BEST_TRIAL] = summary.best_trial
+            if best_run is not None:
+                tags[TAG_BEST_RUN] = best_run
+            self._write(parent, tags=tags)
 
     def end_search(self, status: str, summary: SearchSummary | None = None, files: Sequence[Path] = ()) -> None:
         """Log the search summary to the parent run and terminate it.
@@ -203,9 +282,15 @@ class Tracker:
             with tempfile.TemporaryDirectory(prefix="metafx-summary-") as tmp:
                 d = Path(tmp)
                 if summary is not None:
+                    if summary.metric:
+                        self.record_ranking(summary)
                     md = write_summary(summary, d)
                     if md is not None:
-                        note = f"## Search {self.search_name}: {len(summary.table)} trials\n\n{md}"
+                        note = f"## Search {self.search_name}: {len(summary.table)} trials, best first\n\n"
+                        if summary.definition:
+                            note += f"{summary.definition}.\n\n"
+                        note += (f"Ranked view of the trials: [open]({self.view_path()}) (or filter "
+                                 f"`tags.metafx.search_name = '{self.search_name}'`, sort by `rank`).\n\n{md}")
                         if len(note) > MAX_TAG_VAL_LENGTH:
                             note = note[: MAX_TAG_VAL_LENGTH - 60].rsplit("\n", 1)[0] + "\n\n(truncated; see summary/trials.md)"
                         self._write(run_id, tags={TAG_NOTE: note})
@@ -722,3 +807,183 @@ def _metric(key: Any, value: Any, step: int, ts: int | None = None) -> Metric | 
     if k is None:
         return None
     return Metric(k, x, ts if ts is not None else _now_ms(), int(step))
+
+
+# --------------------------------------------------------------------------- captures and the model registry
+
+CAPTURE_EXPERIMENT = "capture"  # default experiment of the capture runs (metafx/capture.py)
+META_MODEL_EXPERIMENT = "meta-models"  # default experiment of the runs that hold registered meta-models
+META_MODEL_ARTIFACT = "meta_model"  # artifact folder of a registered meta-model (best.pt, config.yaml, ...)
+
+
+def log_capture(
+    tracking_uri: str | None,
+    experiment: str,
+    run_name: str,
+    *,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    tags: Mapping[str, Any],
+    artifact_dir: Path,
+    before_upload: Callable[[str, str], None] | None = None,
+) -> tuple[str, str]:
+    """Record one capture as a finished MLflow run in its own experiment.
+
+    The run is created, ``before_upload(run_id, tracking_uri)`` is called (the capture writes
+    its ``results.json`` with the run id into ``artifact_dir`` there), then params, tags,
+    metrics (nested mappings flattened with ``/``; non-finite values skipped) and every file
+    under ``artifact_dir`` are logged, and the run ends FINISHED. Any failure on the way ends
+    the run FAILED (tag ``metafx.error``) before the error is raised: no capture run is left
+    RUNNING or looks complete when it is not.
+
+    Args:
+        tracking_uri: the store; None = :func:`default_tracking_uri`.
+        experiment: the experiment (created if missing), e.g. :data:`CAPTURE_EXPERIMENT`.
+        run_name: the run's name.
+        params: run parameters (flattened to dotted keys).
+        metrics: run metrics, logged at step 0.
+        tags: run tags.
+        artifact_dir: a folder whose files become the run's artifacts (same relative paths).
+        before_upload: called once the run exists, before anything is uploaded.
+
+    Returns:
+        ``(run_id, tracking_uri)``.
+
+    Raises:
+        TrackingError: the store cannot be opened or written (the run, if created, is FAILED).
+        FileNotFoundError: ``artifact_dir`` is not a folder (checked before the run is created).
+    """
+    artifact_dir = Path(artifact_dir)
+    if not artifact_dir.is_dir():
+        raise FileNotFoundError(f"capture artifact folder {artifact_dir} does not exist")
+    tracker = Tracker(tracking_uri, experiment)
+    client = tracker._client
+    try:
+        run = tracker._retry(client.create_run, tracker.experiment_id, tags=_tag_dict(tags), run_name=run_name)
+    except MlflowException as e:
+        raise TrackingError(f"cannot create a capture run in experiment {experiment!r} at {tracker.tracking_uri}: {e}") from e
+    run_id = run.info.run_id
+    try:
+        if before_upload is not None:
+            before_upload(run_id, tracker.tracking_uri)
+        tracker._write(run_id, params=_param_dict(flatten(dict(params))), tags=tags,
+                       metrics=[_metric(k, v, 0) for k, v in _flatten_slash(metrics).items()])
+        tracker._retry(client.log_artifacts, run_id, str(artifact_dir))
+        tracker._retry(client.set_terminated, run_id, "FINISHED")
+    except BaseException as e:
+        try:
+            tracker._write(run_id, tags={TAG_ERROR: error_summary(f"{type(e).__name__}: {e}")})
+            tracker._retry(client.set_terminated, run_id, "FAILED")
+        except Exception:  # the store itself failed: report the original error
+            log.exception("could not mark capture run %s as FAILED", run_id)
+        if isinstance(e, (MlflowException, OSError)):
+            raise TrackingError(f"capture run {run_id} in {tracker.tracking_uri} FAILED while logging: {e}") from e
+        raise
+    return run_id, tracker.tracking_uri
+
+
+def register_meta_model(
+    tracking_uri: str | None,
+    name: str,
+    checkpoint: Path,
+    *,
+    files: Sequence[Path] = (),
+    tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
+    experiment: str = META_MODEL_EXPERIMENT,
+    run_id: str | None = None,
+) -> str:
+    """Register a meta-model checkpoint in the MLflow Model Registry; ``models:/<name>/<version>`` then loads it.
+
+    The checkpoint (``{"model", "step", "val", "config"}``, logged as ``best.pt``) and ``files`` (e.g.
+    the study's ``config.yaml`` and the dataset's ``manifest.json``) are logged under
+    :data:`META_MODEL_ARTIFACT` of ``run_id`` (default: a new FINISHED run in ``experiment``),
+    and a new version of the registered model ``name`` (created if missing) points at them.
+
+    Args:
+        tracking_uri: the store; None = :func:`default_tracking_uri`.
+        name: the registered model's name (the search's study name).
+        checkpoint: the checkpoint file.
+        files: more files logged beside it.
+        tags: tags of the model version.
+        description: the model version's description.
+        experiment: where the holding run is created when ``run_id`` is None.
+        run_id: an existing run (e.g. the search's parent run) to hold the artifacts.
+
+    Returns:
+        The new version number, as a string.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` or a file is missing.
+        TrackingError: the store cannot be written.
+    """
+    for f in (checkpoint, *files):
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"cannot register {name!r}: {f} does not exist")
+    tracker = Tracker(tracking_uri, experiment)
+    client = tracker._client
+    try:
+        own = run_id is None
+        if own:
+            run_id = tracker._retry(client.create_run, tracker.experiment_id, run_name=f"register {name}",
+                                    tags={TAG_ROLE: "meta_model"}).info.run_id
+        with tempfile.TemporaryDirectory(prefix="metafx-register-") as tmp:
+            d = Path(tmp)
+            (d / "best.pt").write_bytes(Path(checkpoint).read_bytes())  # the name every loader looks for
+            for f in files:
+                (d / Path(f).name).write_bytes(Path(f).read_bytes())
+            tracker._retry(client.log_artifacts, run_id, str(d), META_MODEL_ARTIFACT)
+        if own:
+            tracker._retry(client.set_terminated, run_id, "FINISHED")
+        try:
+            tracker._retry(client.create_registered_model, name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{client.get_run(run_id).info.artifact_uri}/{META_MODEL_ARTIFACT}"
+        mv = tracker._retry(client.create_model_version, name, source, run_id=run_id, tags=_tag_dict(tags or {}),
+                            description=description)
+        return str(mv.version)
+    except MlflowException as e:
+        raise TrackingError(f"cannot register meta-model {name!r} in {tracker.tracking_uri}: {e}") from e
+
+
+def fetch_registered_model(model_uri: str, dst: Path, tracking_uri: str | None = None) -> Path:
+    """Download the files of a registered model version (``models:/<name>/<version>`` or ``models:/<name>@<alias>``).
+
+    Args:
+        model_uri: the model URI.
+        dst: an existing folder to download into.
+        tracking_uri: the store (its registry); None = :func:`default_tracking_uri`.
+
+    Returns:
+        The local folder holding the version's files (e.g. ``best.pt``).
+
+    Raises:
+        TrackingError: no such model, version or alias in the store, or the download failed.
+    """
+    import mlflow.artifacts
+
+    uri = tracking_uri or default_tracking_uri()
+    spec = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    name, sep, ref = spec.rpartition("@") if "@" in spec else spec.rpartition("/")
+    if not name or not ref or "/" in name:
+        raise TrackingError(f"{model_uri!r} is not a model URI: use models:/<name>/<version>, models:/<name>/latest or "
+                            f"models:/<name>@<alias>")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        if sep == "@":
+            version = client.get_model_version_by_alias(name, ref).version
+        elif ref == "latest":
+            versions = client.search_model_versions(f"name = {_q(name)}")
+            if not versions:
+                raise TrackingError(f"cannot load {model_uri}: the registry at {uri} has no version of {name!r}")
+            version = str(max(int(v.version) for v in versions))
+        else:
+            version = ref
+        source = client.get_model_version_download_uri(name, version)
+        out = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri)
+    except MlflowException as e:
+        raise TrackingError(f"cannot load {model_uri} from the registry at {uri}: {str(e).splitlines()[0]}; "
+                            f"list the registered models in the MLflow UI (Models), or pass a checkpoint path") from e
+    return Path(out)

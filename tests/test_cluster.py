@@ -534,7 +534,6 @@ def test_ray_job_stop_closes_the_mlflow_runs_as_killed(cluster):
             time.sleep(1)
     assert running, f"no trial run became RUNNING:\n{c.logs(sid)[-5000:]}"
 
-    t0 = time.time()
     r = c.ray("job", "stop", "--address", c.dashboard, sid)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     info = c.wait_job(sid, 120)
@@ -542,7 +541,14 @@ def test_ray_job_stop_closes_the_mlflow_runs_as_killed(cluster):
     logs = c.logs(sid)
     # The driver unwound through KeyboardInterrupt (not Ray's abort, not the SIGKILL after the grace period).
     assert "interrupted: continue with" in logs and "SIGTERM received" not in logs, logs[-5000:]
-    assert time.time() - t0 < 60, "the driver needed the whole grace period: it was SIGKILLed"
+    # The job supervisor says which way the driver went: it exited within the grace period after
+    # SIGTERM, or it was force-killed with SIGKILL when the period ran out. Its log line is written
+    # once the driver is gone, whatever the machine's speed; wait for it, not for a time.
+    sup = c.raytmp / "head" / "session_latest" / "logs" / "jobs" / f"supervisor-{sid}.log"
+    c._wait(lambda: "terminated gracefully" in sup.read_text() or "force-killed" in sup.read_text(), 180,
+            f"the job supervisor's verdict in {sup}")
+    verdict = sup.read_text()
+    assert "has been terminated gracefully with SIGTERM" in verdict and "force-killed" not in verdict, verdict[-3000:]
 
     client, parent, children = _mlflow_search(c, name)
     assert parent.info.status == "KILLED", parent.info.status

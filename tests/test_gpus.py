@@ -44,7 +44,7 @@ def test_half_gpu_trials_share_one_logical_gpu_and_fall_back_to_cpu(logical_gpu_
         "model.lstm.hidden": 8, "maml.meta_steps": 4})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = run_search(cfg, name="half-gpu", storage=str(tmp_path / "ray"), tracking_uri=uri, verbose=0)
-    assert [r["status"] for r in out.table] == ["done", "done"], out.table
+    assert [r["status"] for r in out.table] == ["finished", "finished"], out.table
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])

@@ -1,6 +1,7 @@
 """Per-trial review artifacts: WAVs decode right, PNGs open, malformed input is refused."""
 from __future__ import annotations
 
+import json
 import logging
 
 import matplotlib.image as mpimg
@@ -31,6 +32,7 @@ def test_write_trial_artifacts_layout_audio_and_plots(tmp_path):
     rel = sorted(str(p.relative_to(tmp_path)) for p in files)
     expected = sorted(
         [f"audio/{e['task_id']}/{k}.wav" for e in examples for k in ("input", "target", "pred_pre", "pred_post")]
+        + [f"audio/{e['task_id']}/levels.json" for e in examples]
         + [f"plots/{e['task_id']}_{kind}.png" for e in examples for kind in ("time", "spectrum")]
         + ["plots/training_curves.png"]
     )
@@ -39,6 +41,7 @@ def test_write_trial_artifacts_layout_audio_and_plots(tmp_path):
         assert p.is_file() and p.stat().st_size > 0
     for e in examples:
         d = tmp_path / "audio" / e["task_id"]
+        gain = json.loads((d / "levels.json").read_text())["gain"]
         for k in ("input", "target", "pred_pre", "pred_post"):
             data, sr = sf.read(d / f"{k}.wav", dtype="float32")
             assert sr == SR
@@ -46,25 +49,71 @@ def test_write_trial_artifacts_layout_audio_and_plots(tmp_path):
             assert data.ndim == 1 and data.shape[0] == e["target"].size
         post, _ = sf.read(d / "pred_post.wav", dtype="float32")
         assert np.all(post[:300] == 0)
-        np.testing.assert_allclose(post[300:], e["pred_post"], atol=2 / 32768)
+        np.testing.assert_allclose(post[300:], gain * e["pred_post"], atol=2 / 32768)
         tgt, _ = sf.read(d / "target.wav", dtype="float32")
-        np.testing.assert_allclose(tgt, e["target"], atol=2 / 32768)
+        np.testing.assert_allclose(tgt, gain * e["target"], atol=2 / 32768)
     for p in files:
         if p.suffix == ".png":
             _png_ok(p)
 
 
+def _peak_db(x) -> float:
+    return 20 * np.log10(np.max(np.abs(x)))
+
+
 def test_wavs_are_clip_safe_and_finite(tmp_path, caplog):
     ex = make_examples(n=1)[0]
-    ex["pred_pre"] = ex["pred_pre"] * 10  # diverged model: far outside [-1, 1]
+    ex["pred_pre"] = ex["pred_pre"] * 100  # diverged model: far outside [-1, 1]
     ex["pred_post"] = ex["pred_post"].copy()
     ex["pred_post"][5] = np.nan
     with caplog.at_level(logging.WARNING, logger="metafx.plots"):
         write_trial_artifacts(tmp_path, [ex], [], SR)
     pre, _ = sf.read(tmp_path / "audio" / ex["task_id"] / "pred_pre.wav", dtype="float32")
     post, _ = sf.read(tmp_path / "audio" / ex["task_id"] / "pred_post.wav", dtype="float32")
-    assert np.abs(pre).max() <= 1.0 and np.isfinite(post).all()
-    assert "clipped" in caplog.text and "non-finite" in caplog.text
+    # The loudest signal (the diverged one) sets the gain: it peaks at -1 dBFS, nothing clips.
+    assert _peak_db(pre) == pytest.approx(-1.0, abs=0.05) and np.isfinite(post).all()
+    assert "non-finite" in caplog.text
+
+
+def test_seconds_of_quiet_audio_are_written_audible_with_one_gain(tmp_path):
+    """Three seconds at -51 dBFS (as the test episodes come out of a quiet source): the loudest of the four
+    peaks at -1 dBFS in its WAV, the others keep their level relative to it, and the gain is recorded."""
+    sr, n = 16000, 3 * 16000
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(n)
+    x *= 10 ** (-51 / 20) / np.abs(x).max()  # input peaks at -51 dBFS
+    y = 0.5 * x  # the effect: -6 dB
+    ex = {"task_id": "moog_vcf-quiet", "family": "moog_vcf", "params": {"cutoff": 800.0},
+          "input": x, "target": y, "pred_pre": 0.9 * x, "pred_post": 0.55 * x[100:]}
+    write_trial_artifacts(tmp_path, [ex], [], sr)
+    d = tmp_path / "audio" / "moog_vcf-quiet"
+    wav = {k: sf.read(d / f"{k}.wav", dtype="float64")[0] for k in ("input", "target", "pred_pre", "pred_post")}
+    assert all(len(w) == n for w in wav.values())  # seconds, not one slice
+    assert _peak_db(wav["input"]) == pytest.approx(-1.0, abs=0.05)  # the loudest of the four
+    for k, level in (("target", 0.5), ("pred_pre", 0.9), ("pred_post", 0.55)):
+        assert _peak_db(wav[k]) - _peak_db(wav["input"]) == pytest.approx(20 * np.log10(level), abs=0.05), k
+    levels = json.loads((d / "levels.json").read_text())
+    assert levels["gain_db"] == pytest.approx(50.0, abs=0.05)
+    assert levels["peak_dbfs_in_data"]["input"] == pytest.approx(-51.0, abs=0.01)
+    np.testing.assert_allclose(wav["target"], levels["gain"] * y, atol=2 / 32768)
+
+
+def _orange_pixels(path) -> int:
+    """Pixels of matplotlib's tab:orange (the prediction before adaptation) in a PNG."""
+    img = mpimg.imread(path)[..., :3]
+    orange = np.array([1.0, 0.498, 0.055])
+    return int((np.abs(img - orange).max(axis=-1) < 0.12).sum())
+
+
+def test_prediction_before_adaptation_stays_visible_where_it_equals_after(tmp_path):
+    """Adaptation that changes little puts the two prediction curves on each other; 'before' must still show."""
+    ex = make_examples(n=1, length=16000, tcn_crop=0)[0]
+    ex["pred_pre"] = ex["pred_post"].copy()
+    write_trial_artifacts(tmp_path, [ex], [], SR)
+    for kind in ("spectrum", "time"):
+        png = tmp_path / "plots" / f"{ex['task_id']}_{kind}.png"
+        # The legend's sample line alone is about 60 pixels; the curve itself must show as well.
+        assert _orange_pixels(png) > 400, (kind, _orange_pixels(png))
 
 
 def test_training_curves_overlay_val_and_skip_empty(tmp_path):

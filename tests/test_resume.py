@@ -41,6 +41,46 @@ def _wait_until(p: subprocess.Popen, exp: Path, tmp: Path, ready, timeout: float
     pytest.fail("the search did not reach the interruption point in time:\n" + (tmp / "log0.txt").read_text()[-3000:])
 
 
+def _experiment_state(exp: Path) -> dict[str, tuple[str, int]]:
+    """Trial id -> (status, step of its last result) in Tune's newest experiment-state snapshot.
+
+    Empty while no snapshot is readable (Tune rewrites it in place).
+    """
+    states = sorted(exp.glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+        out = {}
+        for trial_json, meta_json in data.get("trial_data", []):
+            t, meta = json.loads(trial_json), json.loads(meta_json)
+            out[t["trial_id"]] = (t["status"], int((meta.get("last_result") or {}).get("step", 0)))
+        return out
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _wait_for_state(p: subprocess.Popen, exp: Path, tmp: Path, timeout: float) -> None:
+    """Poll until Tune's snapshot holds the interruption point: a trial TERMINATED and one RUNNING at step >= 6.
+
+    The trials' result files run ahead of the snapshot, and the snapshot is what ``--resume``
+    reads; every report of these trials carries a checkpoint (``checkpoint_every`` = ``eval_every``).
+    """
+    def ready() -> bool:
+        state = _experiment_state(exp).values()
+        return any(st == "TERMINATED" for st, _ in state) and any(st == "RUNNING" and step >= 6 for st, step in state)
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready():
+            return
+        if p.poll() is not None:
+            pytest.fail(f"search ended before it could be interrupted:\n{(tmp / 'log0.txt').read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail("Tune's experiment state never recorded the interruption point:\n"
+                + (tmp / "log0.txt").read_text()[-3000:])
+
+
 def _run(tmp: Path, extra: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     cmd = [sys.executable, str(REPO_ROOT / "launch" / "search.py"), *ARGS, "--storage", str(tmp / "ray"),
@@ -63,7 +103,9 @@ def test_resume_after_sigkill(tmp_path):
             return done and partial
 
         _wait_until(p, exp, tmp_path, ready, timeout=400)
-        time.sleep(2)  # let Tune write its experiment state once more
+        # Tune's experiment state must have seen that point too (it is what --resume restores):
+        # wait until a snapshot written after it lists the finished trial as TERMINATED.
+        _wait_for_state(p, exp, tmp_path, timeout=300)
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray it started
         p.wait()

@@ -14,6 +14,9 @@ from metafx.search_space import DefineByRun, distribution, trial_config
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+_METAFX_KEYS = {"support_l1_pre", "support_l1_post", "query_l1_post", "outer_loss", "best_step", "params",
+                "wall_seconds", "rank"}
+
 
 def test_define_by_run_conditionals_with_real_optuna():
     """all.yaml samples the method first; the model family, its sizes and the context only where they apply."""
@@ -72,13 +75,63 @@ def test_search_runs_trials_and_asha_stops_some(smoke_search):
     cfg, out, _, _ = smoke_search
     assert len(out.table) == 6
     statuses = [r["status"] for r in out.table]
-    assert "done" in statuses, statuses
+    assert "finished" in statuses, statuses
     assert "stopped" in statuses, f"ASHA stopped no trial: {statuses}"
     for row in out.table:
         arch = row.get("model.arch") or cfg.model.arch  # ridge trials do not sample it: the file's arx
         assert (arch == "arx") == (row["maml.method"] == "ridge"), row
         for other in {"lstm", "tcn", "ssm", "arx"} - {arch}:
             assert not any(k.startswith(f"model.{other}.") for k in row), row
+
+
+def test_one_best_trial_everywhere(smoke_search):
+    """The table order, the summary, best_config.yaml, the checkpoint and the parent run name one trial,
+    by one definition: the finished trial with the lowest validation value at any report (the checkpoint
+    it was tested with), ASHA-stopped trials ranked after every finished one."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from metafx.records import best_definition
+
+    cfg, out, uri, _ = smoke_search
+    metric, col = cfg.search.metric, f"best {cfg.search.metric}"
+    rows = out.table
+    # Ranked: finished trials first by their best value, then the stopped ones; 1 = the best.
+    assert [r["rank"] for r in rows if r["status"] != "failed"] == list(range(1, 1 + sum(r["status"] != "failed"
+                                                                                          for r in rows)))
+    status_order = [r["status"] for r in rows]
+    assert status_order == sorted(status_order, key=["finished", "stopped", "failed"].index), status_order
+    finished = [r[col] for r in rows if r["status"] == "finished"]
+    assert finished == sorted(finished)
+    best = rows[0]
+    assert best["status"] == "finished" and out.best_trial == best["name"] and out.best_value == best[col]
+    assert out.definition == best_definition(metric) and "finished" in out.definition
+    assert out.best_metrics[metric] == best[col]
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = {r.data.tags.get("metafx.trial_id"): r for r in client.search_runs([exp.experiment_id], max_results=100)}
+    parent = client.get_run(out.parent_run_id)
+    best_run = runs[best["trial_id"]]
+    # Its value is the lowest of its whole validation history (not its last report) ...
+    hist = [m.value for m in client.get_metric_history(best_run.info.run_id, metric)]
+    assert best[col] == pytest.approx(min(hist))
+    # ... which is the value of the checkpoint it was tested with.
+    ckpt = torch.load(Path(out.best_checkpoint) / "best.pt", map_location="cpu", weights_only=True)
+    assert ckpt["val"] == pytest.approx(best[col])
+    assert best["trial_id"] in str(out.best_checkpoint)
+    # The same trial on the parent run, in best_config.yaml, and in every run's rank.
+    assert parent.data.tags["metafx.best_trial"] == best["name"] == best_run.info.run_name
+    assert parent.data.tags["metafx.best_run_id"] == best_run.info.run_id
+    assert parent.data.tags["metafx.best_definition"] == out.definition
+    assert parent.data.metrics[f"best/{metric}"] == pytest.approx(best[col])
+    assert best["name"] in out.best_config_path.read_text().splitlines()[0]
+    for r in rows:
+        run = runs[r["trial_id"]]
+        assert run.data.tags["metafx.outcome"] == r["status"]
+        if r["rank"] is not None:
+            assert run.data.metrics["rank"] == r["rank"]
+            assert run.data.metrics[f"best/{metric}"] == pytest.approx(r[col])
 
 
 def test_best_config_reruns_with_launch_train(smoke_search, tmp_path):
@@ -113,6 +166,24 @@ def test_mlflow_store_read_back(smoke_search):
         assert r.info.status != "RUNNING", r.info.run_name
     finished = [c for c in children if "test/query_l1_post" in c.data.metrics]
     assert finished
+    # Readable run names, not trial hashes; only metafx's metrics, none of Ray's internals.
+    for ch in children:
+        assert ch.info.run_name.startswith(f"trial {ch.data.tags['metafx.trial_number']}: "), ch.info.run_name
+        assert ch.data.tags["metafx.stft_resolution"] == "fft=512,hop=128,win=512"  # smoke slices: 512 samples
+        for k in ch.data.metrics:
+            assert k.startswith(("val/", "test/", "best/")) or k in _METAFX_KEYS, k
+    for k in parents[0].data.metrics:
+        assert k.startswith("best/") and k[5:].startswith(("val/", "test/")) or k[5:] in _METAFX_KEYS, k
+    assert parents[0].data.tags["metafx.stft_resolution"] == "fft=512,hop=128,win=512"
+    # The experiment tells the UI its primary metric and holds the search's saved view.
+    tags = exp.tags
+    assert tags["mlflow.experiment.primaryMetric.name"] == cfg.search.metric
+    import json
+
+    saved = json.loads(tags["mlflow.sharedViewState.metafx-smoke-e2e"])
+    view = json.loads(saved["state"])
+    assert saved["name"] == "smoke-e2e: trials ranked" and view["orderByKey"] == "metrics.`rank`"
+    assert "metrics.`test/lsfir/query_l1_post`" in view["selectedColumns"]
     c = finished[0]
     hist = client.get_metric_history(c.info.run_id, "val/query_l1_post")
     assert [h.step for h in hist] == sorted(h.step for h in hist) and len(hist) >= 2
@@ -149,8 +220,9 @@ def test_nonfinite_trials_fail_without_stopping_the_search(tmp_path):
         out = run_search(cfg, name="nan", storage=str(tmp_path / "ray"), tracking_uri=uri, verbose=0)
     finally:
         ray.shutdown()
-    assert [r["status"] for r in out.table] == ["ERROR", "ERROR"]
-    assert out.best_config_path is None
+    assert [r["status"] for r in out.table] == ["failed", "failed"]
+    assert out.best_config_path is None and out.best_trial is None
+    assert [(k["kind"], k["count"]) for k in out.failures] == [("NonFiniteLossError", 2)], out.failures
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.name)
     runs = client.search_runs([exp.experiment_id])
@@ -160,3 +232,71 @@ def test_nonfinite_trials_fail_without_stopping_the_search(tmp_path):
         assert c.info.status == "FAILED"
         assert "non-finite" in c.data.tags["metafx.error"].lower()
         assert "step 1" in c.data.tags["metafx.error"] or "step 1" in c.data.tags.get("mlflow.note.content", "")
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _cli(tmp: Path, *extra: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """launch/search.py as a person runs it, its output piped (not a terminal)."""
+    cmd = [sys.executable, str(REPO_ROOT / "launch" / "search.py"), "--space", "lstm.yaml", "--budget", "smoke",
+           "--storage", str(tmp / "ray"), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
+           "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "model.lstm.hidden=8", *extra]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
+
+
+#: What Ray prints on its own, none of which belongs in a successful search's default output (issue 12,
+#: item 7): checkpoint notes from every trial worker, Tune's tables and its TensorBoard hint (no
+#: TensorBoard is installed), the duplicate concurrency warning, Tune's error summary of a trial it
+#: retried, worker tracebacks, ANSI colour codes in a log file, Optuna's study note.
+RAY_NOISE = ("Checkpoint successfully created", "tensorboard", "TensorBoard", "max_concurrent_trials",
+             "ConcurrencyLimiter", "Trial status:", "Configuration for experiment", "Number of errored trials",
+             "terminated successfully after retrying", "Traceback", "ActorDiedError", "\x1b[",
+             "A new study created", "(_trainable pid=", "View detailed results here")
+
+
+def test_search_cli_prints_metafx_lines_not_ray_noise(tmp_path):
+    r = _cli(tmp_path, "--num-samples", "3", "--name", "quiet")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    for noise in RAY_NOISE:
+        assert noise not in out, (noise, out[-5000:])
+    # One line per trial start and end, by readable name; then the ranked table and its definition.
+    assert out.count(": started") == 3 and "trial 1: lstm " in out, out[-5000:]
+    assert "Trials, best first (best trial = the trial that finished (ran its test evaluation) with the lowest " \
+           "val/query_l1_post at any of its validation reports" in out, out[-5000:]
+    table = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
+    assert table[0].startswith("| rank | name | status | step | best val/query_l1_post | best step |"), table[0]
+    assert table[1].startswith("| 1 | trial ") and "| finished |" in table[1], table[1]
+    assert table[0].rstrip(" |").endswith("stft") and table[1].rstrip(" |").endswith("fft=512,hop=128,win=512")
+    best_name = table[1].split(" | ")[1]
+    assert f"best trial: {best_name}" in r.stdout
+    assert "viewStateShareKey=metafx-quiet" in r.stdout
+
+
+def test_search_where_no_trial_finishes_exits_nonzero_with_one_line_per_failure(tmp_path):
+    """Every trial raises (a device that does not exist): exit 1, and the failure named once with its count."""
+    r = _cli(tmp_path, "--num-samples", "2", "--set", "search.max_failures=0", "--name", "allfail",
+             env={"METAFX_DEVICE": "nodevice"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-5000:]
+    lines = [ln for ln in r.stderr.splitlines() if "trial(s) failed with" in ln]
+    assert len(lines) == 1, r.stderr[-5000:]
+    assert lines[0].strip().startswith("2 trial(s) failed with RuntimeError; first (trial 1: lstm "), lines
+    assert "nodevice" in lines[0], lines
+    assert "error: no trial of search 'allfail' finished its evaluation" in r.stderr
+    assert "Traceback" not in out, out[-5000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("lstm").experiment_id])
+    assert sorted(run.info.status for run in runs) == ["FAILED"] * 3  # the search and both trials
+
+
+@pytest.mark.slow
+def test_verbose_ray_brings_ray_output_back(tmp_path):
+    r = _cli(tmp_path, "--num-samples", "1", "--name", "loud", "--verbose-ray", "--set", "search.scheduler=fifo")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert "Checkpoint successfully created" in out and "Trial status:" in out, out[-5000:]

@@ -187,7 +187,8 @@ def run_family(family: str, budget: str, opts: dict[str, Any]) -> dict[str, Any]
     ev_s = round(time.time() - t, 2)
     ref_identity = m["test/identity_l1"]
     n_test = len(taskset.split("test"))
-    base = {"family": family, "tasks": len(taskset), "test_tasks": n_test, "test_episodes": cfg.eval.test_episodes}
+    base = {"family": family, "tasks": len(taskset), "test_tasks": n_test, "test_episodes": cfg.eval.test_episodes,
+            "stft_resolution": _stft_text(cfg.maml.slice_len)}
     rows.append({**base, "model": "identity", "method": "identity", "params": 0, "adapted_params": 0,
                  "seconds_per_meta_step": None, "wall_seconds": 0.0, **_metric_cols(m, "test/identity/")})
     rows.append({**base, "model": "fir256", "method": "lsfir", "params": 0, "adapted_params": cfg.eval.lsfir_taps,
@@ -233,7 +234,8 @@ def run_family(family: str, budget: str, opts: dict[str, Any]) -> dict[str, Any]
         m, info = _train(cfg, taskset, opts["timing_steps"])
         if abs(m["test/identity_l1"] - ref_identity) > 1e-12:
             raise RuntimeError(f"{family}/lstm: test episodes differ from the baselines'")
-        lstm_common = {**base, "model": f"lstm{cfg.model.lstm.hidden}", "params": info["params"]}
+        lstm_common = {**base, "model": f"lstm{cfg.model.lstm.hidden}", "params": info["params"],
+                       "stft_resolution": _stft_text(cfg.maml.slice_len)}
         rows.append({**lstm_common, "method": "maml" + ("_fo" if cfg.maml.first_order else ""),
                      "adapted_params": info["params"], "seconds_per_meta_step": info["seconds_per_meta_step"],
                      "wall_seconds": info["wall_seconds"], **_metric_cols(m, "test/"),
@@ -304,6 +306,14 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _stft_text(slice_len: int) -> str:
+    """The (fft, hop, win) the STFT column is computed with on slices of ``slice_len`` samples."""
+    from metafx.metrics import stft_resolution
+    from metafx.records import resolution_text
+
+    return resolution_text([stft_resolution(slice_len)])
+
+
 def write_report(result: dict[str, Any], out: Path) -> None:
     rows, seeds = result["rows"], result["seeds"]
     (out / "leaderboard.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
@@ -321,7 +331,8 @@ def write_report(result: dict[str, Any], out: Path) -> None:
          "Columns: `params` = meta-learned parameters; `adapted` = coefficients fitted per task (LS-FIR taps, "
          "ARX coefficients) or adapted by MAML; `s/step` = median seconds of one meta-step (meta-batch of 4 tasks, "
          "timed separately after a warm-up); `wall s` = meta-training time including periodic validation "
-         "(joint / single_task: their training); MAE = L1, STFT = auraloss STFTLoss (defaults), HF = spectral "
+         "(joint / single_task: their training); MAE = L1, STFT = auraloss STFTLoss at the `STFT resolution` "
+         "(FFT, hop, window; auraloss's defaults 1024/256/1024 on slices of >= 1024 samples), HF = spectral "
          "error above the cutoff in dB (families with a cutoff), all after adaptation on the 4 support slices, "
          "on the 4 query slices of every test episode.", ""]
     for fam in FAMILIES:
@@ -330,12 +341,13 @@ def write_report(result: dict[str, Any], out: Path) -> None:
             continue
         L += [f"## {fam} ({fr[0]['tasks']} tasks, {fr[0]['test_tasks']} test tasks, {fr[0]['test_episodes']} test "
               "episodes)", "",
-              "| model | method | features | params | adapted | s/step | wall s | MAE | STFT | HF dB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | method | features | params | adapted | s/step | wall s | MAE | STFT | STFT resolution | HF dB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(fr, key=lambda r: r["stft"]):
             L.append(f"| {r['model']} | {r['method']} | {r.get('features', '—')} | {r['params']} | "
                      f"{r.get('adapted_params', '—')} | {_f(r['seconds_per_meta_step'], 3)} | "
-                     f"{_f(r['wall_seconds'], 1)} | {_f(r['mae'])} | {_f(r['stft'], 3)} | {_f(r['hf_error'], 2)} |")
+                     f"{_f(r['wall_seconds'], 1)} | {_f(r['mae'])} | {_f(r['stft'], 3)} | "
+                     f"{r.get('stft_resolution') or 'not recorded'} | {_f(r['hf_error'], 2)} |")
         L.append("")
     L += ["## Verdicts (generated from the numbers above)", ""] + _verdicts(rows) + [""]
     if seeds:
