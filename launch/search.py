@@ -113,6 +113,9 @@ def report(out, metric: str, tracking_uri: str | None = None, stream=None) -> in
         print(f"best configuration: {out.best_config_path}", file=stream)
         print(f"  rerun: python launch/train.py --space {out.best_config_path}", file=stream)
         print(f"best checkpoint:    {out.best_checkpoint}", file=stream)
+        if out.model_uri:
+            print(f"best meta-model:    {out.model_uri} (MLflow Model Registry; capture an effect with it: "
+                  f"python launch/capture.py --model {out.model_uri} --wet recorded.wav --out DIR)", file=stream)
     print(f"experiment: {out.experiment_path}", file=stream)
     if out.parent_run_id:
         print(f"MLflow parent run: {out.parent_run_id} (open with: make ui)", file=stream)

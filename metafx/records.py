@@ -296,6 +296,9 @@ class SearchSummary:
         failures: one entry per kind of failure (:func:`failure_kinds`), most frequent first.
         view_path: the MLflow UI path of the ranked view of the trials (``#/experiments/...``),
             or None when not tracked.
+        model_uri: the best trial's meta-model in the MLflow Model Registry
+            (``models:/<study>/<version>``, what ``launch/capture.py --model`` takes), or None
+            (not tracked, no finished trial, or the registration failed: a warning says why).
     """
 
     name: str
@@ -311,6 +314,7 @@ class SearchSummary:
     definition: str = ""
     failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     view_path: str | None = None
+    model_uri: str | None = None
 
 
 # --------------------------------------------------------------------------- best trial, names, failures

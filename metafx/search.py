@@ -42,11 +42,13 @@ Output: metafx's own line per trial event (:class:`ProgressPrinter`); Ray's own 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
 import re
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -551,7 +553,8 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
             raise KeyboardInterrupt(f"search interrupted: {ended} of {target} trials finished")
         summary = _summarize(cfg, name, exp_path, results, parent)
         if tracker:
-            summary = dataclasses.replace(summary, view_path=tracker.view_path())
+            summary = dataclasses.replace(summary, view_path=tracker.view_path(),
+                                          model_uri=_register_best(cfg, summary, manifest, tracker.tracking_uri))
         # A search none of whose trials finished its evaluation has no result: its run FAILED.
         status = "FINISHED" if summary.best_trial is not None else "FAILED"
         if tracker:
@@ -563,6 +566,52 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
     finally:
         if tracker:
             tracker.close_dangling("KILLED" if status != "FAILED" else "FAILED")
+
+
+def _register_best(cfg: Config, summary: SearchSummary, manifest: dict, tracking_uri: str) -> str | None:
+    """Register the best trial's meta-model in the MLflow Model Registry under the study's name.
+
+    The version holds the trial's ``best.pt`` (the checkpoint the search tested), its
+    configuration (``best_config.yaml``) and the dataset manifest, in the search's parent run
+    (artifacts ``meta_model/``); ``launch/capture.py --model models:/<study>/<version>`` loads it.
+    A failure here does not undo a finished search: it is logged as a warning naming the
+    checkpoint (which ``--model`` also takes as a path) and the search's result stands.
+
+    Args:
+        cfg: the study (its name is the registered model's name).
+        summary: the search's summary (best checkpoint, config, trial, metric).
+        manifest: the task set's manifest.
+        tracking_uri: the search's MLflow store (tracking and registry).
+
+    Returns:
+        ``models:/<study>/<version>``, or None (no finished trial, or the registration failed).
+    """
+    if summary.best_checkpoint is None or summary.best_config_path is None:
+        return None
+    from ray.train import Checkpoint
+
+    from metafx.tracking import TrackingError, register_meta_model
+
+    try:
+        with Checkpoint(summary.best_checkpoint).as_directory() as d, \
+                tempfile.TemporaryDirectory(prefix="metafx-register-") as tmp:
+            ckpt = Path(d) / "best.pt"
+            if not ckpt.is_file():
+                ckpt = Path(d) / "checkpoint.pt"
+            man = Path(tmp) / "manifest.json"
+            man.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str), encoding="utf-8")
+            version = register_meta_model(
+                tracking_uri, cfg.name, ckpt, files=[summary.best_config_path, man], run_id=summary.parent_run_id,
+                tags={"metafx.search_name": summary.name, "metafx.trial": summary.best_trial or "",
+                      "metafx.metric": summary.metric, "metafx.value": summary.best_value,
+                      "metafx.dataset_hash": manifest.get("hash", "")},
+                description=f"best trial {summary.best_trial} of search {summary.name}: {summary.metric} = "
+                            f"{summary.best_value:.5g} ({summary.definition})")
+    except (TrackingError, OSError, ValueError) as e:
+        log.warning("the best meta-model was not registered in the MLflow Model Registry (%s); pass its checkpoint "
+                    "%s to launch/capture.py --model instead", e, summary.best_checkpoint)
+        return None
+    return f"models:/{cfg.name}/{version}"
 
 
 def _driver_taskset(cfg: Config):

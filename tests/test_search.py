@@ -134,6 +134,33 @@ def test_one_best_trial_everywhere(smoke_search):
             assert run.data.metrics[f"best/{metric}"] == pytest.approx(r[col])
 
 
+def test_best_meta_model_is_registered_and_loads_for_a_capture(smoke_search, tmp_path):
+    """The search hands its best meta-model on: a Model Registry version under the study's name, holding the
+    tested checkpoint, its config and the dataset manifest; ``--model models:/<study>/<version>`` loads it."""
+    import json
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from metafx.capture import load_meta_model
+
+    cfg, out, uri, _ = smoke_search
+    assert out.model_uri == f"models:/{cfg.name}/1"
+    client = MlflowClient(uri, registry_uri=uri)
+    mv = client.get_model_version(cfg.name, "1")
+    assert mv.run_id == out.parent_run_id and mv.tags["metafx.trial"] == out.best_trial
+    files = {Path(a.path).name for a in client.list_artifacts(out.parent_run_id, "meta_model")}
+    assert files == {"best.pt", "best_config.yaml", "manifest.json"}
+    man = json.loads(Path(client.download_artifacts(out.parent_run_id, "meta_model/manifest.json",
+                                                    str(tmp_path))).read_text())
+    assert man["hash"] == mv.tags["metafx.dataset_hash"] and man["hash"]
+    mm = load_meta_model(out.model_uri, tracking_uri=uri, workdir=tmp_path)
+    want = torch.load(Path(out.best_checkpoint) / "best.pt", map_location="cpu", weights_only=True)
+    assert mm.step == want["step"]
+    got = mm.learner.state_dict()
+    assert set(got) == set(want["model"]) and all(torch.equal(got[k], want["model"][k]) for k in got)
+
+
 def test_best_config_reruns_with_launch_train(smoke_search, tmp_path):
     cfg, out, _, _ = smoke_search
     assert out.best_config_path and out.best_config_path.is_file()

@@ -1,0 +1,360 @@
+"""Capture benchmark: every shipped family, a held-out setting, the capture signal rendered through it.
+
+    python launch/bench.py capture [-- --families a,b --support 0.5,1,3,10 --scratch-steps 40 --no-scratch
+                                       --model PATH --ridge-fit continuous|slices|both]
+
+For each shipped effect family (metafx/data/effects/*.dsp), one *held-out* setting (a test-split
+task of the shipped meta-model's own task set, metafx/shipped/capture_arx.yaml: a setting no
+meta-training step saw), the shipped capture signal (:mod:`metafx.capture_signal`) is rendered
+through it with DAWDreamer (:func:`render_through`: a folder source holding the capture signal,
+rendered by :func:`metafx.data.tasks.load_taskset`) and captured with the shipped meta-model
+(:func:`metafx.capture.run_capture`, no MLflow) for each support length (0.5, 1, 3, 10 s). The
+held-out part is the same for every support length: the last 9.66 s of the signal (from 10 s),
+so the rows compare. Beside the meta-model, on the same support and held-out audio:
+
+* ``lsfir``: least-squares FIR (256 taps); ``arx``: classical ARX(13, 12), no meta-learning;
+  ``identity``;
+* ``scratch``: the meta-model's architecture (MetaARX with learned features) trained from a
+  fresh initialization on the support alone (no meta-learning): the ridge engine's meta-steps on
+  episodes cut from the support (half the slices fit the head, the other half score it), then
+  the same continuous head fit; ``--scratch-steps`` steps (40), at the 3 s support only (its cost).
+
+The head fit of the capture (continuous features, ridge strength chosen on the support) is compared
+with the engine's per-slice fit (``--ridge-fit both``, the default) at the 3 s support.
+
+Also: the capture's wall time (load, align, adapt, export, score; in this process, models and
+imports already loaded, 2 cores), and the exported model's real-time factor on one thread at
+48 kHz, blocks of 256, measured in CPU time of this process (the machine is shared: wall time
+would count other processes) and in wall time.
+
+Writes ``benchmarks/capture.md`` and ``benchmarks/capture.json`` (or ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shlex
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SUPPORT_SECONDS = (0.5, 1.0, 3.0, 10.0)
+HELDOUT_FROM = 10.0  # seconds: the fixed held-out part of every row
+TARGET_ESR = 0.01
+TARGET_SUPPORT = 3.0
+TARGET_CAPTURE_SECONDS = 10.0
+TARGET_RTF = 50.0
+PRECISION_FLOOR = 1e-8  # two ESRs below this are both exact to float rounding
+
+
+def render_through(family: dict[str, Any], params: dict[str, float], cache_dir: Path, x: np.ndarray | None = None,
+                   sample_rate: int = 48000) -> tuple[np.ndarray, np.ndarray]:
+    """Render a signal (default: the capture signal) through one setting of an effect family with DAWDreamer.
+
+    The signal is written as a WAV into a folder source (normalized to its own RMS, i.e. left as
+    it is) and rendered by :func:`metafx.data.tasks.load_taskset` (cached by content hash in
+    ``cache_dir``).
+
+    Args:
+        family: a ``data.families`` entry (``name``, ``dsp``; its ``params`` are replaced).
+        params: slider -> value of the one setting.
+        cache_dir: dataset cache (and where the source folder is written).
+        x: the dry signal (float32 mono at ``sample_rate``); None = the capture signal.
+
+    Returns:
+        ``(dry, wet)``: the rendered dataset's input and target, float32.
+    """
+    import soundfile as sf
+
+    from metafx import capture_signal as cs
+    from metafx.config import REPO_ROOT, config_from_dict
+    from metafx.data.tasks import load_taskset
+
+    x = cs.capture_signal(sample_rate) if x is None else np.asarray(x, dtype=np.float32)
+    src = Path(cache_dir) / f"source-{cs.fingerprint(x)}"
+    src.mkdir(parents=True, exist_ok=True)
+    if not (src / "signal.wav").is_file():
+        sf.write(src / "signal.tmp.wav", x, sample_rate, subtype="FLOAT")
+        os.replace(src / "signal.tmp.wav", src / "signal.wav")
+    rms_db = 20 * np.log10(float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))))
+    raw = {"name": f"render-{family['name']}",
+           "data": {"sample_rate": sample_rate,
+                    "source": {"kind": "folder", "path": str(src), "seconds": x.size / sample_rate,
+                               "loudness_db": float(rms_db)},
+                    "families": [{"name": family["name"], "dsp": family.get("dsp", f"{family['name']}.dsp"),
+                                  "params": {k: [float(v)] for k, v in params.items()}}],
+                    "on_unstable": "fail", "val_fraction": 0.0, "test_fraction": 0.0,
+                    "cache_dir": str(cache_dir), "render_workers": 1}}
+    cfg = config_from_dict(raw, REPO_ROOT / "metafx" / "shipped" / "render.yaml")
+    ts = load_taskset(cfg.data, progress=False)
+    return np.array(ts.input, dtype=np.float32), np.array(ts.targets[0], dtype=np.float32)
+
+
+def heldout_settings(study: Path, families: list[str] | None = None) -> list[dict[str, Any]]:
+    """One test-split setting per family of a study's task set (rendered if not cached).
+
+    Returns:
+        ``{"family": name, "dsp": file, "params": {...}, "task_id": ...}`` per family, in study order.
+    """
+    from metafx.config import load_config
+    from metafx.data.tasks import load_taskset
+
+    cfg = load_config(study)
+    ts = load_taskset(cfg.data, progress=False)
+    out = []
+    for fam in cfg.data.families:
+        if families and fam.name not in families:
+            continue
+        test = [t for t in ts.tasks if t["family"] == fam.name and t["split"] == "test"]
+        if not test:
+            continue
+        t = test[len(test) // 2]
+        out.append({"family": fam.name, "dsp": Path(fam.dsp).name, "params": dict(t["params"]), "task_id": t["id"]})
+    return out
+
+
+def train_scratch(mm: Any, dry: np.ndarray, wet: np.ndarray, n_support: int, steps: int, seed: int = 0) -> Any:
+    """The meta-model's architecture from a fresh initialization, trained on the support alone (no meta-learning).
+
+    Episodes are cut from the support: its slices of ``maml.slice_len`` are shuffled each step,
+    half of them fit the ridge head, the other half are the query whose loss (the study's outer
+    loss) trains the features through the solve (the ridge engine's meta-step on one task).
+
+    Returns:
+        A :class:`metafx.capture.MetaModel` holding the trained model.
+    """
+    import torch
+
+    from metafx.capture import MetaModel, support_slices
+    from metafx.engines import make_outer_optimizer
+
+    cfg = mm.cfg
+    torch.manual_seed(seed)
+    model = mm.engine.build_learner(cfg)
+    opt = make_outer_optimizer(model, cfg.maml)
+    L = cfg.maml.slice_len
+    sx, sy = support_slices(dry, wet, n_support, L, max_k=10**9)
+    K = sx.shape[0]
+    if K < 2:
+        raise ValueError(f"scratch training needs at least 2 support slices of {L} samples")
+    rng = np.random.default_rng(seed)
+
+    class _Ep:
+        def __init__(self, i: np.ndarray, j: np.ndarray):
+            self.support_x, self.support_y, self.query_x, self.query_y = sx[i], sy[i], sx[j], sy[j]
+
+    mc = cfg.maml.__class__(**{**cfg.maml.__dict__, "meta_steps": steps})
+    for s in range(1, steps + 1):
+        p = rng.permutation(K)
+        h = max(1, K // 2)
+        mm.engine.meta_step(model, [_Ep(p[:h], p[h:] if K - h > 0 else p[:h])], mc, opt, s, with_stats=False)
+    model.eval()
+    return MetaModel(cfg, model, mm.engine, "scratch", mm.checkpoint, steps)
+
+
+def _cpu_rtf(module: Any, block: int = 256, seconds: float = 10.0) -> dict[str, float]:
+    """Real-time factor of ``forward`` on one thread, in wall time and in this process's CPU time."""
+    import torch
+
+    sr = int(module.sample_rate)
+    g = torch.Generator().manual_seed(0)
+    n = int(seconds * sr) // block
+    x = torch.randn(n + 20, block, generator=g) * 10 ** (-18 / 20)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            st = module.initial_state()
+            for i in range(20):
+                _, st = module(x[i], st)
+            w, c = time.perf_counter(), time.process_time()
+            for i in range(20, n + 20):
+                _, st = module(x[i], st)
+            w, c = time.perf_counter() - w, time.process_time() - c
+    finally:
+        torch.set_num_threads(old)
+    audio = n * block / sr
+    return {"rtf_wall": audio / w, "rtf_cpu": audio / c}
+
+
+def _fmt(v: Any, nd: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def main(args: argparse.Namespace, rest: list[str]) -> int:
+    """Run the benchmark (see the module docstring)."""
+    import torch
+
+    from metafx.capture import SHIPPED_DIR, load_meta_model, run_capture
+    from metafx.config import REPO_ROOT
+
+    ap = argparse.ArgumentParser(prog="bench capture")
+    ap.add_argument("--families", default=None, help="comma-separated subset (default: every family of the study)")
+    ap.add_argument("--support", default=",".join(str(s) for s in SUPPORT_SECONDS))
+    ap.add_argument("--model", default=None, help="meta-model (default: the shipped one)")
+    ap.add_argument("--study", default=str(SHIPPED_DIR / "capture_arx.yaml"),
+                    help="study whose test split gives the held-out settings")
+    ap.add_argument("--scratch-steps", type=int, default=40)
+    ap.add_argument("--no-scratch", action="store_true")
+    ap.add_argument("--ridge-fit", default="both", choices=["continuous", "slices", "both"])
+    ap.add_argument("--cache", default=None, help="render cache (default: a temporary folder)")
+    rest = [a for a in rest if a != "--"]
+    opts = ap.parse_args(rest)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out_dir = Path(args.out) if args.out else REPO_ROOT / "benchmarks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    supports = [float(s) for s in opts.support.split(",")]
+    fams = opts.families.split(",") if opts.families else None
+    command = "python launch/bench.py capture" + (" -- " + shlex.join(rest) if rest else "")
+
+    mm = load_meta_model(opts.model)
+    settings = heldout_settings(Path(opts.study), fams)
+    cache = Path(opts.cache) if opts.cache else Path(tempfile.mkdtemp(prefix="metafx-bench-capture-"))
+    fits = ["continuous", "slices"] if opts.ridge_fit == "both" and mm.cfg.model.arch == "arx" else \
+        [opts.ridge_fit if opts.ridge_fit != "both" else "continuous"]
+    rows: list[dict[str, Any]] = []
+    rtf = None
+    work = Path(tempfile.mkdtemp(prefix="metafx-bench-capture-out-"))
+    import soundfile as sf
+
+    for st in settings:
+        t0 = time.perf_counter()
+        dry, wet = render_through({"name": st["family"], "dsp": st["dsp"]}, st["params"], cache)
+        render_s = time.perf_counter() - t0
+        wet_path = work / f"{st['family']}.wav"
+        sf.write(wet_path, wet, 48000, subtype="FLOAT")
+        for fit in fits:
+            for S in supports:
+                if fit != fits[0] and S != TARGET_SUPPORT:  # the head-fit comparison at 3 s only (its cost)
+                    continue
+                res = run_capture(wet_path, work / f"{st['family']}-{fit}-{S:g}", support_seconds=S, mlflow=False,
+                                  meta_model=mm, ridge_fit=fit, heldout_from_seconds=max(HELDOUT_FROM, S),
+                                  measure_rtf=False, overwrite=True).results
+                row = {"family": st["family"], "params": st["params"], "task_id": st["task_id"], "fit": fit,
+                       "support_seconds": S, "latency_samples": res["latency"]["samples"],
+                       "heldout_seconds": res["heldout_seconds"], "model": res["heldout"],
+                       **{k: v for k, v in res["baselines"].items()}, "capture_seconds": res["seconds"]["capture"],
+                       "capture_cpu_seconds": res["cpu_seconds"]["capture"], "stage_seconds": res["seconds"],
+                       "stage_cpu_seconds": res["cpu_seconds"], "ridge_scale": res["model"]["ridge_scale"],
+                       "render_seconds": render_s}
+                if fit == fits[0] and S == TARGET_SUPPORT and not opts.no_scratch and mm.cfg.model.arch == "arx":
+                    t1 = time.perf_counter()
+                    smm = train_scratch(mm, dry, wet, int(S * 48000), opts.scratch_steps)
+                    sres = run_capture(wet_path, work / f"{st['family']}-scratch", support_seconds=S, mlflow=False,
+                                       meta_model=smm, heldout_from_seconds=max(HELDOUT_FROM, S), measure_rtf=False,
+                                       overwrite=True).results
+                    row["scratch"] = sres["heldout"]
+                    row["scratch_seconds"] = time.perf_counter() - t1
+                rows.append(row)
+                print(f"{st['family']:13s} {fit:10s} S={S:4g}  ESR model {row['model']['esr']:.4g}  arx "
+                      f"{row['arx']['esr']:.4g}  lsfir {row['lsfir']['esr']:.4g}"
+                      + (f"  scratch {row['scratch']['esr']:.4g}" if "scratch" in row else "")
+                      + f"  capture {row['capture_seconds']:.2f} s  latency {row['latency_samples']}", flush=True)
+        if rtf is None:
+            m = torch.jit.load(str(work / f"{st['family']}-{fits[0]}-{supports[0]:g}" / "model.ts"))
+            rtf = _cpu_rtf(m)
+            rtf["kind"] = str(m.kind)
+    load = os.getloadavg()
+    report = {"command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load,
+                          "python": platform.python_version(), "torch": torch.__version__},
+              "model": {"source": mm.source, "checkpoint": str(mm.checkpoint), "study": mm.cfg.name,
+                        "arch": mm.cfg.model.arch, "method": mm.cfg.maml.method},
+              "heldout_from_seconds": HELDOUT_FROM, "rtf_block256": rtf, "rows": rows}
+    (out_dir / "capture.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    (out_dir / "capture.md").write_text(_markdown(report, fits[0]), encoding="utf-8")
+    print(f"wrote {out_dir / 'capture.md'} and {out_dir / 'capture.json'}")
+    return 0
+
+
+def _markdown(rep: dict[str, Any], fit: str) -> str:
+    rows = rep["rows"]
+    lines = [
+        "# Capture: the shipped meta-model on a held-out setting of every shipped family",
+        "",
+        f"Command: `{rep['command']}` ({rep['date']}; {rep['machine']['cpus']} CPU cores, load average "
+        f"{', '.join(f'{x:.1f}' for x in rep['machine']['load_average'])} at the end: the machine was shared).",
+        "",
+        f"Meta-model: `{rep['model']['checkpoint']}` ({rep['model']['study']}, {rep['model']['arch']}, "
+        f"{rep['model']['method']}). The capture signal rendered through one test-split setting per family "
+        f"(DAWDreamer); support = the first S seconds; every row is scored on the same held-out part "
+        f"(from {rep['heldout_from_seconds']:g} s to the end, 9.66 s of held-out programme material). ESR is "
+        "whole-signal (error energy / target energy over the held-out part).",
+        "",
+        f"## Held-out ESR against support seconds (head fit: {fit})",
+        "",
+    ]
+    sups = sorted({r["support_seconds"] for r in rows})
+    fams = list(dict.fromkeys(r["family"] for r in rows))
+    head = "| family | setting | " + " | ".join(f"{s:g} s" for s in sups) + " | LS-FIR 3 s | classical ARX 3 s | " \
+        "scratch 3 s | identity |"
+    lines += [head, "|" + "---|" * (len(sups) + 6)]
+    met = {"esr": 0, "below_arx": 0, "floor": 0, "n": 0}
+    for f in fams:
+        rs = {r["support_seconds"]: r for r in rows if r["family"] == f and r["fit"] == fit}
+        r3 = rs.get(TARGET_SUPPORT) or next(iter(rs.values()))
+        setting = ", ".join(f"{k}={v:.3g}" for k, v in r3["params"].items())
+        cells = [_fmt(rs[s]["model"]["esr"]) if s in rs else "-" for s in sups]
+        lines.append(f"| {f} | {setting} | " + " | ".join(cells) + f" | {_fmt(r3['lsfir']['esr'])} | "
+                     f"{_fmt(r3['arx']['esr'])} | {_fmt(r3.get('scratch', {}).get('esr'))} | "
+                     f"{_fmt(r3['identity']['esr'])} |")
+        if TARGET_SUPPORT in rs:
+            e, ea = rs[TARGET_SUPPORT]["model"]["esr"], rs[TARGET_SUPPORT]["arx"]["esr"]
+            met["n"] += 1
+            met["esr"] += e <= TARGET_ESR
+            met["below_arx"] += e < ea
+            met["floor"] += e >= ea and max(e, ea) < PRECISION_FLOOR
+    lines += ["", "## MAE / STFT at 3 s of support", "",
+              "| family | model MAE | model STFT | model MR-STFT | LS-FIR MAE / STFT | classical ARX MAE / STFT | "
+              "scratch MAE / STFT | latency found (samples) |", "|---|---|---|---|---|---|---|---|"]
+    for f in fams:
+        r = next((r for r in rows if r["family"] == f and r["fit"] == fit and r["support_seconds"] == TARGET_SUPPORT), None)
+        if r is None:
+            continue
+        sc = r.get("scratch")
+        lines.append(f"| {f} | {_fmt(r['model']['mae'])} | {_fmt(r['model']['stft'])} | {_fmt(r['model']['mrstft'])} | "
+                     f"{_fmt(r['lsfir']['mae'])} / {_fmt(r['lsfir']['stft'])} | {_fmt(r['arx']['mae'])} / "
+                     f"{_fmt(r['arx']['stft'])} | {(_fmt(sc['mae']) + ' / ' + _fmt(sc['stft'])) if sc else '-'} | "
+                     f"{r['latency_samples']} |")
+    other = [r for r in rows if r["fit"] != fit]
+    if other:
+        lines += ["", "## Head fit: continuous features against per-slice features (held-out ESR)", "",
+                  "| family | S | continuous | slices (as in meta-training) |", "|---|---|---|---|"]
+        for r in other:
+            c = next((x for x in rows if x["family"] == r["family"] and x["fit"] == fit
+                      and x["support_seconds"] == r["support_seconds"]), None)
+            if c is not None:
+                lines.append(f"| {r['family']} | {r['support_seconds']:g} | {_fmt(c['model']['esr'])} | "
+                             f"{_fmt(r['model']['esr'])} |")
+    caps = [r["capture_seconds"] for r in rows if r["fit"] == fit]
+    cpus = [r["capture_cpu_seconds"] for r in rows if r["fit"] == fit and "capture_cpu_seconds" in r]
+    rtf = rep.get("rtf_block256") or {}
+    lines += ["", "## Targets", "",
+              f"* ESR <= {TARGET_ESR} with {TARGET_SUPPORT:g} s of support: met on {met['esr']} of {met['n']} families; "
+              f"below classical ARX on {met['below_arx']} of {met['n']}"
+              + (f" ({met['floor']} more where both are below {PRECISION_FLOOR:g}, float64 rounding: a tie)"
+                 if met["floor"] else "") + ".",
+              f"* Capture (load, align, adapt, export, predict, baselines, score; in-process, one torch thread): "
+              f"median {np.median(caps):.2f} s wall, max {max(caps):.2f} s"
+              + (f"; median {np.median(cpus):.2f} s CPU, max {max(cpus):.2f} s" if cpus else "")
+              + f" (target <= {TARGET_CAPTURE_SECONDS:g} s; wall time on a shared machine counts other processes).",
+              f"* Exported model ({rtf.get('kind', '-')}), one thread, 48 kHz, blocks of 256: "
+              f"{_fmt(rtf.get('rtf_cpu'), 3)}x real time in CPU time, {_fmt(rtf.get('rtf_wall'), 3)}x in wall time "
+              f"(target >= {TARGET_RTF:g}x).", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["heldout_settings", "main", "render_through", "train_scratch"]

@@ -1,0 +1,335 @@
+"""Capture end to end on real files: capture signal -> DAWDreamer -> capture -> exported model -> MLflow.
+
+The capture signal's first 8 s (the probe and 3.3 s of programme) are rendered by DAWDreamer through
+a held-out setting of a shipped family (diode_ladder at cutoff 1234 Hz, q 3.3: not a grid point of
+the shipped meta-model's study), delayed by 300 samples (the device's latency), and captured with
+the shipped meta-model by ``launch/capture.py`` into a real SQLite MLflow store in a temporary
+folder. Then:
+
+* results.json has the held-out metrics, the baselines, the latency found (300 - the 2-sample
+  onset margin, within a few samples) and the timings; the adapted model beats the identity and
+  LS-FIR on the held-out part;
+* the exported model, loaded in a fresh interpreter that never imports metafx, reproduces
+  prediction.wav (which is aligned with the wet file), and streams (blocks of 32, 256, 2048 and
+  ragged) to the whole-file output within 1e-5;
+* the MLflow run reads back FINISHED with its metrics and artifacts; a meta-model registered in
+  the Model Registry loads back through ``models:/<name>/<version>``;
+* bad input (missing, silent, NaN or mismatched files, a support too long or too short, a
+  checkpoint of another format or version, a non-empty --out) exits 2 with one line naming the
+  file and the fix, and leaves neither --out nor an MLflow run behind; a clipped wet is a warning
+  with the clipped fraction; a failure while logging ends the MLflow run FAILED.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from mlflow import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
+
+import capture as launch_capture  # noqa: E402  (launch/capture.py)
+from metafx import capture_signal as cs  # noqa: E402
+from metafx.bench.capture import render_through  # noqa: E402
+from metafx.capture import SHIPPED_MODEL, CaptureError, _read, find_latency, load_meta_model, run_capture  # noqa: E402
+from metafx.tracking import TrackingError, log_capture, register_meta_model  # noqa: E402
+
+SR = 48000
+SECONDS = 8.0
+LATENCY = 300
+FAMILY = {"name": "diode_ladder", "dsp": "diode_ladder.dsp"}
+SETTING = {"cutoff": 1234.0, "q": 3.3}
+
+pytestmark = pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="the shipped meta-model is missing")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """dry.wav (the capture signal's first 8 s) and wet.wav (DAWDreamer render, 300 samples late), 48 kHz."""
+    d = tmp_path_factory.mktemp("pair")
+    x = cs.capture_signal()[: int(SECONDS * SR)]
+    dry, wet = render_through(FAMILY, SETTING, d / "cache", x=x)
+    assert np.allclose(dry, x, atol=1e-6)  # the folder source kept the signal as it is
+    wet = np.concatenate([np.zeros(LATENCY, np.float32), wet])
+    sf.write(d / "dry.wav", x, SR, subtype="FLOAT")
+    sf.write(d / "wet.wav", wet, SR, subtype="FLOAT")
+    return d
+
+
+@pytest.fixture(scope="module")
+def captured(pair):
+    out, uri = pair / "out", f"sqlite:///{pair / 'mlruns' / 'mlflow.db'}"
+    rc = launch_capture.main(["--dry", str(pair / "dry.wav"), "--wet", str(pair / "wet.wav"), "--out", str(out),
+                              "--support-seconds", "3", "--tracking-uri", uri, "--run-name", "diode-test",
+                              "--apply", str(pair / "dry.wav"), "--apply-out", str(pair / "applied.wav")])
+    assert rc == 0
+    return out, uri, json.loads((out / "results.json").read_text())
+
+
+def test_capture_signal_is_deterministic_and_written_by_the_cli(tmp_path, capsys):
+    x = cs.capture_signal()
+    assert np.array_equal(x, cs.capture_signal())
+    assert 3.0 <= cs.probe_seconds() <= 8.0 and x.size == round(cs.probe_seconds() * SR) + round(cs.PROGRAMME_SECONDS * SR)
+    assert float(np.max(np.abs(x))) <= 0.95 and x.dtype == np.float32
+    for c in cs.click_positions():
+        assert x[c] != 0 and not x[c - 100:c].any() and not x[c + 1:c + 100].any()  # impulses in silence
+    assert launch_capture.main(["signal", "--out", str(tmp_path / "capture.wav")]) == 0
+    assert f"probe_seconds {cs.probe_seconds():.2f}" in capsys.readouterr().out
+    y, sr = sf.read(tmp_path / "capture.wav", dtype="float32")
+    assert sr == SR and np.array_equal(y, x)
+
+
+def test_results_of_a_capture(captured, pair):
+    out, _, r = captured
+    assert {p.name for p in out.iterdir()} >= {"results.json", "prediction.wav", "model.ts", "plots", "audio"}
+    assert (out / "plots" / "spectrum.png").stat().st_size > 0 and (out / "plots" / "time.png").stat().st_size > 0
+    assert r["rate"] == SR and r["support_seconds"] == pytest.approx(3.0)
+    assert r["heldout_seconds"] == pytest.approx(SECONDS - 3.0, abs=0.01)
+    assert r["latency"]["method"] == "clicks" and abs(r["latency"]["samples"] - LATENCY) <= 4, r["latency"]
+    h, b = r["heldout"], r["baselines"]
+    assert set(h) == {"esr", "mae", "stft", "mrstft"} and set(b) == {"lsfir", "arx", "identity"}
+    assert h["esr"] < 0.1 * b["identity"]["esr"] and h["esr"] < b["lsfir"]["esr"], (h, b)
+    assert r["export"]["kind"] == "arx" and r["export"]["streaming"] and r["export"]["rtf_block256_one_thread"] > 0
+    assert r["seconds"]["capture"] > 0 and r["cpu_seconds"]["capture"] > 0 and r["warnings"] == []
+    wet = sf.read(pair / "wet.wav", dtype="float32")[0]
+    pred, sr = sf.read(out / "prediction.wav", dtype="float32")
+    assert sr == SR and pred.shape == wet.shape  # aligned with the wet file: its rate and length
+    applied = sf.read(pair / "applied.wav", dtype="float32")[0]
+    lat = r["latency"]["samples"]
+    ref = pred[lat:lat + applied.size]
+    assert applied.size == SECONDS * SR and np.allclose(applied[:ref.size], ref, atol=1e-5)  # --apply: the same model
+
+
+def test_exported_model_reproduces_the_prediction_without_metafx(captured, pair):
+    out, _, r = captured
+    code = textwrap.dedent(f"""
+        import sys, numpy as np, soundfile as sf, torch
+        m = torch.jit.load({str(out / 'model.ts')!r})
+        dry = torch.from_numpy(sf.read({str(pair / 'dry.wav')!r}, dtype="float32")[0])
+        pred = sf.read({str(out / 'prediction.wav')!r}, dtype="float32")[0]
+        lat = {r['latency']['samples']}
+        y = m.process(dry).numpy()
+        ref = pred[lat:lat + y.size]
+        err = float(np.max(np.abs(y[:ref.size] - ref)))
+        assert err <= 1e-5, err
+        assert m.sample_rate == {SR} and m.latency_samples == lat
+        assert not any(n == "metafx" or n.startswith("metafx.") for n in sys.modules), "metafx was imported"
+        print("OK", err)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=pair)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("OK")
+
+
+def test_exported_model_streams_like_the_whole_file(captured, pair):
+    out, *_ = captured
+    m = torch.jit.load(str(out / "model.ts"))
+    x = torch.from_numpy(sf.read(pair / "dry.wav", dtype="float32")[0][: int(1.5 * SR)])
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        full = m.process(x)
+        for block in (32, 256, 2048, None):
+            state, outs, i = m.initial_state(), [], 0
+            while i < x.numel():
+                b = block or int(rng.integers(1, 3000))
+                y, state = m(x[i:i + b], state)
+                outs.append(y)
+                i += b
+            assert (torch.cat(outs) - full).abs().max().item() <= 1e-5, block
+
+
+def test_capture_run_reads_back_from_mlflow(captured):
+    out, uri, r = captured
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name("capture")
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == r["mlflow"]["run_id"]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "diode-test"
+    for k in ("heldout/esr", "heldout/mae", "heldout/stft", "heldout/mrstft", "baselines/arx/esr", "baselines/lsfir/esr",
+              "latency_samples", "seconds/capture", "rtf_block256"):
+        assert k in run.data.metrics, k
+    assert run.data.metrics["heldout/esr"] == pytest.approx(r["heldout"]["esr"])
+    assert run.data.params["arch"] == "arx" and run.data.tags["metafx.role"] == "capture"
+
+    def files(path=None):
+        got = []
+        for f in c.list_artifacts(run.info.run_id, path):
+            got += files(f.path) if f.is_dir else [f.path]
+        return set(got)
+
+    assert files() >= {"results.json", "model.ts", "prediction.wav", "plots/spectrum.png", "plots/time.png",
+                       "audio/dry.wav", "audio/wet.wav", "audio/prediction.wav"}
+    peaks = []
+    for name in ("dry", "wet", "prediction"):
+        a, sr = sf.read(out / "audio" / f"{name}.wav")
+        assert sr == SR and a.size >= 4 * SR  # seconds, not a slice
+        peaks.append(float(np.max(np.abs(a))))
+    assert 0.85 <= max(peaks) <= 0.9  # one gain for the three: the loudest at -1 dBFS
+
+
+def test_a_registered_meta_model_loads_by_its_uri(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    v = register_meta_model(uri, "capture_arx", SHIPPED_MODEL, tags={"study": "capture_arx"})
+    assert v == "1"
+    mm = load_meta_model("models:/capture_arx/1", uri, workdir=tmp_path)
+    ref = load_meta_model(None)
+    assert mm.source == "models:/capture_arx/1"
+    for k, t in ref.learner.state_dict().items():
+        assert torch.equal(t, mm.learner.state_dict()[k]), k
+    with pytest.raises(CaptureError, match="models:/capture_arx/7"):
+        load_meta_model("models:/capture_arx/7", uri, workdir=tmp_path)
+
+
+def test_resampled_multichannel_wet_is_aligned(pair, tmp_path):
+    """A 44.1 kHz stereo recording is mixed to mono, resampled to 48 kHz and its latency found."""
+    from scipy.signal import resample_poly
+
+    wet = sf.read(pair / "wet.wav", dtype="float32")[0]
+    w44 = resample_poly(wet.astype(np.float64), 147, 160)
+    sf.write(tmp_path / "wet44.wav", np.stack([w44, 0.5 * w44], 1), 44100, subtype="PCM_24")
+    rec = _read(tmp_path / "wet44.wav", "--wet", SR)
+    assert (rec.rate_in, rec.channels) == (44100, 2) and abs(rec.samples.size - wet.size) <= 2
+    dry = sf.read(pair / "dry.wav", dtype="float32")[0]
+    lat = find_latency(dry, rec.samples, SR, SR, cs.click_positions())
+    assert abs(lat.samples - LATENCY) <= 6, lat
+    lat_ir = find_latency(dry, rec.samples, SR, SR, None)  # any pair: the impulse response's onset
+    assert -25 <= lat_ir.samples - LATENCY <= 2, lat_ir
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _runs(uri: str) -> int:
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name("capture")
+    return 0 if exp is None else len(c.search_runs([exp.experiment_id]))
+
+
+def _bad(pair, tmp_path, capsys, args: list[str], *needles: str) -> None:
+    uri = f"sqlite:///{tmp_path / 'bad.db'}"
+    out = tmp_path / "out"
+    capsys.readouterr()  # what earlier calls printed
+    rc = launch_capture.main(["--out", str(out), "--tracking-uri", uri, *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("error: ") and "\n" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert _runs(uri) == 0
+
+
+def test_missing_file(pair, tmp_path, capsys):
+    _bad(pair, tmp_path, capsys, ["--wet", str(tmp_path / "nope.wav")], "nope.wav", "does not exist")
+
+
+def test_dry_and_wet_of_different_takes(pair, tmp_path, capsys):
+    wet = sf.read(pair / "wet.wav", dtype="float32")[0]
+    sf.write(tmp_path / "long.wav", np.concatenate([wet, wet[: 2 * SR]]), SR, subtype="FLOAT")
+    _bad(pair, tmp_path, capsys, ["--dry", str(pair / "dry.wav"), "--wet", str(tmp_path / "long.wav")],
+         "long.wav", "differ in length by 2.01 s", "not one take", "trim")
+
+
+def test_silent_wet(pair, tmp_path, capsys):
+    sf.write(tmp_path / "silent.wav", np.zeros(int(SECONDS * SR), np.float32), SR, subtype="FLOAT")
+    _bad(pair, tmp_path, capsys, ["--dry", str(pair / "dry.wav"), "--wet", str(tmp_path / "silent.wav")],
+         "silent.wav", "is silent", "record again")
+
+
+def test_nan_in_a_file(pair, tmp_path, capsys):
+    wet = sf.read(pair / "wet.wav", dtype="float32")[0].copy()
+    wet[1000] = np.nan
+    sf.write(tmp_path / "nan.wav", wet, SR, subtype="FLOAT")
+    _bad(pair, tmp_path, capsys, ["--dry", str(pair / "dry.wav"), "--wet", str(tmp_path / "nan.wav")],
+         "nan.wav", "NaN", "re-export")
+
+
+def test_support_too_long_or_too_short(pair, tmp_path, capsys):
+    args = ["--dry", str(pair / "dry.wav"), "--wet", str(pair / "wet.wav")]
+    _bad(pair, tmp_path, capsys, [*args, "--support-seconds", "100"], "--support-seconds 100", "longer than the",
+         "wet.wav", "lower --support-seconds")
+    _bad(pair, tmp_path, capsys, [*args, "--support-seconds", "7.8"], "to score", "lower --support-seconds")
+    _bad(pair, tmp_path, capsys, [*args, "--support-seconds", "0.01"], "fewer than one slice", "raise --support-seconds")
+
+
+def test_checkpoints_of_another_format_or_version(pair, tmp_path, capsys):
+    args = ["--dry", str(pair / "dry.wav"), "--wet", str(pair / "wet.wav")]
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    _bad(pair, tmp_path, capsys, [*args, "--model", str(tmp_path / "other.pt")], "other.pt", "another format")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    _bad(pair, tmp_path, capsys, [*args, "--model", str(tmp_path / "junk.pt")], "junk.pt", "not a metafx checkpoint")
+    ck = torch.load(SHIPPED_MODEL, weights_only=True)
+    ck["config"]["model"]["arx"]["nb"] = int(ck["config"]["model"]["arx"]["nb"]) + 1
+    torch.save(ck, tmp_path / "older.pt")
+    _bad(pair, tmp_path, capsys, [*args, "--model", str(tmp_path / "older.pt")], "older.pt", "another metafx version")
+    ck["config"]["maml"]["no_such_key"] = 1
+    torch.save(ck, tmp_path / "newer.pt")
+    _bad(pair, tmp_path, capsys, [*args, "--model", str(tmp_path / "newer.pt")], "newer.pt", "this metafx version")
+
+
+def test_out_folder_in_use(pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = launch_capture.main(["--out", str(out), "--no-mlflow", "--dry", str(pair / "dry.wav"), "--wet",
+                              str(pair / "wet.wav")])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_clipped_wet_warns_with_the_fraction(pair, tmp_path, caplog):
+    wet = sf.read(pair / "wet.wav", dtype="float32")[0]
+    clipped = np.clip(wet * 40, -1, 1)
+    sf.write(tmp_path / "clipped.wav", clipped, SR, subtype="PCM_16")
+    frac = float(np.mean(np.abs(clipped) >= 0.999))
+    with caplog.at_level(logging.WARNING), pytest.raises(CaptureError, match="support"):
+        run_capture(tmp_path / "clipped.wav", tmp_path / "out", dry=pair / "dry.wav", support_seconds=100, mlflow=False)
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "clipped.wav" in msg and "clipped" in msg and "lower the recording level" in msg
+    found = float(re.search(r"([0-9.]+) % of the samples are clipped", msg).group(1))
+    assert abs(found - 100 * frac) < 1.0, (frac, msg)  # hard clips, plus flat tops at the peak
+
+
+def test_a_failure_while_logging_ends_the_run_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "results.json").write_text("{}")
+
+    def boom(run_id: str, _uri: str) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(TrackingError, match="FAILED"):
+        log_capture(uri, "capture", "r", params={"a": 1}, metrics={"m": 1.0}, tags={}, artifact_dir=art,
+                    before_upload=boom)
+    c = MlflowClient(tracking_uri=uri)
+    runs = c.search_runs([c.get_experiment_by_name("capture").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"] and "disk full" in runs[0].data.tags["metafx.error"]
+
+
+@pytest.mark.slow
+def test_capture_with_the_default_signal_and_a_registered_model(tmp_path):
+    """The documented two commands (capture.wav through moog_vcf), with the model from the registry."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register_meta_model(uri, "capture_arx", SHIPPED_MODEL)
+    assert launch_capture.main(["signal", "--out", str(tmp_path / "capture.wav")]) == 0
+    dry, wet = render_through({"name": "moog_vcf", "dsp": "moog_vcf.dsp"}, {"cutoff": 1500.0, "resonance": 0.55},
+                              tmp_path / "cache")
+    sf.write(tmp_path / "wet.wav", wet, SR, subtype="PCM_24")
+    rc = launch_capture.main(["--wet", str(tmp_path / "wet.wav"), "--out", str(tmp_path / "out"), "--model",
+                              "models:/capture_arx/1", "--tracking-uri", uri])
+    assert rc == 0
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["model"]["source"] == "models:/capture_arx/1" and r["dry"]["capture_signal"]
+    assert r["support_seconds"] == pytest.approx(cs.probe_seconds(), abs=1e-3)
+    assert r["heldout"]["esr"] < 1e-3 and r["latency"]["samples"] <= 2
