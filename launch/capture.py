@@ -12,7 +12,7 @@ its best trial), or models:/<name>/<version> from the MLflow Model Registry; def
 shipped in metafx/shipped/. Files of any rate and channel count (mixed to mono and resampled to
 the model's rate). DIR receives results.json, prediction.wav, plots/, audio/ and model.ts (runs
 with torch alone: see metafx/export.py). Each capture is an MLflow run in the experiment
-"capture" of the project store (or --tracking-uri). The logic is metafx/capture.py.
+"capture" of the project store (or --tracking-uri). The logic is metafx/capture/.
 """
 from __future__ import annotations
 

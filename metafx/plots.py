@@ -541,3 +541,83 @@ def _safe_name(s: str) -> str:
 
 def _md_cell(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+# --------------------------------------------------------------------------- captures
+
+
+def capture_plots(out: Path, sr: int, dry: np.ndarray, wet: np.ndarray, pred: np.ndarray, base: np.ndarray,
+                  title: str) -> list[Path]:
+    """A capture's ``spectrum.png`` (Welch spectra of the held-out part) and ``time.png`` (its loudest 30 ms).
+
+    Args:
+        out: the folder (created).
+        sr: the rate.
+        dry, wet, pred, base: the held-out part of the input, the device, the adapted model and
+            classical ARX, (T,) each.
+        title: the plots' title.
+
+    Returns:
+        The two files.
+    """
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    nper = int(min(4096, max(256, wet.size // 8)))
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    try:
+        for sig, label, st in ((dry, "dry (input)", dict(color="gray", lw=0.9, alpha=0.7)),
+                               (wet, "wet (device)", dict(color="black", lw=1.6)),
+                               (pred, "adapted model", dict(color="tab:blue", lw=1.0)),
+                               (base, "classical ARX", dict(color="tab:orange", lw=0.9, alpha=0.8)),
+                               (wet - pred, "error of the adapted model", dict(color="tab:red", lw=0.9, ls="--"))):
+            f, p = welch(sig.astype(np.float64), fs=sr, nperseg=nper)
+            keep = f > 0
+            ax.semilogx(f[keep], 10 * np.log10(p[keep] + 1e-20), label=label, **st)
+        ax.set_xlim(max(sr / nper, 10.0), sr / 2)
+        ax.set_xlabel("frequency (Hz)")
+        ax.set_ylabel("power spectral density (dB)")
+        ax.set_title(f"{title}\nheld-out part, Welch spectra", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+        fig.tight_layout()
+        fig.savefig(out / "spectrum.png", dpi=110)
+        files.append(out / "spectrum.png")
+    finally:
+        plt.close(fig)
+    w = max(1, min(wet.size, int(0.03 * sr)))
+    e = np.concatenate([[0.0], np.cumsum(wet.astype(np.float64) ** 2)])
+    starts = np.arange(0, max(1, wet.size - w + 1), max(1, w // 4))
+    s0 = int(starts[np.argmax(e[starts + w] - e[starts])]) if wet.size > w else 0
+    t = (s0 + np.arange(w)) / sr * 1e3
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    try:
+        ax.plot(t, dry[s0:s0 + w], color="gray", lw=0.9, alpha=0.7, label="dry (input)")
+        ax.plot(t, wet[s0:s0 + w], color="black", lw=1.6, label="wet (device)")
+        ax.plot(t, pred[s0:s0 + w], color="tab:blue", lw=1.0, label="adapted model")
+        ax.plot(t, base[s0:s0 + w], color="tab:orange", lw=0.9, alpha=0.8, label="classical ARX")
+        ax.set_xlabel("time into the held-out part (ms)")
+        ax.set_ylabel("amplitude")
+        ax.set_title(f"{title}\nheld-out part, its loudest 30 ms", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(out / "time.png", dpi=110)
+        files.append(out / "time.png")
+    finally:
+        plt.close(fig)
+    return files
+
+
+def write_capture_audio(out: Path, sr: int, signals: dict[str, np.ndarray]) -> list[Path]:
+    """A capture's 16-bit WAVs (name -> signal) at ONE gain (the loudest peaks at -1 dBFS): levels compare by ear."""
+
+    out.mkdir(parents=True, exist_ok=True)
+    peak = max(float(np.max(np.abs(s))) for s in signals.values() if s.size) or 1.0
+    g = 10 ** (-1 / 20) / peak
+    files = []
+    for name, s in signals.items():
+        p = out / f"{name}.wav"
+        sf.write(p, np.clip(np.nan_to_num(s) * g, -1, 1).astype(np.float32), sr, subtype="PCM_16")
+        files.append(p)
+    return files

@@ -811,7 +811,7 @@ def _metric(key: Any, value: Any, step: int, ts: int | None = None) -> Metric | 
 
 # --------------------------------------------------------------------------- captures and the model registry
 
-CAPTURE_EXPERIMENT = "capture"  # default experiment of the capture runs (metafx/capture.py)
+CAPTURE_EXPERIMENT = "capture"  # default experiment of the capture runs (metafx/capture/)
 META_MODEL_EXPERIMENT = "meta-models"  # default experiment of the runs that hold registered meta-models
 META_MODEL_ARTIFACT = "meta_model"  # artifact folder of a registered meta-model (best.pt, config.yaml, ...)
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
 import capture as launch_capture  # noqa: E402  (launch/capture.py)
 from metafx import capture_signal as cs  # noqa: E402
 from metafx.bench.capture import render_through  # noqa: E402
-from metafx.capture import SHIPPED_MODEL, CaptureError, _read, find_latency, load_meta_model, run_capture  # noqa: E402
+from metafx.capture import SHIPPED_MODEL, CaptureError, find_latency, load_meta_model, read_recording, run_capture  # noqa: E402
 from metafx.tracking import TrackingError, log_capture, register_meta_model  # noqa: E402
 
 SR = 48000
@@ -197,7 +197,7 @@ def test_resampled_multichannel_wet_is_aligned(pair, tmp_path):
     wet = sf.read(pair / "wet.wav", dtype="float32")[0]
     w44 = resample_poly(wet.astype(np.float64), 147, 160)
     sf.write(tmp_path / "wet44.wav", np.stack([w44, 0.5 * w44], 1), 44100, subtype="PCM_24")
-    rec = _read(tmp_path / "wet44.wav", "--wet", SR)
+    rec = read_recording(tmp_path / "wet44.wav", "--wet", SR)
     assert (rec.rate_in, rec.channels) == (44100, 2) and abs(rec.samples.size - wet.size) <= 2
     dry = sf.read(pair / "dry.wav", dtype="float32")[0]
     lat = find_latency(dry, rec.samples, SR, SR, cs.click_positions())
