@@ -30,8 +30,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from metafx import cli  # noqa: E402
 from metafx.config import ConfigError  # noqa: E402
 
-TABLE_METRICS = ("test/query_l1_post", "test/identity_l1", "test/lsfir/query_l1_post", "test/query_stft_post",
-                 "test/lsfir/query_stft_post")
+TABLE_METRICS = ("test/query_esr_post", "test/lsfir/query_esr_post", "test/query_l1_post", "test/identity_l1",
+                 "test/lsfir/query_l1_post", "test/query_stft_post", "test/lsfir/query_stft_post")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +108,9 @@ def report(out, metric: str, tracking_uri: str | None = None, stream=None) -> in
 
         print(f"best trial: {out.best_trial}", file=stream)
         print(f"  {metric} = {out.best_value:.5g} (its best validation report; the checkpoint tested)", file=stream)
+        print(f"  test ESR {f('test/query_esr_post')} (identity {f('test/identity/query_esr_post')}, LS-FIR "
+              f"{f('test/lsfir/query_esr_post')}); STFT {f('test/query_stft_post')} (LS-FIR "
+              f"{f('test/lsfir/query_stft_post')})", file=stream)
         print(f"  test MAE {f('test/query_l1_post')} (before adaptation {f('test/query_l1_pre')}, identity "
               f"{f('test/identity_l1')}, LS-FIR {f('test/lsfir/query_l1_post')})", file=stream)
         print(f"best configuration: {out.best_config_path}", file=stream)

@@ -409,7 +409,8 @@ def _short_value(v: Any) -> str:
 
 
 #: Test metrics shown beside the search metric in metafx's runs view: the model, then its baselines.
-VIEW_METRICS = ("test/query_l1_post", "test/identity_l1", "test/lsfir/query_l1_post",
+VIEW_METRICS = ("test/query_esr_post", "test/identity/query_esr_post", "test/lsfir/query_esr_post",
+                "test/query_l1_post", "test/identity_l1", "test/lsfir/query_l1_post",
                 "test/query_stft_post", "test/identity_stft", "test/lsfir/query_stft_post")
 
 

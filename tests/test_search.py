@@ -300,6 +300,11 @@ def test_search_cli_prints_metafx_lines_not_ray_noise(tmp_path):
     best_name = table[1].split(" | ")[1]
     assert f"best trial: {best_name}" in r.stdout
     assert "viewStateShareKey=metafx-quiet" in r.stdout
+    # ESR is a headline metric: a table column beside LS-FIR's, and the first line of the best trial's results.
+    assert "| test/query_esr_post | test/lsfir/query_esr_post |" in table[0], table[0]
+    assert "  test ESR " in r.stdout and "LS-FIR" in r.stdout.split("  test ESR ", 1)[1].splitlines()[0]
+    # The best meta-model is registered under the study's name, and the line says how to capture with it.
+    assert "best meta-model:    models:/lstm/1 (MLflow Model Registry" in r.stdout, r.stdout[-3000:]
 
 
 def test_search_where_no_trial_finishes_exits_nonzero_with_one_line_per_failure(tmp_path):
