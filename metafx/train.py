@@ -165,6 +165,7 @@ def meta_train(
         return ckpt_dir
 
     acc: dict[str, list[float]] = {}
+    last_ck = start
     for step in range(start + 1, mc.meta_steps + 1):
         model.train()
         eps = [to_device(e, device) for e in train_s.for_step(mc.seed, step, mc.meta_batch)]
@@ -182,8 +183,12 @@ def meta_train(
             # Checkpoint when a checkpoint_every boundary was crossed since the last report.
             prev = history[-2]["step"] if len(history) > 1 else start
             ck = checkpoint(step) if step // mc.checkpoint_every > prev // mc.checkpoint_every else None
+            if ck is not None:
+                last_ck = step
             if report is not None:
                 report(dict(row), ck)
+    if last_ck < mc.meta_steps and history:
+        checkpoint(mc.meta_steps)  # a finished run always leaves its last state and best.pt on disk
     result = TrainResult(metrics=dict(history[-1]) if history else {}, history=history,
                          params=count_params(model), best_step=int(best["step"]))
     if evaluate:

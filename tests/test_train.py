@@ -66,6 +66,20 @@ def test_checkpoint_loads_weights_only(cfg, taskset, tmp_path):
     assert set(best["model"]) == set(st["model"])
 
 
+def test_a_run_shorter_than_checkpoint_every_leaves_its_checkpoints(cfg, taskset, tmp_path):
+    """meta_steps below checkpoint_every (a capped benchmark run): the finished run still writes its last
+    state and best.pt (found missing by bench universal --steps 40 on a study with checkpoint_every 50)."""
+    import dataclasses
+
+    short = dataclasses.replace(cfg, maml=dataclasses.replace(cfg.maml, meta_steps=cfg.maml.eval_every,
+                                                              checkpoint_every=10 * cfg.maml.eval_every))
+    meta_train(short, taskset, None, workdir=tmp_path, evaluate=False)
+    st = torch.load(tmp_path / "checkpoint" / "checkpoint.pt", weights_only=True)
+    assert st["step"] == short.maml.meta_steps
+    best = torch.load(tmp_path / "checkpoint" / "best.pt", weights_only=True)
+    assert best["step"] == short.maml.eval_every and math.isfinite(best["val"])
+
+
 def test_resume_matches_uninterrupted(cfg, taskset, tmp_path):
     assert_resume_matches_uninterrupted(cfg, taskset, tmp_path)
 
