@@ -297,6 +297,7 @@ class EvalConfig:
     joint_steps: int = number(200, lo=0, integer=True)  # joint-training baseline steps (0 = skip)
     single_task_steps: int = number(200, lo=0, integer=True)  # single-task baseline steps (0 = skip)
     single_task_tasks: int = number(2, lo=1, integer=True)  # how many test tasks get a single-task model
+    single_task_lr: float = number(3e-3, lo=0, lo_open=True)  # Adam rate of the single-task baseline
     hf_margin: float = number(1.0, lo=0, lo_open=True)  # spectral error counted above margin * cutoff
 
 

@@ -129,8 +129,17 @@ def classical_arx(cfg: Config) -> torch.nn.Module:
 
 
 def train_plain(model, sample_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
-                loss_fn, device, clip: float) -> None:
+                loss_fn, device, clip: float, after: Callable[[int], None] | None = None) -> None:
     """Ordinary supervised training (no inner loop): the joint and single-task baselines.
+
+    Args:
+        model: the model, trained in place with Adam at ``lr`` for ``steps`` steps.
+        sample_batch: step -> (x, y), (B, 1, L) each.
+        loss_fn: (pred, target) -> loss.
+        device: where the batches go.
+        clip: gradient-norm clip (0 = none).
+        after: called with the number of steps done after each step (a learning curve; the
+            callee puts the model back in train mode if it changes it).
 
     Raises:
         NonFiniteLossError: a training loss is not finite.
@@ -149,6 +158,8 @@ def train_plain(model, sample_batch: Callable[[int], tuple[torch.Tensor, torch.T
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+        if after is not None:
+            after(s + 1)
 
 
 def joint_baseline(cfg: Config, taskset: TaskSet, test_eps, device) -> dict[str, float]:
@@ -170,9 +181,28 @@ def joint_baseline(cfg: Config, taskset: TaskSet, test_eps, device) -> dict[str,
     return mean_rows([{k.replace("_pre", "_noadapt"): v for k, v in r.items()} for r in rows], "test/joint/")
 
 
-def single_task_baseline(cfg: Config, taskset: TaskSet, test_eps, device) -> dict[str, float]:
-    """The same model trained normally on one test task's own audio (query slices excluded)."""
+def single_task_baseline(cfg: Config, taskset: TaskSet, test_eps, device, curve_at: Sequence[int] = ()
+                         ) -> dict[str, float]:
+    """The same model trained normally on one test task's own audio (query slices excluded).
+
+    The ceiling meta-learning approaches: Adam at ``eval.single_task_lr`` (its own rate: the
+    meta-update's ``maml.outer_lr`` is tuned for another job and was far too low here) for
+    ``eval.single_task_steps`` steps on batches of ``k_support + k_query`` slices, with the
+    study's ``maml.outer_loss``.
+
+    Args:
+        cfg: the study.
+        taskset: the task set (the test task's whole audio, minus its query slices, trains it).
+        test_eps: the fixed test episodes; the first ``eval.single_task_tasks`` distinct tasks.
+        device: where it trains.
+        curve_at: step counts at which the query metrics are also recorded, as
+            ``test/single_task@<steps>/...`` (a learning curve: has it converged?).
+
+    Returns:
+        ``test/single_task/query_<metric>_post`` averaged over the tasks (and the curve's keys).
+    """
     rows = []
+    curve: dict[int, list[dict[str, float]]] = {int(s): [] for s in curve_at}
     mc = cfg.maml
     L = mc.slice_len
     done: set[int] = set()
@@ -203,14 +233,27 @@ def single_task_baseline(cfg: Config, taskset: TaskSet, test_eps, device) -> dic
             y = torch.from_numpy(np.stack([np.asarray(y_all[i:i + L]) for i in idx]))[:, None]
             return x.float(), y.float()
 
-        train_plain(model, batch, cfg.eval.single_task_steps, mc.outer_lr, M.make_loss(mc.outer_loss), device,
-                    mc.grad_clip)
-        model.eval()
         e = to_device(ep, device)
-        with torch.no_grad():
-            pred = model(e.query_x)
-        rows.append(metric_row(pred.cpu(), ep.query_y, ep, cfg, "post"))
-    return mean_rows(rows, "test/single_task/") if rows else {}
+
+        def score() -> dict[str, float]:
+            model.eval()
+            with torch.no_grad():
+                pred = model(e.query_x)
+            model.train()
+            return metric_row(pred.cpu(), ep.query_y, ep, cfg, "post")
+
+        def after(done: int) -> None:
+            if done in curve:
+                curve[done].append(score())
+
+        train_plain(model, batch, cfg.eval.single_task_steps, cfg.eval.single_task_lr, M.make_loss(mc.outer_loss),
+                    device, mc.grad_clip, after=after if curve else None)
+        rows.append(score())
+    out = mean_rows(rows, "test/single_task/") if rows else {}
+    for s, r in curve.items():
+        if r:
+            out.update(mean_rows(r, f"test/single_task@{s}/"))
+    return out
 
 
 def predict_long(predictor, x: torch.Tensor, window: int) -> torch.Tensor:

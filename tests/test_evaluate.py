@@ -61,3 +61,24 @@ def test_predict_long_equals_the_model_on_the_whole_signal():
         got = predict_long(conv, x, window)
         assert got.shape == x.shape
         torch.testing.assert_close(got, whole, rtol=1e-10, atol=1e-12)
+
+
+def test_single_task_baseline_uses_its_own_rate_and_records_a_learning_curve(six):
+    """The single-task ceiling trains at eval.single_task_lr (not the meta-update's outer_lr, which left it
+    under-trained: benchmarks/ceiling.md) and reports its query metrics along the way; the last point of the
+    curve is the final result."""
+    from dataclasses import replace
+
+    from metafx.evaluate import fixed_test_episodes, single_task_baseline
+
+    cfg, ts = six
+    cfg = replace(cfg, eval=replace(cfg.eval, single_task_steps=6, single_task_tasks=1))
+    eps = fixed_test_episodes(cfg, ts)
+    out = single_task_baseline(cfg, ts, eps, torch.device("cpu"), curve_at=(3, 6))
+    for k in ("l1", "stft", "esr"):
+        assert out[f"test/single_task@6/query_{k}_post"] == pytest.approx(out[f"test/single_task/query_{k}_post"])
+        assert f"test/single_task@3/query_{k}_post" in out
+    assert out["test/single_task@3/query_l1_post"] != out["test/single_task@6/query_l1_post"]
+    # A different rate is a different model: the rate is read from eval.single_task_lr.
+    other = single_task_baseline(replace(cfg, eval=replace(cfg.eval, single_task_lr=1e-5)), ts, eps, torch.device("cpu"))
+    assert other["test/single_task/query_l1_post"] != pytest.approx(out["test/single_task/query_l1_post"], rel=1e-4)
