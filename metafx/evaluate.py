@@ -129,7 +129,7 @@ def classical_arx(cfg: Config) -> torch.nn.Module:
 
 
 def train_plain(model, sample_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
-                loss_fn, device, clip: float, after: Callable[[int], None] | None = None) -> None:
+                loss_fn, device, clip: float, after: Callable[[int], None] | None = None, cosine: bool = False) -> None:
     """Ordinary supervised training (no inner loop): the joint and single-task baselines.
 
     Args:
@@ -140,11 +140,14 @@ def train_plain(model, sample_batch: Callable[[int], tuple[torch.Tensor, torch.T
         clip: gradient-norm clip (0 = none).
         after: called with the number of steps done after each step (a learning curve; the
             callee puts the model back in train mode if it changes it).
+        cosine: anneal the rate to 0 over ``steps`` (cosine): a constant rate keeps the last
+            steps as noisy as the first and the result depends on where training stops.
 
     Raises:
         NonFiniteLossError: a training loss is not finite.
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps)) if cosine else None
     model.train()
     for s in range(steps):
         x, y = sample_batch(s)
@@ -158,6 +161,8 @@ def train_plain(model, sample_batch: Callable[[int], tuple[torch.Tensor, torch.T
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+        if sched is not None:
+            sched.step()
         if after is not None:
             after(s + 1)
 
@@ -186,8 +191,8 @@ def single_task_baseline(cfg: Config, taskset: TaskSet, test_eps, device, curve_
     """The same model trained normally on one test task's own audio (query slices excluded).
 
     The ceiling meta-learning approaches: Adam at ``eval.single_task_lr`` (its own rate: the
-    meta-update's ``maml.outer_lr`` is tuned for another job and was far too low here) for
-    ``eval.single_task_steps`` steps on batches of ``k_support + k_query`` slices, with the
+    meta-update's ``maml.outer_lr`` is tuned for another job and was far too low here), annealed
+    to 0 by a cosine over ``eval.single_task_steps`` steps, on batches of ``k_support + k_query`` slices, with the
     study's ``maml.outer_loss``.
 
     Args:
@@ -247,7 +252,7 @@ def single_task_baseline(cfg: Config, taskset: TaskSet, test_eps, device, curve_
                 curve[done].append(score())
 
         train_plain(model, batch, cfg.eval.single_task_steps, cfg.eval.single_task_lr, M.make_loss(mc.outer_loss),
-                    device, mc.grad_clip, after=after if curve else None)
+                    device, mc.grad_clip, after=after if curve else None, cosine=True)
         rows.append(score())
     out = mean_rows(rows, "test/single_task/") if rows else {}
     for s, r in curve.items():
