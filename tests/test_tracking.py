@@ -386,7 +386,7 @@ def test_short_tag_keys_and_typed_summary(store, cfg, tmp_path):
     assert json.loads((dl / "summary.json").read_text()) == {
         "name": "s", "experiment_path": "/tmp/ray/s", "best_config_path": str(best_cfg), "best_checkpoint": None,
         "best_metrics": {"val/query_l1_post": 0.1}, "table": table, "parent_run_id": parent, "metric": "",
-        "best_trial": None, "best_value": None, "definition": "", "failures": [], "view_path": None}
+        "best_trial": None, "best_value": None, "definition": "", "failures": [], "view_path": None, "model_uri": None}
     missing = _summary([], {}, tmp_path / "nope.yaml", parent)
     tr2 = Tracker(store, "aliases-missing")
     tr2.start_search(cfg, "s", MANIFEST, resume=False)
