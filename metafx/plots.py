@@ -546,6 +546,18 @@ def _md_cell(s: str) -> str:
 # --------------------------------------------------------------------------- captures
 
 
+def _finish_capture_plot(fig, ax, xlabel: str, ylabel: str, title: str, legend: str, path: Path) -> Path:
+    """Labels, title, grid and legend of a capture plot; saved to ``path`` (returned)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc=legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def capture_plots(out: Path, sr: int, dry: np.ndarray, wet: np.ndarray, pred: np.ndarray, base: np.ndarray,
                   title: str) -> list[Path]:
     """A capture's ``spectrum.png`` (Welch spectra of the held-out part) and ``time.png`` (its loudest 30 ms).
@@ -575,14 +587,8 @@ def capture_plots(out: Path, sr: int, dry: np.ndarray, wet: np.ndarray, pred: np
             keep = f > 0
             ax.semilogx(f[keep], 10 * np.log10(p[keep] + 1e-20), label=label, **st)
         ax.set_xlim(max(sr / nper, 10.0), sr / 2)
-        ax.set_xlabel("frequency (Hz)")
-        ax.set_ylabel("power spectral density (dB)")
-        ax.set_title(f"{title}\nheld-out part, Welch spectra", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
-        fig.tight_layout()
-        fig.savefig(out / "spectrum.png", dpi=110)
-        files.append(out / "spectrum.png")
+        files.append(_finish_capture_plot(fig, ax, "frequency (Hz)", "power spectral density (dB)",
+                                          f"{title}\nheld-out part, Welch spectra", "lower left", out / "spectrum.png"))
     finally:
         plt.close(fig)
     w = max(1, min(wet.size, int(0.03 * sr)))
@@ -596,14 +602,8 @@ def capture_plots(out: Path, sr: int, dry: np.ndarray, wet: np.ndarray, pred: np
         ax.plot(t, wet[s0:s0 + w], color="black", lw=1.6, label="wet (device)")
         ax.plot(t, pred[s0:s0 + w], color="tab:blue", lw=1.0, label="adapted model")
         ax.plot(t, base[s0:s0 + w], color="tab:orange", lw=0.9, alpha=0.8, label="classical ARX")
-        ax.set_xlabel("time into the held-out part (ms)")
-        ax.set_ylabel("amplitude")
-        ax.set_title(f"{title}\nheld-out part, its loudest 30 ms", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
-        fig.tight_layout()
-        fig.savefig(out / "time.png", dpi=110)
-        files.append(out / "time.png")
+        files.append(_finish_capture_plot(fig, ax, "time into the held-out part (ms)", "amplitude",
+                                          f"{title}\nheld-out part, its loudest 30 ms", "upper right", out / "time.png"))
     finally:
         plt.close(fig)
     return files
