@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from metafx.capture.errors import CaptureError
-from metafx.data.sources import SourceError, read_audio
+from metafx.data.sources import SourceError, read_audio, resample
 
 CLIP_LEVEL = 0.999  # |x| at or above this counts as clipped
 LATENCY_MARGIN = 2  # samples subtracted from a detected onset (a filter's response rises gradually)
@@ -58,7 +58,7 @@ def read_recording(path: Path, role: str, sr: int) -> Recording:
         raise CaptureError(f"{role} file {path} holds no audio: record again")
     peak = float(np.max(np.abs(native)))
     clipped = clipped_fraction(native)
-    x = native if int(info.samplerate) == sr else read(sr)
+    x = resample(native, int(info.samplerate), sr)  # what read_audio(path, sr) returns, without reading it again
     return Recording(path, int(info.samplerate), int(info.channels), int(info.frames), x.astype(np.float32), peak, clipped)
 
 
@@ -157,15 +157,6 @@ def find_latency(dry: np.ndarray, wet: np.ndarray, sr: int, max_lag: int, clicks
     lo = max(0, p - int(0.01 * sr))
     onset = lo + int(np.argmax(pos[lo: p + 1] > thr))
     return Latency(max(0, onset - LATENCY_MARGIN), "impulse_response", p)
-
-
-def to_rate(x: np.ndarray, sr_from: int, sr_to: int) -> np.ndarray:
-    if sr_from == sr_to:
-        return x
-    from scipy.signal import resample_poly
-
-    g = math.gcd(int(sr_from), int(sr_to))
-    return resample_poly(x.astype(np.float64), sr_to // g, sr_from // g).astype(np.float32)
 
 
 def fit_length(x: np.ndarray, n: int) -> np.ndarray:

@@ -24,7 +24,8 @@ from metafx import capture_signal as cs
 from metafx.capture.adapt import adapt_and_export, baseline_predictions, score
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel, load_meta_model
-from metafx.capture.recording import Recording, find_latency, fit_length, read_recording, to_rate
+from metafx.capture.recording import Recording, find_latency, fit_length, read_recording
+from metafx.data.sources import resample
 from metafx.export import ExportError, real_time_factor, save, script
 from metafx.plots import capture_plots, write_capture_audio
 
@@ -251,7 +252,7 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
         # prediction.wav: aligned with the wet FILE (delayed by the latency), at its rate and length
         import soundfile as sf
 
-        p_wet = to_rate(np.concatenate([np.zeros(lat.samples, np.float32), pred_full]), sr, wet_rec.rate_in)
+        p_wet = resample(np.concatenate([np.zeros(lat.samples), pred_full]), sr, wet_rec.rate_in)  # float64 filter
         sf.write(tmp / "prediction.wav", fit_length(p_wet, wet_rec.frames_in), wet_rec.rate_in, subtype="FLOAT")
         title = f"capture of {Path(wet).name} with {mm.cfg.name} ({mm.cfg.model.arch}, {mm.cfg.maml.method}), " \
                 f"{S:g} s support: held-out ESR {held['esr']:.4g} (classical ARX {baselines['arx']['esr']:.4g})"
@@ -360,7 +361,7 @@ def _apply(module: Any, src: Path, dst: Path, sr: int) -> Path:
     rec = read_recording(src, "--apply", sr)
     with torch.no_grad():
         y = module.process(torch.from_numpy(rec.samples)).numpy()
-    y = fit_length(to_rate(y, sr, rec.rate_in), rec.frames_in)
+    y = fit_length(resample(y.astype(np.float64), sr, rec.rate_in), rec.frames_in)
     peak = float(np.max(np.abs(y))) if y.size else 0.0
     if peak > 1.0:
         log.warning("--apply-out %s peaks at %.3g (> 1): written as float, scale it before playback", dst, peak)

@@ -390,6 +390,25 @@ def list_audio_files(root: Path) -> list[Path]:
     return files
 
 
+def resample(x: np.ndarray, sr_from: int, sr_to: int) -> np.ndarray:
+    """``x`` at ``sr_to``: ``scipy.signal.resample_poly`` (polyphase, anti-aliased), filtered in x's dtype.
+
+    Args:
+        x: mono audio at ``sr_from``, shape ``(n,)``.
+        sr_from: its rate in Hz.
+        sr_to: the rate wanted in Hz.
+
+    Returns:
+        ``x`` itself when the rates are equal, else float32 audio, shape ``(about n * sr_to / sr_from,)``.
+    """
+    if int(sr_from) == int(sr_to):
+        return x
+    from scipy.signal import resample_poly
+
+    g = math.gcd(int(sr_from), int(sr_to))
+    return resample_poly(x, int(sr_to) // g, int(sr_from) // g).astype(np.float32)
+
+
 def read_audio(path: Path, sample_rate: int, max_samples: int | None = None) -> np.ndarray:
     """Read one WAV/FLAC file as mono float32 at ``sample_rate``.
 
@@ -408,7 +427,6 @@ def read_audio(path: Path, sample_rate: int, max_samples: int | None = None) -> 
         SourceError: the file cannot be decoded (names the file and the fix).
     """
     import soundfile as sf
-    from scipy.signal import resample_poly
 
     try:
         info = sf.info(str(path))
@@ -423,9 +441,7 @@ def read_audio(path: Path, sample_rate: int, max_samples: int | None = None) -> 
             f"(for example `ffmpeg -i {path} {Path(path).with_suffix('.fixed.wav').name}`) or remove it from the source folder"
         ) from e
     x = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    if sr_in != sample_rate:
-        g = math.gcd(int(sr_in), int(sample_rate))
-        x = resample_poly(x, sample_rate // g, int(sr_in) // g).astype(np.float32)
+    x = resample(x, sr_in, sample_rate)
     if not np.all(np.isfinite(x)):
         raise SourceError(f"audio file {path} contains NaN or infinite samples: re-export it or remove it from the source folder")
     return x[:max_samples] if max_samples is not None else x
