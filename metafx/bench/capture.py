@@ -161,31 +161,6 @@ def train_scratch(mm: Any, dry: np.ndarray, wet: np.ndarray, n_support: int, ste
     return MetaModel(cfg, model, mm.engine, "scratch", mm.checkpoint, steps)
 
 
-def _cpu_rtf(module: Any, block: int = 256, seconds: float = 10.0) -> dict[str, float]:
-    """Real-time factor of ``forward`` on one thread, in wall time and in this process's CPU time."""
-    import torch
-
-    sr = int(module.sample_rate)
-    g = torch.Generator().manual_seed(0)
-    n = int(seconds * sr) // block
-    x = torch.randn(n + 20, block, generator=g) * 10 ** (-18 / 20)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            st = module.initial_state()
-            for i in range(20):
-                _, st = module(x[i], st)
-            w, c = time.perf_counter(), time.process_time()
-            for i in range(20, n + 20):
-                _, st = module(x[i], st)
-            w, c = time.perf_counter() - w, time.process_time() - c
-    finally:
-        torch.set_num_threads(old)
-    audio = n * block / sr
-    return {"rtf_wall": audio / w, "rtf_cpu": audio / c}
-
-
 def _fmt(v: Any, nd: int = 4) -> str:
     if v is None:
         return "-"
@@ -199,6 +174,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
 
     from metafx.capture import SHIPPED_DIR, load_meta_model, run_capture
+    from metafx.export import real_time_factors
     from metafx.config import REPO_ROOT
 
     ap = argparse.ArgumentParser(prog="bench capture")
@@ -265,7 +241,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                       + f"  capture {row['capture_seconds']:.2f} s  latency {row['latency_samples']}", flush=True)
         if rtf is None:
             m = torch.jit.load(str(work / f"{st['family']}-{fits[0]}-{supports[0]:g}" / "model.ts"))
-            rtf = _cpu_rtf(m)
+            wall, cpu = real_time_factors(m, block=256, seconds=10.0)
+            rtf = {"rtf_wall": wall, "rtf_cpu": cpu}
             rtf["kind"] = str(m.kind)
     load = os.getloadavg()
     report = {"command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
