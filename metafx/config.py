@@ -41,7 +41,7 @@ from metafx.config_io import (
 )
 from metafx.config_schema import (
     ARCHS, ARX_FEATURES, BACKENDS, CONTEXT_METHODS, DISTRIBUTIONS, FILM_ARCHS, GRID_SCALES, LOSS_TERMS, METHODS,
-    OUTER_SCHEDULES, STEP_METHODS, ARXConfig, BudgetChange, Config, DataConfig, EvalConfig, FamilyConfig, LossConfig,
+    OUTER_SCHEDULES, STEP_METHODS, TRUNK_FEATURES, VAL_METRICS, EVAL_METRICS, ARXConfig, BudgetChange, Config, DataConfig, EvalConfig, FamilyConfig, LossConfig,
     LSTMConfig, MAMLConfig, ModelConfig, ParamGrid, SearchConfig, SearchParam, SourceConfig, SSMConfig, TCNConfig,
     TransformerConfig, default_cache_dir, is_cutoff_param, tcn_receptive_field,
 )
@@ -52,7 +52,7 @@ DEFAULT_BUDGET = "local"
 SEARCHABLE_SECTIONS = ("data", "model", "maml", "eval")
 
 __all__ = [
-    "ARCHS", "ARX_FEATURES", "BACKENDS", "BUDGETS", "CONTEXT_METHODS", "DEFAULT_BUDGET", "DISTRIBUTIONS",
+    "ARCHS", "ARX_FEATURES", "EVAL_METRICS", "TRUNK_FEATURES", "VAL_METRICS", "BACKENDS", "BUDGETS", "CONTEXT_METHODS", "DEFAULT_BUDGET", "DISTRIBUTIONS",
     "EFFECTS_DIR", "FILM_ARCHS", "LOSS_TERMS", "METHODS", "OUTER_SCHEDULES", "REPO_ROOT", "SPACES_DIR",
     "STEP_METHODS", "ARXConfig", "BudgetChange", "Config", "ConfigError", "DataConfig", "EvalConfig",
     "FamilyConfig", "LSTMConfig", "LossConfig", "MAMLConfig", "ModelConfig", "ParamGrid", "SSMConfig",
@@ -451,7 +451,8 @@ class _Validator(FieldValidator):
             raise ConfigError(
                 f"{self.path}: model.arx.nb = {model.arx.nb} / na = {model.arx.na} leave no equation in a slice of "
                 f"maml.slice_len = {maml.slice_len} samples: lower the orders or use longer slices")
-        if model.arch == "transformer" and maml.slice_len > model.transformer.max_len:
+        uses_transformer = model.arch == "transformer" or (model.arch == "arx" and model.arx.features == "transformer")
+        if uses_transformer and maml.slice_len > model.transformer.max_len:
             raise self.err("maml.slice_len", maml.slice_len, f"must be <= model.transformer.max_len = {model.transformer.max_len}")
         return Config(name, self.path, budget, **s)
 

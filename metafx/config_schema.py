@@ -32,9 +32,16 @@ CONTEXT_METHODS = ("cavia", "encoder")  # need model.context_dim >= 1 and a mode
 # method joint). encoder with 0 steps is pure amortized inference; ridge and joint take no inner steps.
 STEP_METHODS = ("maml", "anil", "cavia")
 OUTER_SCHEDULES = ("constant", "cosine")
-ARX_FEATURES = ("none", "learned")
+# Feature maps of the ARX head: "none" = [1, x]; "learned" = the small MLP / envelope / gate channels;
+# a network's name = its hidden sequence (the model.<arch> section), projected to model.arx.n_trunk channels.
+TRUNK_FEATURES = ("lstm", "tcn", "transformer")
+ARX_FEATURES = ("none", "learned") + TRUNK_FEATURES
 BACKENDS = ("func", "higher")
 LOSS_TERMS = ("l1", "esr", "esr_pe", "stft", "mrstft")
+# Metrics of every evaluation (validation, test, baselines; functions in metafx.metrics.METRICS).
+EVAL_METRICS = ("l1", "stft", "mrstft", "esr", "esr_pe")
+# What a trial reports on its validation episodes every maml.eval_every meta-steps (a search.metric may be any).
+VAL_METRICS = tuple(f"val/query_{m}_{when}" for m in EVAL_METRICS for when in ("pre", "post"))
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
 SOURCE_KINDS = ("synth", "folder")
 ON_UNSTABLE = ("drop", "fail")
@@ -187,7 +194,10 @@ class ARXConfig:
 
     nb: int = number(13, lo=1, hi=4096, integer=True)  # MA taps per feature channel (b_0 .. b_{nb-1})
     na: int = number(12, lo=0, hi=256, integer=True)  # AR order (a_1 .. a_na); 0 = FIR head on the features
-    features: str = one_of("none", ARX_FEATURES)  # "none": channels [1, x] | "learned": plus the channels below
+    # "none": channels [1, x] | "learned": plus the channels below | lstm | tcn | transformer: plus n_trunk
+    # channels of that network's hidden sequence (sized by its model.<arch> section)
+    features: str = one_of("none", ARX_FEATURES)
+    n_trunk: int = number(8, lo=1, hi=256, integer=True)  # channels projected from the network's hidden sequence
     hidden: int = number(32, lo=1, hi=4096, integer=True)  # width of the pointwise and gate MLPs (learned)
     n_point: int = number(12, lo=0, hi=256, integer=True)  # pointwise nonlinear channels MLP(x)
     n_env: int = number(6, lo=0, hi=64, integer=True)  # log one-pole envelope channels of |x| (learned taus)

@@ -7,13 +7,16 @@ drawn with ``eval.test_seed``, identical for every method and baseline):
 
 * ``identity``: the dry input as the prediction;
 * ``lsfir``: a least-squares FIR fitted on the support slices (:mod:`metafx.baselines`);
+* ``arx``: classical ARX (no meta-learning, :func:`classical_arx`) of the study's ``model.arx``
+  orders, ridge-fitted on the support slices: the closed-form head without any network, so a
+  head on a network's features (``model.arx.features: lstm``...) is credited only with what it
+  adds to this;
 * ``joint``: the same model trained on every training task without an inner loop, then adapted
   with the same inner loop (:func:`joint_baseline`);
 * ``single_task``: the same model trained normally on one test task's own audio, query slices
   excluded (:func:`single_task_baseline`): the ceiling meta-learning approaches;
 
-plus the aliases ``test/identity_l1`` and ``test/identity_stft``. Classical ARX (no
-meta-learning) is :func:`classical_arx`, evaluated like any learner.
+plus the aliases ``test/identity_l1`` and ``test/identity_stft``.
 
 ``esr`` is the field's error-to-signal ratio: error energy over target energy summed over all query
 samples of an episode (:func:`metafx.metrics.esr`), then averaged over episodes like every metric;
@@ -30,13 +33,12 @@ import torch
 
 from metafx import metrics as M
 from metafx.baselines import identity_predict, lsfir_fit, lsfir_predict
-from metafx.config import Config, is_cutoff_param
+from metafx.config import EVAL_METRICS, VAL_METRICS, Config, is_cutoff_param
 from metafx.data.tasks import Episode, EpisodeSampler, TaskSet
 from metafx.engines import NonFiniteLossError, adapt_and_predict, engine_for
 from metafx.metrics import crop_like
 from metafx.models import build_model
 
-EVAL_METRICS = ("l1", "stft", "mrstft", "esr", "esr_pe")
 EXAMPLE_SECONDS = 3.0  # audio per example task: long enough to judge by ear
 
 
@@ -94,12 +96,10 @@ def evaluate_adaptation(learner, episodes: Sequence[Episode], cfg: Config, devic
 
 
 def val_metrics(learner, episodes: Sequence[Episode], cfg: Config, device) -> dict[str, float]:
-    """``val/query_l1_pre`` and ``val/query_l1_post`` on the validation episodes."""
+    """:data:`~metafx.config.VAL_METRICS` (every evaluation metric, before and after adaptation) on the validation episodes."""
     rows, _ = evaluate_adaptation(learner, episodes, cfg, device)
-    return {
-        "val/query_l1_pre": float(np.mean([r["query_l1_pre"] for r in rows])),
-        "val/query_l1_post": float(np.mean([r["query_l1_post"] for r in rows])),
-    }
+    means = mean_rows(rows, "val/")
+    return {k: means[k] for k in VAL_METRICS}
 
 
 def baseline_rows(name: str, predict: Callable[[Episode], torch.Tensor], episodes, cfg: Config) -> dict[str, float]:
@@ -124,8 +124,24 @@ def classical_arx(cfg: Config) -> torch.nn.Module:
     Evaluated with the ridge engine, it is an ARX(nb, na) on ``[1, x]`` fitted by ridge on the
     support slices of each task.
     """
-    arx_cfg = replace(cfg.model, arch="arx", arx=replace(cfg.model.arx, features="none"))
+    arx_cfg = replace(cfg.model, arch="arx", context_dim=0, arx=replace(cfg.model.arx, features="none"))
     return build_model(arx_cfg)
+
+
+def arx_baseline(cfg: Config, episodes: Sequence[Episode], device) -> dict[str, float]:
+    """``test/arx/query_<metric>_post``: classical ARX of ``cfg.model.arx``'s orders, fitted on each episode's support.
+
+    Args:
+        cfg: the study config (``model.arx.nb`` / ``na``, ``maml``'s slices).
+        episodes: the test episodes.
+        device: where to fit.
+
+    Returns:
+        The metrics of the ``arx`` baseline, averaged over the episodes.
+    """
+    arx_cfg = replace(cfg, model=replace(cfg.model, arch="arx"), maml=replace(cfg.maml, method="ridge"))
+    rows, _ = evaluate_adaptation(classical_arx(arx_cfg).to(device), episodes, arx_cfg, device)
+    return mean_rows([{k: v for k, v in r.items() if k.endswith("_post")} for r in rows], "test/arx/")
 
 
 def train_plain(model, sample_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
@@ -353,6 +369,7 @@ def evaluate_test(learner, cfg: Config, taskset: TaskSet, device, *, baselines: 
     out["test/identity_l1"] = out["test/identity/query_l1_post"]
     out["test/identity_stft"] = out["test/identity/query_stft_post"]
     out.update(baseline_rows("lsfir", lambda ep: lsfir(ep, cfg), test_eps, cfg))
+    out.update(arx_baseline(cfg, test_eps, device))
     if baselines and cfg.eval.joint_steps > 0 and cfg.maml.method != "joint":
         out.update(joint_baseline(cfg, taskset, test_eps, device))
     if baselines and cfg.eval.single_task_steps > 0:

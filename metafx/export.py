@@ -34,7 +34,9 @@ Per model (how the state is carried and what is precomputed at export):
   the gates are memoryless functions of the envelopes (and, with ``n_start``, of the time since
   the start, a sample counter in the state). The head ``A(z) y = sum_m B_m(z) phi_m`` is fixed
   after adaptation: its FIR part carries the last ``nb - 1`` feature frames; its recursive part
-  carries the last ``na`` outputs. A linear recursion over a block is computed exactly as its
+  carries the last ``na`` outputs. With an LSTM trunk (``model.arx.features: lstm``) its hidden
+  sequence, projected, is a feature too: the LSTM (float64) carries ``(h, c)``; the TCN and
+  transformer trunks have no streaming export yet (:class:`ExportError`). A linear recursion over a block is computed exactly as its
   zero-state response (a lower-triangular Toeplitz product with the first samples of its
   impulse response; for the envelopes a two-level scan over sub-chunks) plus the response to the
   carried state (precomputed zero-input responses: ``a^(n+1)`` for a one-pole, ``na`` columns
@@ -166,6 +168,10 @@ class ARXStream(nn.Module):
         super().__init__()
         dt = torch.float64
         phi = model.phi
+        trunk = getattr(phi, "trunk", None)
+        if trunk is not None and not isinstance(getattr(trunk, "lstm", None), nn.LSTM):
+            raise ExportError(f"no streaming export of an ARX head on a {type(trunk).__name__} trunk yet (model.arx."
+                              "features: lstm, learned and none export); capture with such a meta-model is not possible")
         self.kind = "arx"
         self.streaming = True
         self.format_version = EXPORT_VERSION
@@ -174,6 +180,17 @@ class ARXStream(nn.Module):
         self.channels = int(phi.channels)
         self.nb, self.na = int(model.nb), int(model.na)
         self.n_point, self.n_env, self.n_gate, self.n_start = int(phi.n_point), int(phi.n_env), int(phi.n_gate), int(phi.n_start)
+        self.n_trunk = int(phi.n_trunk)
+        # The LSTM trunk (float64) and its 1x1 projection; a 1-unit placeholder without a trunk (TorchScript
+        # compiles both branches of ``if self.n_trunk``).
+        self.trunk_lstm = copy.deepcopy(trunk.lstm).to(torch.float64) if trunk is not None else nn.LSTM(1, 1).double()
+        self.trunk_hidden = int(self.trunk_lstm.hidden_size) if trunk is not None else 0
+        with torch.no_grad():
+            if trunk is not None:
+                self.proj_W = phi.proj.weight.detach()[:, :, 0].to(torch.float64).clone()  # (n_trunk, H)
+                self.proj_b = phi.proj.bias.detach().to(torch.float64).clone()
+            else:
+                self.proj_W, self.proj_b = torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
         self.max_block = MAX_BLOCK
         self.env_floor = ENV_FLOOR
         self.env_chunk = ENV_CHUNK
@@ -254,10 +271,13 @@ class ARXStream(nn.Module):
 
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
-        """Zero state: ``[envelopes (E,), samples so far (1,), last nb-1 feature frames (M, nb-1), last na outputs (na,)]``."""
+        """Zero state: ``[envelopes (E,), samples so far (1,), last nb-1 feature frames (M, nb-1), last na outputs (na,),
+        trunk LSTM h (1, 1, H), c (1, 1, H)]`` (H = 0 without a trunk)."""
         dt = torch.float64
+        H = self.trunk_hidden
         return [torch.zeros(self.n_env, dtype=dt), torch.zeros(1, dtype=dt),
-                torch.zeros(self.channels, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt)]
+                torch.zeros(self.channels, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt),
+                torch.zeros(1, 1, H, dtype=dt), torch.zeros(1, 1, H, dtype=dt)]
 
     def _pointwise(self, x: Tensor) -> Tensor:
         """The tabulated pointwise MLP, (n_point, T)."""
@@ -281,8 +301,9 @@ class ARXStream(nn.Module):
         env = Z + self.env_pw[:, None, :] * prev[:, :, None]
         return env.reshape(self.n_env, nch * C)[:, :T]
 
-    def _features(self, x: Tensor, env_s: Tensor, t0: Tensor) -> Tuple[Tensor, Tensor]:
-        """Feature frames of one block (T <= MAX_BLOCK), float64; returns (phi (M, T), new envelope state)."""
+    def _features(self, x: Tensor, env_s: Tensor, t0: Tensor, h: Tensor, c: Tensor
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Feature frames of one block (T <= MAX_BLOCK), float64; returns (phi (M, T), new envelope, h, c states)."""
         T = x.shape[0]
         xi = x[None]  # (1, T)
         chans = [torch.ones_like(xi), xi]
@@ -300,12 +321,16 @@ class ARXStream(nn.Module):
                 g = torch.addmm(self.g2b[:, None], self.G2, torch.tanh(torch.addmm(self.g1b[:, None], self.G1, gin)))
                 chans.append(xi * torch.sigmoid(2 * g))  # (n_gate, T)
             chans.append(0.25 * le)
-        return torch.cat(chans, 0), env_s
+        if self.n_trunk:
+            seq, hc = self.trunk_lstm(x[None, :, None], (h, c))  # (1, T, H)
+            h, c = hc
+            chans.append(torch.addmm(self.proj_b[:, None], self.proj_W, seq[0].t()))  # (n_trunk, T)
+        return torch.cat(chans, 0), env_s, h, c
 
     def _block(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         T = x.shape[0]
         nb = self.nb
-        phi, env_s = self._features(x, state[0], state[1])
+        phi, env_s, h_s, c_s = self._features(x, state[0], state[1], state[4], state[5])
         X = torch.cat([state[2], phi], 1)  # (M, nb - 1 + T)
         Zf = torch.mm(self.fir_W, X)  # (nb, nb - 1 + T): tap k applied to every frame
         u = Zf.as_strided([nb, T], [T + nb, 1]).sum(0)  # u[t] = sum_k Zf[k, t + k]
@@ -323,7 +348,7 @@ class ARXStream(nn.Module):
             y = torch.cat(ys) if len(ys) > 1 else ys[0]
         else:
             y = u
-        return y, [env_s, state[1] + T, hist, past]
+        return y, [env_s, state[1] + T, hist, past, h_s, c_s]
 
     def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         """Process one block with the carried state.
@@ -360,12 +385,12 @@ class ARXStream(nn.Module):
         """The feature frames of a whole signal from a zero state (what the head is fitted on), (M, T), float64."""
         xd = x.to(torch.float64)
         state = self.initial_state()
-        env_s, t = state[0], state[1]
+        env_s, t, h, c = state[0], state[1], state[4], state[5]
         outs: List[Tensor] = []
         start = 0
         while start < xd.shape[0]:
             stop = min(xd.shape[0], start + self.max_block)
-            phi, env_s = self._features(xd[start:stop], env_s, t)
+            phi, env_s, h, c = self._features(xd[start:stop], env_s, t, h, c)
             t = t + (stop - start)
             outs.append(phi)
             start = stop

@@ -410,8 +410,9 @@ def _short_value(v: Any) -> str:
 
 #: Test metrics shown beside the search metric in metafx's runs view: the model, then its baselines.
 VIEW_METRICS = ("test/query_esr_post", "test/identity/query_esr_post", "test/lsfir/query_esr_post",
+                "test/arx/query_esr_post",
                 "test/query_l1_post", "test/identity_l1", "test/lsfir/query_l1_post",
-                "test/query_stft_post", "test/identity_stft", "test/lsfir/query_stft_post")
+                "test/query_stft_post", "test/identity_stft", "test/lsfir/query_stft_post", "test/arx/query_stft_post")
 
 
 def view_key(search_name: str) -> str:

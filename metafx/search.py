@@ -144,9 +144,11 @@ def _trainable(config: dict[str, Any], study: Config) -> None:
 _TRACKERS: dict[str, Any] = {}  # search name -> Tracker of this driver process
 #: The metrics a trial reports besides the ``val/`` and ``test/`` ones (:func:`metafx.train.meta_train`).
 _REPORTED = ("support_l1_pre", "support_l1_post", "query_l1_post", "outer_loss", "best_step", "params", "wall_seconds")
-_TEST_COLUMNS = ("test/query_esr_post", "test/lsfir/query_esr_post", "test/identity/query_esr_post",
+_TEST_COLUMNS = ("test/query_esr_post", "test/lsfir/query_esr_post", "test/arx/query_esr_post",
+                 "test/identity/query_esr_post",
                  "test/query_l1_post", "test/query_l1_pre", "test/identity_l1", "test/lsfir/query_l1_post",
-                 "test/query_stft_post", "test/lsfir/query_stft_post")
+                 "test/query_stft_post", "test/lsfir/query_stft_post", "test/arx/query_stft_post",
+                 "test/query_hf_post", "test/lsfir/query_hf_post")
 
 
 def metafx_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from metafx.config import (ARCHS, STEP_METHODS, Config, ConfigError, SearchConfig, SearchParam, config_from_dict,
+from metafx.config import (ARCHS, STEP_METHODS, VAL_METRICS, Config, ConfigError, SearchConfig, SearchParam, config_from_dict,
                            get_dotted)
 
-#: The metrics a trial reports (train metrics; ``val/...`` ones too), accepted as ``search.metric``.
+#: The training metrics a trial reports; with :data:`~metafx.config.VAL_METRICS`, what ``search.metric`` may be.
 REPORTED_METRICS = ("query_l1_post", "query_l1_pre", "support_l1_post", "support_l1_pre")
 
 
@@ -130,9 +130,9 @@ def check_space(cfg: Config) -> None:
             if key not in searched and get_dotted(cfg.to_dict(), key) is None:
                 raise ConfigError(f"{cfg.source_file}: search.params.{p.key}.when: {key!r} is neither searched nor set")
     _check_inner_steps(cfg)
-    if s.metric.split("/")[-1] not in REPORTED_METRICS and not s.metric.startswith("val/"):
-        raise ConfigError(f"{cfg.source_file}: search.metric = {s.metric!r}: allowed are the reported training "
-                          "metrics, e.g. val/query_l1_post, query_l1_post")
+    if s.metric not in REPORTED_METRICS + VAL_METRICS:
+        raise ConfigError(f"{cfg.source_file}: search.metric = {s.metric!r} is not reported by a trial: use one of "
+                          f"{', '.join(VAL_METRICS + REPORTED_METRICS)}")
 
 
 def _check_inner_steps(cfg: Config) -> None:

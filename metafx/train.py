@@ -7,8 +7,13 @@ final evaluation and every baseline are :mod:`metafx.evaluate`.
 
 Metric names during training, every ``maml.eval_every`` meta-steps: ``support_l1_pre``,
 ``support_l1_post``, ``query_l1_post`` (training tasks, averaged since the last report),
-``val/query_l1_pre`` and ``val/query_l1_post`` (fixed validation episodes), ``step``; at the end
-the test metrics of :func:`metafx.evaluate.evaluate_test`.
+``val/query_<metric>_{pre,post}`` for every evaluation metric (fixed validation episodes:
+:data:`metafx.config.VAL_METRICS`), ``step``; at the end the test metrics of
+:func:`metafx.evaluate.evaluate_test`.
+
+The model evaluated at the end (and saved as ``best.pt``) is the one of the report with the best
+validation value of ``search.metric`` (``val/query_l1_post`` when the search metric is a training
+metric), so a trial is judged by the metric the search optimizes.
 
 Determinism: the episodes of meta-step ``s`` are drawn from a generator seeded with
 ``(maml.seed, s)`` (:meth:`metafx.data.tasks.EpisodeSampler.for_step`), and all state (model,
@@ -94,6 +99,18 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- meta-training
 
 
+def selection_metric(cfg: Config) -> str:
+    """The validation metric that picks a trial's best model: ``search.metric`` if it is one, else ``val/query_l1_post``.
+
+    Args:
+        cfg: the study config.
+
+    Returns:
+        A key of :data:`metafx.config.VAL_METRICS`.
+    """
+    return cfg.search.metric if cfg.search.metric.startswith("val/") else "val/query_l1_post"
+
+
 def meta_train(
     cfg: Config,
     taskset: TaskSet,
@@ -147,6 +164,8 @@ def meta_train(
     ckpt_dir = workdir / "checkpoint"
 
     start, history = 0, []
+    select = selection_metric(cfg)
+    sign = -1.0 if cfg.search.mode == "max" else 1.0  # best = lowest sign * value
     best = {"val": math.inf, "step": 0, "model": _cpu_state(model)}
     if resume_from is not None:
         st = load_checkpoint(Path(resume_from), map_location="cpu")
@@ -160,7 +179,8 @@ def meta_train(
             "model": _cpu_state(model), "optimizer": opt.state_dict(), "step": step,
             "history": history, "best": best, "config": cfg.to_dict(), "params": count_params(model),
         })
-        save_checkpoint(ckpt_dir / "best.pt", {"model": best["model"], "step": best["step"], "val": best["val"],
+        save_checkpoint(ckpt_dir / "best.pt", {"model": best["model"], "step": best["step"], "val": sign * best["val"],
+                                               "metric": select,
                                                "config": cfg.to_dict()})
         return ckpt_dir
 
@@ -177,8 +197,8 @@ def meta_train(
             acc = {}
             row.update(val_metrics(model, val_eps, cfg, device))
             row["step"] = step
-            if row["val/query_l1_post"] < best["val"]:
-                best = {"val": row["val/query_l1_post"], "step": step, "model": _cpu_state(model)}
+            if sign * row[select] < best["val"]:
+                best = {"val": sign * row[select], "step": step, "model": _cpu_state(model)}
             history.append(row)
             # Checkpoint when a checkpoint_every boundary was crossed since the last report.
             prev = history[-2]["step"] if len(history) > 1 else start

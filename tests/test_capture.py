@@ -333,3 +333,46 @@ def test_capture_with_the_default_signal_and_a_registered_model(tmp_path):
     assert r["model"]["source"] == "models:/capture_arx/1" and r["dry"]["capture_signal"]
     assert r["support_seconds"] == pytest.approx(cs.probe_seconds(), abs=1e-3)
     assert r["heldout"]["esr"] < 1e-3 and r["latency"]["samples"] <= 2
+
+
+def test_capture_with_an_lstm_feature_head(pair, tmp_path):
+    """The main job's ridge trials (model.arx.features: lstm) capture and export like the shipped ARX: the exported
+    model carries the LSTM's (h, c), reproduces prediction.wav in a fresh interpreter and streams like the whole file."""
+    from metafx.config import load_config
+    from metafx.data.tasks import load_taskset
+    from metafx.train import meta_train
+
+    cfg = load_config("lstm.yaml", "smoke", {"data.cache_dir": str(tmp_path / "cache"), "maml.method": "ridge",
+                                             "model.arch": "arx", "model.lstm.hidden": 8, "model.arx.n_trunk": 3})
+    meta_train(cfg, load_taskset(cfg.data, progress=False), None, workdir=tmp_path / "train", evaluate=False)
+    out = tmp_path / "out"
+    rc = launch_capture.main(["--dry", str(pair / "dry.wav"), "--wet", str(pair / "wet.wav"), "--out", str(out),
+                              "--support-seconds", "3", "--model", str(tmp_path / "train" / "checkpoint" / "best.pt"),
+                              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert rc == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["export"]["kind"] == "arx" and r["export"]["streaming"]
+    assert r["heldout"]["esr"] < r["baselines"]["identity"]["esr"], r
+    code = textwrap.dedent(f"""
+        import sys, numpy as np, soundfile as sf, torch
+        m = torch.jit.load({str(out / 'model.ts')!r})
+        dry = torch.from_numpy(sf.read({str(pair / 'dry.wav')!r}, dtype="float32")[0])
+        pred = sf.read({str(out / 'prediction.wav')!r}, dtype="float32")[0]
+        lat = {r['latency']['samples']}
+        y = m.process(dry)
+        ref = pred[lat:lat + y.numel()]
+        assert float(np.max(np.abs(y.numpy()[:ref.size] - ref))) <= 1e-5
+        state, outs, i = m.initial_state(), [], 0
+        for n in [32, 256, 2048, 7, 1000] * 40:
+            if i >= dry.numel():
+                break
+            yb, state = m(dry[i:i + n], state)
+            outs.append(yb)
+            i += n
+        s = torch.cat(outs)
+        assert float((s - y[:s.numel()]).abs().max()) <= 1e-5
+        assert not any(n == "metafx" or n.startswith("metafx.") for n in sys.modules)
+        print("OK")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.startswith("OK"), p.stderr[-2000:]

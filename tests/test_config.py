@@ -114,6 +114,18 @@ def test_empty_search_is_refused(tmp_path):
         check_space(cfg)
 
 
+@pytest.mark.parametrize("metric", ["val/query_esr", "val/esr_post", "query_stft_post"])
+def test_a_search_metric_no_trial_reports_is_refused(tmp_path, metric):
+    """A typo in search.metric would leave every trial unranked: refused before Ray starts, naming the valid ones."""
+    from metafx.search_space import check_space
+
+    raw = read_yaml(SPACES_DIR / "lstm.yaml")
+    raw["search"]["metric"] = metric
+    cfg = config_from_dict(raw, tmp_path / "x.yaml", budget="smoke")
+    with pytest.raises(ConfigError, match=r"search.metric .* is not reported.*val/query_esr_post"):
+        check_space(cfg)
+
+
 def test_tcn_receptive_field_checked():
     with pytest.raises(ConfigError, match="receptive field"):
         load_config("tcn.yaml", "smoke", ["model.tcn.dilation_growth=10", "model.tcn.blocks=4"])

@@ -27,6 +27,7 @@ from metafx.evaluate import predict_long
 from metafx.export import MAX_BLOCK, ARXStream, ExportError, export_network, real_time_factor, save, script
 from metafx.metrics import crop_like
 from metafx.models.arx import MetaARX, stabilize
+from metafx.models.lstm import LSTMModel
 
 BLOCKS = (32, 256, 2048, None)  # None: ragged sizes 1..3000
 
@@ -64,10 +65,13 @@ def check_streaming(m, x: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- ARX
 
 
-@pytest.fixture(scope="module")
-def arx_export():
+@pytest.fixture(scope="module", params=["learned", "lstm trunk"])
+def arx_export(request):
     torch.manual_seed(0)
-    m = MetaARX(nb=6, na=8, features="learned", hidden=8, n_point=4, n_env=3, n_gate=4, n_start=2)
+    if request.param == "learned":
+        m = MetaARX(nb=6, na=8, features="learned", hidden=8, n_point=4, n_env=3, n_gate=4, n_start=2)
+    else:  # the ARX head on an LSTM's hidden sequence (model.arx.features: lstm): the LSTM's (h, c) stream too
+        m = MetaARX(nb=6, na=8, features="lstm", trunk=LSTMModel(hidden=8), n_trunk=3)
     x, y = one_pole_task(4, 1024, 1)
     head = m.fit(x, y)
     a = stabilize(head.a[None], m.rmax)[0][0]

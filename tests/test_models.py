@@ -7,7 +7,8 @@ import torch
 from metafx import config
 from metafx.config import ARCHS, FILM_ARCHS, ARXConfig, LSTMConfig, ModelConfig, SSMConfig, TCNConfig, TransformerConfig
 from metafx.metrics import crop_like
-from metafx.models import CONTEXT_ARCHS, MODELS, build_model, count_params
+from metafx.models import CONTEXT_ARCHS, FEATURE_NETWORKS, MODELS, build_model, count_params
+from metafx.models.arx import FeatureNetwork, MetaARX
 from metafx.models.lstm import lstm_param_count
 from metafx.models.tcn import tcn_receptive_field
 from metafx.models.transformer import mu_law_decode, mu_law_encode
@@ -94,6 +95,48 @@ def test_causal(arch):
     y, y2 = model(x), model(x2)
     torch.testing.assert_close(y[..., :60], y2[..., :60], rtol=0, atol=1e-12)
     assert (y[..., 60:] - y2[..., 60:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("arch", FEATURE_NETWORKS)
+def test_feature_network_contract(arch):
+    """FeatureNetwork over every member: (B, 1, T) -> (B, C, T), causal from a zero state, every body parameter trained."""
+    torch.manual_seed(0)
+    net = build_model(TINY[arch]).double()
+    assert isinstance(net, FeatureNetwork)
+    x = 0.3 * torch.randn(2, 1, 120, dtype=torch.float64)
+    f = net.features(x)
+    assert f.shape == (2, net.feature_channels, 120)
+    x2 = x.clone()
+    x2[..., 70] += 0.5
+    f2 = net.features(x2)
+    if arch != "tcn":  # causal; the TCN's BatchNorm normalizes with whole-slice statistics (models/__init__.py)
+        torch.testing.assert_close(f[..., :70], f2[..., :70], rtol=0, atol=1e-12)
+    assert (f[..., 70:] - f2[..., 70:]).abs().max() > 1e-6
+    f.square().mean().backward()
+    head = tuple(getattr(net, "head_prefixes", ()))
+    for name, p in net.named_parameters():
+        if not name.startswith(head):
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{arch}: no gradient reaches {name}"
+
+
+@pytest.mark.parametrize("arch", FEATURE_NETWORKS)
+def test_arx_head_on_a_network_trains_the_network(arch):
+    """model.arx.features: <network>: the closed-form head's meta-gradient reaches the network's weights."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="arx", arx=ARXConfig(nb=3, na=2, features=arch, n_trunk=3),
+                      **{arch: getattr(TINY[arch], arch)})
+    model = build_model(cfg)
+    assert isinstance(model, MetaARX) and model.channels == 2 + 3
+    sx, qx = 0.3 * torch.randn(2, 3, 1, 200), 0.3 * torch.randn(2, 3, 1, 200)
+    sy, qy = torch.tanh(2 * sx), torch.tanh(2 * qx)
+    head = model.fit_features(model.feats(sx), sy[:, :, 0])
+    pred = model.predict_features(model.feats(qx), head)
+    (pred - qy[:, :, 0]).abs().mean().backward()
+    trunk = [(n, p) for n, p in model.named_parameters() if n.startswith("phi.trunk.") and not n.startswith(
+        tuple("phi.trunk." + h for h in getattr(model.phi.trunk, "head_prefixes", ())))]
+    assert trunk and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trunk)
+    with pytest.raises(ValueError, match="trunk"):
+        MetaARX(features=arch)  # a network's name needs the network
 
 
 def test_paper_parameter_counts():

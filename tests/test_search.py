@@ -291,10 +291,11 @@ def test_search_cli_prints_metafx_lines_not_ray_noise(tmp_path):
         assert noise not in out, (noise, out[-5000:])
     # One line per trial start and end, by readable name; then the ranked table and its definition.
     assert out.count(": started") == 3 and "trial 1: lstm " in out, out[-5000:]
+    metric = load_config("lstm.yaml", "smoke").search.metric  # val/query_esr_post
     assert "Trials, best first (best trial = the trial that finished (ran its test evaluation) with the lowest " \
-           "val/query_l1_post at any of its validation reports" in out, out[-5000:]
+           f"{metric} at any of its validation reports" in out, out[-5000:]
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
-    assert table[0].startswith("| rank | name | status | step | best val/query_l1_post | best step |"), table[0]
+    assert table[0].startswith(f"| rank | name | status | step | best {metric} | best step |"), table[0]
     assert table[1].startswith("| 1 | trial ") and "| finished |" in table[1], table[1]
     assert table[0].rstrip(" |").endswith("stft") and table[1].rstrip(" |").endswith("fft=512,hop=128,win=512")
     best_name = table[1].split(" | ")[1]

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from metafx.config import REPO_ROOT, load_config
+from metafx.config import REPO_ROOT, VAL_METRICS, load_config
 from metafx.data.tasks import load_taskset
 from metafx.engines import NonFiniteLossError
 from metafx.train import meta_train
 from resume_check import assert_resume_matches_uninterrupted
 
-TRAIN_NAMES = {"support_l1_pre", "support_l1_post", "query_l1_post", "val/query_l1_post", "step"}
+TRAIN_NAMES = {"support_l1_pre", "support_l1_post", "query_l1_post", "step", *VAL_METRICS}
 TEST_NAMES = {
     "test/query_l1_pre", "test/query_l1_post", "test/query_stft_pre", "test/query_stft_post",
     "test/query_mrstft_post", "test/query_esr_post", "test/query_hf_post", "test/identity_l1", "test/identity_stft",
     "test/lsfir/query_l1_post", "test/lsfir/query_stft_post", "test/joint/query_l1_post",
-    "test/single_task/query_l1_post",
+    "test/single_task/query_l1_post", "test/arx/query_esr_post", "test/arx/query_stft_post",
 }
 
 
@@ -54,6 +54,7 @@ def test_meta_train_reports_paper_metrics(cfg, taskset):
     assert res.metrics["test/identity_l1"] == res.metrics["test/identity/query_l1_post"]
     # The least-squares FIR fit is exact-ish on a linear filter: it must beat identity.
     assert res.metrics["test/lsfir/query_l1_post"] < res.metrics["test/identity_l1"]
+    assert res.metrics["test/arx/query_esr_post"] < res.metrics["test/identity/query_esr_post"]  # so does classical ARX
     assert len(res.examples) >= 1 and res.examples[0]["target"].ndim == 1
 
 
@@ -202,3 +203,15 @@ def test_launch_train_interrupted_says_how_to_resume(cfg, tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted: continue with  python launch/train.py --space lstm.yaml") and \
         last.endswith(f"--resume {work / 'checkpoint'}"), last
+
+
+def test_best_model_is_chosen_by_the_search_metric(cfg, taskset, tmp_path):
+    """search.metric val/query_esr_post: best.pt is the report with the lowest validation ESR, and says so."""
+    import dataclasses
+
+    esr = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, metric="val/query_esr_post"))
+    res = meta_train(esr, taskset, None, workdir=tmp_path, evaluate=False)
+    vals = [(r["val/query_esr_post"], r["step"]) for r in res.history]
+    best = torch.load(tmp_path / "checkpoint" / "best.pt", weights_only=True)
+    assert best["metric"] == "val/query_esr_post"
+    assert (best["val"], best["step"]) == min(vals)

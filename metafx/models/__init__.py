@@ -31,9 +31,11 @@ metadata) plus one ``subsection(..., model=True[, film=True])`` field of
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
-from metafx.config import FILM_ARCHS, ModelConfig
+from metafx.config import FILM_ARCHS, TRUNK_FEATURES, ModelConfig
 from metafx.models.arx import MetaARX
 from metafx.models.lstm import LSTMModel
 from metafx.models.ssm import SSM
@@ -48,6 +50,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "ssm": SSM,  # diagonal complex linear recurrence (LRU / S4D), FFT convolution
 }
 CONTEXT_ARCHS: tuple[str, ...] = FILM_ARCHS  # models whose forward takes a FiLM context (marked in ModelConfig)
+# Networks whose hidden sequence can feed the ARX head (model.arx.features; metafx.models.arx.FeatureNetwork).
+FEATURE_NETWORKS: tuple[str, ...] = TRUNK_FEATURES
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -69,6 +73,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     section = getattr(cfg, cfg.arch)
     if cfg.arch in CONTEXT_ARCHS:
         return MODELS[cfg.arch].from_config(section, context_dim=context_dim)
+    if cfg.arch == "arx" and section.features in FEATURE_NETWORKS and not context_dim:
+        trunk = build_model(replace(cfg, arch=section.features))  # sized by model.<features>
+        return MetaARX.from_config(section, trunk=trunk)
     if context_dim:
         raise ValueError(
             f"model.arch {cfg.arch} takes no context (model.context_dim must be 0): use {' | '.join(CONTEXT_ARCHS)} "
@@ -91,6 +98,7 @@ def count_params(model: nn.Module) -> int:
 
 __all__ = [
     "CONTEXT_ARCHS",
+    "FEATURE_NETWORKS",
     "MODELS",
     "SSM",
     "AudioTransformer",

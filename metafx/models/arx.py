@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +179,21 @@ def iir_fft(u: Tensor, a: Tensor, pad: int) -> Tensor:
 # --------------------------------------------------------------------------- features
 
 
+@runtime_checkable
+class FeatureNetwork(Protocol):
+    """A network whose hidden sequence can feed the ARX head (``model.arx.features: lstm | tcn | transformer``).
+
+    Contract (tests/test_models.py runs it over every member of
+    :data:`metafx.models.FEATURE_NETWORKS`): ``features(x)`` maps ``(B, 1, T)`` to
+    ``(B, feature_channels, T)``, causally (sample ``t`` depends on input samples up to ``t``)
+    and from a zero state, and every parameter it uses gets a gradient.
+    """
+
+    feature_channels: int
+
+    def features(self, x: Tensor) -> Tensor: ...
+
+
 class Features(nn.Module):
     """Causal feature map ``Phi_theta``: x (N, T) -> (N, M, T), zero initial state per slice.
 
@@ -186,12 +202,22 @@ class Features(nn.Module):
     alternating sign so drives up to 40 dB are covered at initialization), ``n_gate``
     gated copies ``x * sigmoid(2 MLP(log envelopes [, start indicators]))``, and the
     ``n_env`` log one-pole envelopes of ``|x|`` themselves (scaled by 1/4; their time
-    constants are meta-learned, initialized log-spaced over 0.2..200 ms).
+    constants are meta-learned, initialized log-spaced over 0.2..200 ms). With a ``trunk``
+    network instead (:class:`FeatureNetwork`): ``n_trunk`` channels, a learned 1x1 projection
+    of its hidden sequence (the network does the nonlinear work, the head the per-task fit).
     """
 
     def __init__(self, learned: bool, hidden: int = 32, n_point: int = 12, n_env: int = 6, n_gate: int = 8,
-                 n_start: int = 0):
+                 n_start: int = 0, trunk: nn.Module | None = None, n_trunk: int = 8):
         super().__init__()
+        if trunk is not None and learned:
+            raise ValueError("Features: a trunk network replaces the learned channels; pass learned=False with it")
+        self.n_trunk = n_trunk if trunk is not None else 0
+        if trunk is not None:
+            if not isinstance(trunk, FeatureNetwork):
+                raise TypeError(f"Features: {type(trunk).__name__} has no features() / feature_channels")
+            self.trunk = trunk
+            self.proj = nn.Conv1d(trunk.feature_channels, n_trunk, 1)
         self.n_point = n_point if learned else 0
         self.n_env = n_env if learned else 0
         self.n_gate = n_gate if learned and n_env else 0
@@ -214,7 +240,7 @@ class Features(nn.Module):
     @property
     def channels(self) -> int:
         """M: number of output channels."""
-        return 2 + self.n_point + self.n_gate + self.n_env
+        return 2 + self.n_point + self.n_gate + self.n_env + self.n_trunk
 
     def forward(self, x: Tensor) -> Tensor:
         """The feature channels of a batch of slices, each from a zero state.
@@ -242,6 +268,8 @@ class Features(nn.Module):
                     gin = torch.cat([le, st[None].expand(N, -1, -1)], 1)
                 chans.append(xi * torch.sigmoid(2 * self.g2(torch.tanh(self.g1(gin)))))  # (N, n_gate, T)
             chans.append(0.25 * le)
+        if self.n_trunk:
+            chans.append(self.proj(self.trunk.features(xi)))  # (N, n_trunk, T)
         return torch.cat(chans, 1)  # (N, M, T)
 
 
@@ -286,15 +314,17 @@ class MetaARX(nn.Module):
     def __init__(self, nb: int = 13, na: int = 12, features: str = "none", hidden: int = 32, n_point: int = 12,
                  n_env: int = 6, n_gate: int = 8, n_start: int = 0, ridge: float = 1e-8, ridge_a: float = 1e-8,
                  ridge_feat: float | None = None, per_coef_ridge: bool = True, ridge_lr_scale: float = 16.0,
-                 rmax: float = 0.999, fft_pad: int = 4, cosine_lr: bool = True):
+                 rmax: float = 0.999, fft_pad: int = 4, cosine_lr: bool = True, trunk: nn.Module | None = None,
+                 n_trunk: int = 8):
         super().__init__()
-        if features not in ("none", "learned"):
-            raise ValueError(f"MetaARX: features must be 'none' or 'learned', got {features!r}")
+        if features not in ("none", "learned") and trunk is None:
+            raise ValueError(f"MetaARX: features must be 'none' or 'learned', or a network's name with that network "
+                             f"as trunk; got {features!r} and no trunk")
         if nb < 1 or na < 0:
             raise ValueError(f"MetaARX: need nb >= 1 and na >= 0, got nb={nb}, na={na}")
         self.nb, self.na, self.rmax, self.fft_pad = int(nb), int(na), float(rmax), int(fft_pad)
         self.features, self.cosine_lr, self.ridge_lr_scale = features, bool(cosine_lr), float(ridge_lr_scale)
-        self.phi = Features(features == "learned", hidden, n_point, n_env, n_gate, n_start)
+        self.phi = Features(features == "learned", hidden, n_point, n_env, n_gate, n_start, trunk, n_trunk)
         if per_coef_ridge:
             lb = torch.full((self.n_b,), math.log(ridge))  # (DC, x lags, learned channels' lags)
             lb[1 + nb:] = math.log(ridge if ridge_feat is None else ridge_feat)
@@ -313,12 +343,17 @@ class MetaARX(nn.Module):
         self.prior = nn.Parameter(w0)  # the ridge's prior mean w0 = (b_dc, vec b[x, learned], a_1..a_na)
 
     @classmethod
-    def from_config(cls, cfg: ARXConfig) -> "MetaARX":
-        """Build from the ``model.arx`` section."""
+    def from_config(cls, cfg: ARXConfig, trunk: nn.Module | None = None) -> "MetaARX":
+        """Build from the ``model.arx`` section; ``trunk``: the network of ``features: lstm | tcn | transformer``.
+
+        Raises:
+            ValueError: ``cfg.features`` names a network and no ``trunk`` is given
+                (:func:`metafx.models.build_model` builds it from that network's section).
+        """
         return cls(nb=cfg.nb, na=cfg.na, features=cfg.features, hidden=cfg.hidden, n_point=cfg.n_point,
                    n_env=cfg.n_env, n_gate=cfg.n_gate, n_start=cfg.n_start, ridge=cfg.ridge, ridge_a=cfg.ridge_a,
                    ridge_feat=cfg.ridge_feat, per_coef_ridge=cfg.per_coef_ridge, ridge_lr_scale=cfg.ridge_lr_scale,
-                   rmax=cfg.rmax, fft_pad=cfg.fft_pad, cosine_lr=cfg.cosine_lr)
+                   rmax=cfg.rmax, fft_pad=cfg.fft_pad, cosine_lr=cfg.cosine_lr, trunk=trunk, n_trunk=cfg.n_trunk)
 
     # ---- properties
 
@@ -497,4 +532,4 @@ class MetaARX(nn.Module):
         return self.predict(x, self.prior_head())
 
 
-__all__ = ["ARXHead", "Features", "MetaARX", "iir_fft", "lagged", "onepole_fft", "pole_radius", "stabilize"]
+__all__ = ["ARXHead", "FeatureNetwork", "Features", "MetaARX", "iir_fft", "lagged", "onepole_fft", "pole_radius", "stabilize"]

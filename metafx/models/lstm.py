@@ -88,6 +88,13 @@ class LSTMModel(nn.Module):
         Raises:
             ValueError: if ``x`` is not (B, 1, T), or ``ctx`` does not fit ``context_dim``.
         """
+        y = self.head(self._hidden(x, ctx)).transpose(1, 2)  # (B, T, 1) -> (B, 1, T)
+        if self.skip:
+            y = y + x
+        return y
+
+    def _hidden(self, x: Tensor, ctx: Tensor | None) -> Tensor:
+        """The (FiLM-modulated) LSTM output sequence, (B, T, hidden); checks ``x`` and ``ctx``."""
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"LSTMModel expects (B, 1, T), got {tuple(x.shape)}")
         c = context_batch(ctx, self.context_dim, x, "LSTMModel")  # None or (B', context_dim)
@@ -98,10 +105,23 @@ class LSTMModel(nn.Module):
         h, _ = self.lstm(inp)  # (B, T, hidden)
         if c is not None:
             h = apply_film(h, self.film, c, channels_last=True)
-        y = self.head(h).transpose(1, 2)  # (B, T, 1) -> (B, 1, T)
-        if self.skip:
-            y = y + x
-        return y
+        return h
+
+    def features(self, x: Tensor) -> Tensor:
+        """The hidden sequence the head reads: the feature map of a closed-form head (``model.arx.features: lstm``).
+
+        Args:
+            x: dry input, (B, 1, T).
+
+        Returns:
+            (B, hidden, T), causal, from a zero state.
+        """
+        return self._hidden(x, None).transpose(1, 2)
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of :meth:`features`."""
+        return self.hidden
 
     def extra_repr(self) -> str:
         return f"skip={self.skip}" + (f", context_dim={self.context_dim}" if self.context_dim else "")

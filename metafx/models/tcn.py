@@ -47,6 +47,7 @@ micro-tcn's.
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metafx.config import TCNConfig, tcn_receptive_field  # one formula, shared with the validator
@@ -164,10 +165,38 @@ class TCN(nn.Module):
                 f"TCN: input of {T} samples is shorter than the receptive field of {self.receptive_field} "
                 f"samples; lengthen maml.slice_len or shrink model.tcn (blocks, kernel, dilation_growth)"
             )
+        return self.head(self._trunk(x, ctx))  # (B, 1, T - rf + 1)
+
+    def _trunk(self, x: Tensor, ctx: Tensor | None) -> Tensor:
+        """The last block's output, (B, channels, T - rf + 1)."""
         c = context_batch(ctx, self.context_dim, x, "TCN")  # None or (B', context_dim)
         for block in self.blocks:
             x = block(x, c)  # (B, C, T_i) -> (B, C, T_i - d_i (k - 1))
-        return self.head(x)  # (B, 1, T - rf + 1)
+        return x
+
+    def features(self, x: Tensor) -> Tensor:
+        """The last block's channels at every input sample: the feature map of a closed-form head.
+
+        The input is left-padded with ``rf - 1`` zeros (silence before the slice), so the
+        features are causal, from a zero state, and as long as the input (``model.arx.features: tcn``).
+
+        Args:
+            x: dry input, (B, 1, T).
+
+        Returns:
+            (B, channels, T).
+
+        Raises:
+            ValueError: if ``x`` is not (B, 1, T).
+        """
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"TCN expects (B, 1, T), got {tuple(x.shape)}")
+        return self._trunk(F.pad(x, (self.receptive_field - 1, 0)), None)
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of :meth:`features`."""
+        return self.head.in_channels
 
     def extra_repr(self) -> str:
         return f"receptive_field={self.receptive_field}" + (

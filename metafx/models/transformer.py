@@ -169,6 +169,14 @@ class AudioTransformer(nn.Module):
         Raises:
             ValueError: if ``x`` is not (B, 1, T) or ``T > max_len``.
         """
+        tokens, h = self._encode(x)
+        y = self.head(h).transpose(1, 2)  # (B, T, 1) -> (B, 1, T): the waveform itself
+        if self.skip:
+            y = y + mu_law_decode(tokens, self.levels, y.dtype).unsqueeze(1)
+        return y
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Checks ``x``; returns its tokens (B, T) and the encoder's output (B, T, d_model)."""
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"AudioTransformer expects (B, 1, T), got {tuple(x.shape)}")
         T = x.shape[-1]
@@ -178,11 +186,23 @@ class AudioTransformer(nn.Module):
         h = self.embed(tokens) + self.pos[:T].to(self.embed.weight.dtype)  # (B, T, d_model)
         # Additive causal mask (T, T): -inf above the diagonal, in the activations' dtype.
         mask = torch.triu(torch.full((T, T), float("-inf"), dtype=h.dtype, device=h.device), diagonal=1)
-        h = self.encoder(h, mask=mask, is_causal=True)  # (B, T, d_model)
-        y = self.head(h).transpose(1, 2)  # (B, T, 1) -> (B, 1, T): the waveform itself
-        if self.skip:
-            y = y + mu_law_decode(tokens, self.levels, y.dtype).unsqueeze(1)
-        return y
+        return tokens, self.encoder(h, mask=mask, is_causal=True)  # (B, T, d_model)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The encoder's output sequence: the feature map of a closed-form head (``model.arx.features: transformer``).
+
+        Args:
+            x: dry input in [-1, 1], (B, 1, T), ``T <= max_len``.
+
+        Returns:
+            (B, d_model, T), causal (the same mask as :meth:`forward`).
+        """
+        return self._encode(x)[1].transpose(1, 2)
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of :meth:`features`."""
+        return self.embed.embedding_dim
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, max_len={self.max_len}, skip={self.skip}"
