@@ -34,9 +34,11 @@ Per model (how the state is carried and what is precomputed at export):
   the gates are memoryless functions of the envelopes (and, with ``n_start``, of the time since
   the start, a sample counter in the state). The head ``A(z) y = sum_m B_m(z) phi_m`` is fixed
   after adaptation: its FIR part carries the last ``nb - 1`` feature frames; its recursive part
-  carries the last ``na`` outputs. With an LSTM trunk (``model.arx.features: lstm``) its hidden
-  sequence, projected, is a feature too: the LSTM (float64) carries ``(h, c)``; the TCN and
-  transformer trunks have no streaming export yet (:class:`ExportError`). A linear recursion over a block is computed exactly as its
+  carries the last ``na`` outputs. With a network trunk (``model.arx.features``) its projected
+  hidden sequence is a feature too, streamed by :class:`_LSTMTrunk` (float64, carries ``(h, c)``)
+  or :class:`_TCNTrunk` (the TCN's BatchNorm frozen at the statistics of the support audio, as for
+  ``tcn`` below; per-block input histories); the transformer trunk has no recurrent state to
+  carry, so it has no streaming export (:class:`ExportError`). A linear recursion over a block is computed exactly as its
   zero-state response (a lower-triangular Toeplitz product with the first samples of its
   impulse response; for the envelopes a two-level scan over sub-chunks) plus the response to the
   carried state (precomputed zero-input responses: ``a^(n+1)`` for a one-pole, ``na`` columns
@@ -68,7 +70,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, Callable, List, Tuple
 
 import numpy as np
 import torch
@@ -155,6 +157,7 @@ class ARXStream(nn.Module):
         b: the head's MA coefficients, (M, nb); ``b[0, 1:]`` (DC lags) must be 0.
         a: the head's AR polynomial ``[1, a_1, ..., a_na]`` (stable: pole-clamped already).
         sample_rate: Hz; latency_samples: the capture's latency (information only).
+        support: the dry support audio (T,): the BatchNorm statistics of a TCN trunk (needed only then).
 
     Shape:
         forward: block (T,), state -> (T,), state. process: (T,) -> (T,). features: (T,) -> (M, T).
@@ -164,14 +167,11 @@ class ARXStream(nn.Module):
     """
 
     def __init__(self, model: nn.Module, b: Tensor | None = None, a: Tensor | None = None, sample_rate: int = 48000,
-                 latency_samples: int = 0):
+                 latency_samples: int = 0, support: Tensor | None = None):
         super().__init__()
         dt = torch.float64
         phi = model.phi
-        trunk = getattr(phi, "trunk", None)
-        if trunk is not None and not isinstance(getattr(trunk, "lstm", None), nn.LSTM):
-            raise ExportError(f"no streaming export of an ARX head on a {type(trunk).__name__} trunk yet (model.arx."
-                              "features: lstm, learned and none export); capture with such a meta-model is not possible")
+        self.trunk = _trunk_stream(phi, support)
         self.kind = "arx"
         self.streaming = True
         self.format_version = EXPORT_VERSION
@@ -181,16 +181,6 @@ class ARXStream(nn.Module):
         self.nb, self.na = int(model.nb), int(model.na)
         self.n_point, self.n_env, self.n_gate, self.n_start = int(phi.n_point), int(phi.n_env), int(phi.n_gate), int(phi.n_start)
         self.n_trunk = int(phi.n_trunk)
-        # The LSTM trunk (float64) and its 1x1 projection; a 1-unit placeholder without a trunk (TorchScript
-        # compiles both branches of ``if self.n_trunk``).
-        self.trunk_lstm = copy.deepcopy(trunk.lstm).to(torch.float64) if trunk is not None else nn.LSTM(1, 1).double()
-        self.trunk_hidden = int(self.trunk_lstm.hidden_size) if trunk is not None else 0
-        with torch.no_grad():
-            if trunk is not None:
-                self.proj_W = phi.proj.weight.detach()[:, :, 0].to(torch.float64).clone()  # (n_trunk, H)
-                self.proj_b = phi.proj.bias.detach().to(torch.float64).clone()
-            else:
-                self.proj_W, self.proj_b = torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
         self.max_block = MAX_BLOCK
         self.env_floor = ENV_FLOOR
         self.env_chunk = ENV_CHUNK
@@ -271,13 +261,12 @@ class ARXStream(nn.Module):
 
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
-        """Zero state: ``[envelopes (E,), samples so far (1,), last nb-1 feature frames (M, nb-1), last na outputs (na,),
-        trunk LSTM h (1, 1, H), c (1, 1, H)]`` (H = 0 without a trunk)."""
+        """Zero state: ``[envelopes (E,), samples so far (1,), last nb-1 feature frames (M, nb-1), last na outputs (na,)]``
+        followed by the trunk's state (none without a trunk)."""
         dt = torch.float64
-        H = self.trunk_hidden
         return [torch.zeros(self.n_env, dtype=dt), torch.zeros(1, dtype=dt),
-                torch.zeros(self.channels, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt),
-                torch.zeros(1, 1, H, dtype=dt), torch.zeros(1, 1, H, dtype=dt)]
+                torch.zeros(self.channels, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt)] \
+            + self.trunk.initial_state()
 
     def _pointwise(self, x: Tensor) -> Tensor:
         """The tabulated pointwise MLP, (n_point, T)."""
@@ -301,9 +290,9 @@ class ARXStream(nn.Module):
         env = Z + self.env_pw[:, None, :] * prev[:, :, None]
         return env.reshape(self.n_env, nch * C)[:, :T]
 
-    def _features(self, x: Tensor, env_s: Tensor, t0: Tensor, h: Tensor, c: Tensor
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Feature frames of one block (T <= MAX_BLOCK), float64; returns (phi (M, T), new envelope, h, c states)."""
+    def _features(self, x: Tensor, env_s: Tensor, t0: Tensor, trunk_s: List[Tensor]
+                  ) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """Feature frames of one block (T <= MAX_BLOCK), float64; returns (phi (M, T), new envelope state, trunk state)."""
         T = x.shape[0]
         xi = x[None]  # (1, T)
         chans = [torch.ones_like(xi), xi]
@@ -322,15 +311,14 @@ class ARXStream(nn.Module):
                 chans.append(xi * torch.sigmoid(2 * g))  # (n_gate, T)
             chans.append(0.25 * le)
         if self.n_trunk:
-            seq, hc = self.trunk_lstm(x[None, :, None], (h, c))  # (1, T, H)
-            h, c = hc
-            chans.append(torch.addmm(self.proj_b[:, None], self.proj_W, seq[0].t()))  # (n_trunk, T)
-        return torch.cat(chans, 0), env_s, h, c
+            f, trunk_s = self.trunk(x, trunk_s)
+            chans.append(f)  # (n_trunk, T)
+        return torch.cat(chans, 0), env_s, trunk_s
 
     def _block(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         T = x.shape[0]
         nb = self.nb
-        phi, env_s, h_s, c_s = self._features(x, state[0], state[1], state[4], state[5])
+        phi, env_s, trunk_s = self._features(x, state[0], state[1], state[4:])
         X = torch.cat([state[2], phi], 1)  # (M, nb - 1 + T)
         Zf = torch.mm(self.fir_W, X)  # (nb, nb - 1 + T): tap k applied to every frame
         u = Zf.as_strided([nb, T], [T + nb, 1]).sum(0)  # u[t] = sum_k Zf[k, t + k]
@@ -348,7 +336,7 @@ class ARXStream(nn.Module):
             y = torch.cat(ys) if len(ys) > 1 else ys[0]
         else:
             y = u
-        return y, [env_s, state[1] + T, hist, past, h_s, c_s]
+        return y, [env_s, state[1] + T, hist, past] + trunk_s
 
     def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         """Process one block with the carried state.
@@ -385,16 +373,107 @@ class ARXStream(nn.Module):
         """The feature frames of a whole signal from a zero state (what the head is fitted on), (M, T), float64."""
         xd = x.to(torch.float64)
         state = self.initial_state()
-        env_s, t, h, c = state[0], state[1], state[4], state[5]
+        env_s, t, trunk_s = state[0], state[1], state[4:]
         outs: List[Tensor] = []
         start = 0
         while start < xd.shape[0]:
             stop = min(xd.shape[0], start + self.max_block)
-            phi, env_s, h, c = self._features(xd[start:stop], env_s, t, h, c)
+            phi, env_s, trunk_s = self._features(xd[start:stop], env_s, t, trunk_s)
             t = t + (stop - start)
             outs.append(phi)
             start = stop
         return torch.cat(outs, 1)
+
+
+class _NoTrunk(nn.Module):
+    """No network trunk: no features, no state."""
+
+    def initial_state(self) -> List[Tensor]:
+        out: List[Tensor] = []
+        return out
+
+    def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+        return torch.zeros([0, x.shape[0]], dtype=x.dtype), state
+
+
+class _LSTMTrunk(nn.Module):
+    """The projected hidden sequence of an LSTM trunk, float64; state ``[h (1, 1, H), c (1, 1, H)]``."""
+
+    def __init__(self, trunk: nn.Module, proj: nn.Module):
+        super().__init__()
+        self.lstm = copy.deepcopy(trunk.lstm).to(torch.float64)
+        self.hidden = int(self.lstm.hidden_size)
+        self.W = proj.weight.detach()[:, :, 0].to(torch.float64).clone()  # (n_trunk, H)
+        self.b = proj.bias.detach().to(torch.float64).clone()
+
+    @torch.jit.export
+    def initial_state(self) -> List[Tensor]:
+        return [torch.zeros(1, 1, self.hidden, dtype=torch.float64), torch.zeros(1, 1, self.hidden, dtype=torch.float64)]
+
+    def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+        """x (T,) float64 -> (n_trunk, T), new state."""
+        seq, hc = self.lstm(x[None, :, None], (state[0], state[1]))  # (1, T, H)
+        return torch.addmm(self.b[:, None], self.W, seq[0].t()), [hc[0], hc[1]]
+
+
+class _TCNTrunk(nn.Module):
+    """The projected last-block channels of a TCN trunk, BatchNorm frozen at given statistics; per-block histories."""
+
+    def __init__(self, trunk: nn.Module, proj: nn.Module, bn_stats: List[Tuple[Tensor, Tensor]]):
+        super().__init__()
+        if len(bn_stats) != len(trunk.blocks):
+            raise ExportError(f"TCN trunk export: {len(bn_stats)} BatchNorm statistics for {len(trunk.blocks)} blocks")
+        self.blocks = nn.ModuleList(_FrozenTCNBlock(b, m, v, None) for b, (m, v) in zip(trunk.blocks, bn_stats))
+        self.proj = copy.deepcopy(proj).to(torch.float32)
+        # The model pads its input with zeros (TCN.features), so before the first sample every block has seen
+        # silence: its input history is the previous block's constant response to silence, not zeros.
+        silence: List[Tensor] = []
+        with torch.no_grad():
+            h = torch.zeros(1, 1, 1)
+            for blk in self.blocks:
+                hist = h.expand(1, blk.in_ch, blk.shrink).contiguous()
+                silence.append(hist)
+                h = blk(h, hist)[0]
+        self.silence = silence
+
+    @torch.jit.export
+    def initial_state(self) -> List[Tensor]:
+        out: List[Tensor] = []
+        for s in self.silence:
+            out.append(s.clone())
+        return out
+
+    def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+        """x (T,) -> (n_trunk, T) float64, new state (computed in float32, like the network)."""
+        h = x.to(torch.float32).reshape(1, 1, -1)
+        new: List[Tensor] = []
+        i = 0
+        for blk in self.blocks:
+            h, s = blk(h, state[i])
+            new.append(s)
+            i += 1
+        return self.proj(h)[0].to(torch.float64), new
+
+
+def _trunk_stream(phi: nn.Module, support: Tensor | None) -> nn.Module:
+    """The streaming trunk of a MetaARX feature map (:class:`_NoTrunk` without one).
+
+    Raises:
+        ExportError: a trunk that cannot stream (the transformer), or a TCN trunk without ``support``.
+    """
+    trunk = getattr(phi, "trunk", None)
+    if trunk is None:
+        return _NoTrunk()
+    if isinstance(getattr(trunk, "lstm", None), nn.LSTM):
+        return _LSTMTrunk(trunk, phi.proj)
+    if hasattr(trunk, "blocks") and hasattr(trunk, "receptive_field"):  # the TCN
+        if support is None:
+            raise ExportError("an ARX head on a TCN trunk needs the support audio (its BatchNorm statistics)")
+        x = support.detach().to("cpu", torch.float32).reshape(1, 1, -1)
+        net = copy.deepcopy(trunk).eval().to("cpu", torch.float32)
+        return _TCNTrunk(net, phi.proj, bn_statistics(net, x, run=lambda: net.features(x)))
+    raise ExportError(f"no streaming export of an ARX head on a {type(trunk).__name__} trunk (attention has no state "
+                      "to carry across blocks): use model.arx.features lstm, tcn, learned or none to capture")
 
 
 # --------------------------------------------------------------------------- LSTM
@@ -712,13 +791,15 @@ class _BoundContext(nn.Module):
 # --------------------------------------------------------------------------- building, saving, timing
 
 
-def bn_statistics(net: nn.Module, support_x: Tensor, ctx: Tensor | None = None) -> List[Tuple[Tensor, Tensor]]:
+def bn_statistics(net: nn.Module, support_x: Tensor, ctx: Tensor | None = None,
+                  run: Callable[[], Any] | None = None) -> List[Tuple[Tensor, Tensor]]:
     """Mean and (biased) variance per channel at every BatchNorm input of ``net`` on the support slices.
 
     Args:
         net: the adapted TCN (its BatchNorms use batch statistics).
         support_x: (K, 1, L).
         ctx: the FiLM context or None.
+        run: what to call instead of ``net(support_x[, ctx])`` (a TCN trunk: its ``features``).
 
     Returns:
         One ``(mean (C,), var (C,))`` per BatchNorm, in module order.
@@ -732,7 +813,10 @@ def bn_statistics(net: nn.Module, support_x: Tensor, ctx: Tensor | None = None) 
     hs = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.BatchNorm1d)]
     try:
         with torch.no_grad():
-            net(support_x) if ctx is None else net(support_x, ctx)
+            if run is not None:
+                run()
+            else:
+                net(support_x) if ctx is None else net(support_x, ctx)
     finally:
         for h in hs:
             h.remove()

@@ -335,15 +335,16 @@ def test_capture_with_the_default_signal_and_a_registered_model(tmp_path):
     assert r["heldout"]["esr"] < 1e-3 and r["latency"]["samples"] <= 2
 
 
-def test_capture_with_an_lstm_feature_head(pair, tmp_path):
-    """The main job's ridge trials (model.arx.features: lstm) capture and export like the shipped ARX: the exported
-    model carries the LSTM's (h, c), reproduces prediction.wav in a fresh interpreter and streams like the whole file."""
+@pytest.mark.parametrize("space,sizes", [("lstm.yaml", {"model.lstm.hidden": 8}), ("tcn.yaml", {"model.tcn.channels": 4})])
+def test_capture_with_a_network_feature_head(pair, tmp_path, space, sizes):
+    """The studies' ridge trials (model.arx.features: lstm | tcn) capture and export like the shipped ARX: the exported
+    model carries the network's state, reproduces prediction.wav in a fresh interpreter and streams like the whole file."""
     from metafx.config import load_config
     from metafx.data.tasks import load_taskset
     from metafx.train import meta_train
 
-    cfg = load_config("lstm.yaml", "smoke", {"data.cache_dir": str(tmp_path / "cache"), "maml.method": "ridge",
-                                             "model.arch": "arx", "model.lstm.hidden": 8, "model.arx.n_trunk": 3})
+    cfg = load_config(space, "smoke", {"data.cache_dir": str(tmp_path / "cache"), "maml.method": "ridge",
+                                       "model.arch": "arx", "model.arx.n_trunk": 3, **sizes})
     meta_train(cfg, load_taskset(cfg.data, progress=False), None, workdir=tmp_path / "train", evaluate=False)
     out = tmp_path / "out"
     rc = launch_capture.main(["--dry", str(pair / "dry.wav"), "--wet", str(pair / "wet.wav"), "--out", str(out),

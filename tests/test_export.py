@@ -28,6 +28,7 @@ from metafx.export import MAX_BLOCK, ARXStream, ExportError, export_network, rea
 from metafx.metrics import crop_like
 from metafx.models.arx import MetaARX, stabilize
 from metafx.models.lstm import LSTMModel
+from metafx.models.tcn import TCN
 
 BLOCKS = (32, 256, 2048, None)  # None: ragged sizes 1..3000
 
@@ -65,21 +66,33 @@ def check_streaming(m, x: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- ARX
 
 
-@pytest.fixture(scope="module", params=["learned", "lstm trunk"])
+@pytest.fixture(scope="module", params=["learned", "lstm trunk", "tcn trunk"])
 def arx_export(request):
     torch.manual_seed(0)
+    x, y = one_pole_task(4, 1024, 1)
+    support = None
     if request.param == "learned":
         m = MetaARX(nb=6, na=8, features="learned", hidden=8, n_point=4, n_env=3, n_gate=4, n_start=2)
-    else:  # the ARX head on an LSTM's hidden sequence (model.arx.features: lstm): the LSTM's (h, c) stream too
+    elif request.param == "lstm trunk":  # the ARX head on an LSTM's hidden sequence: the LSTM's (h, c) stream too
         m = MetaARX(nb=6, na=8, features="lstm", trunk=LSTMModel(hidden=8), n_trunk=3)
-    x, y = one_pole_task(4, 1024, 1)
+    else:  # on a TCN's last block: BatchNorm frozen at the support audio's statistics, per-block histories
+        m = MetaARX(nb=6, na=8, features="tcn", trunk=TCN(channels=4, blocks=2, kernel=3, dilation_growth=2), n_trunk=3)
+        support = x.reshape(-1)
     head = m.fit(x, y)
     a = stabilize(head.a[None], m.rmax)[0][0]
-    return m, head, x, ARXStream(m, head.b, a, sample_rate=48000, latency_samples=7)
+    return m, head, x, ARXStream(m, head.b, a, sample_rate=48000, latency_samples=7, support=support)
 
 
 def test_arx_export_computes_the_fitted_head(arx_export):
     m, head, x, st = arx_export
+    if m.phi.n_trunk and not isinstance(m.phi.trunk, LSTMModel):
+        # A TCN trunk's export freezes BatchNorm at the support audio's statistics, the model uses each batch's own:
+        # with one slice as the support the two are the same, and so are the features.
+        one = ARXStream(m, head.b, st.a, support=x[0, 0])
+        with torch.no_grad():
+            err = (one.features(x[0, 0]) - m.feats(x[:1])[0].double()).abs().max().item()
+        assert err <= 1e-4, err
+        return
     with torch.no_grad():
         ref = m.predict(x, head)[:, 0].double()
         got = torch.stack([st.process(x[k, 0].double()) for k in range(x.shape[0])])
@@ -215,3 +228,15 @@ def test_crop_helper_consistency():
     """The TCN comparison above relies on valid outputs being the END of a slice (metrics.crop_like)."""
     y = torch.arange(10.0).reshape(1, 1, 10)
     assert torch.equal(crop_like(y, torch.zeros(1, 1, 4)), y[..., 6:])
+
+
+def test_a_transformer_trunk_has_no_streaming_export():
+    from metafx.models.transformer import AudioTransformer
+
+    m = MetaARX(nb=3, na=2, features="transformer", trunk=AudioTransformer(d_model=8, heads=2, layers=1, ff=8,
+                                                                          max_len=64), n_trunk=2)
+    with pytest.raises(ExportError, match="no streaming export.*AudioTransformer"):
+        ARXStream(m)
+    tcn = MetaARX(nb=3, na=2, features="tcn", trunk=TCN(channels=2, blocks=1, kernel=3), n_trunk=2)
+    with pytest.raises(ExportError, match="needs the support audio"):
+        ARXStream(tcn)

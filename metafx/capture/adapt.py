@@ -162,7 +162,8 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save).
     """
-    stream = ARXStream(model, sample_rate=sr, latency_samples=latency)
+    stream = ARXStream(model, sample_rate=sr, latency_samples=latency,
+                       support=torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32)))
     if fit == "slices":
         if cfg is None:
             raise ValueError("adapt_arx(fit='slices') needs the study config")
