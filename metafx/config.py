@@ -364,6 +364,27 @@ class _Validator(FieldValidator):
         # A parameter set to null (e.g. by a budget) is not searched.
         return tuple(self.search_param(pk, spec) for pk, spec in v.items() if spec is not None)
 
+    def check_search_first(self, v: Any, full: str, f: Field, done: Mapping[str, Any]
+                           ) -> tuple[tuple[tuple[str, Any], ...], ...]:
+        if v is None or v == []:
+            return ()
+        params = {p.key: p for p in done["params"]}
+        if not isinstance(v, list) or not all(isinstance(x, dict) and x for x in v):
+            raise self.err(full, v, "expected a list of mappings {searched.key: value}, e.g. [{maml.method: ridge}]")
+        out = []
+        for i, point in enumerate(v):
+            for k, val in point.items():
+                p = params.get(k)
+                if p is None:
+                    raise self.err(f"{full}[{i}].{k}", val, f"not a key of search.params; searched: {', '.join(params)}")
+                ok = val in p.choices if p.dist == "categorical" else (
+                    isinstance(val, (int, float)) and not isinstance(val, bool) and p.low <= val <= p.high)
+                if not ok:
+                    allowed = p.choices if p.dist == "categorical" else f"[{p.low}, {p.high}]"
+                    raise self.err(f"{full}[{i}].{k}", val, f"outside search.params.{k}: allowed {allowed}")
+            out.append(tuple(point.items()))
+        return tuple(out)
+
     # ---- cross-field rules
 
     def rules(self, obj: Any, key: str) -> None:

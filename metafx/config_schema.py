@@ -330,6 +330,8 @@ class SearchConfig:
     """The hyperparameter search: searched settings, trial counts, scheduler and resources."""
 
     params: tuple[SearchParam, ...] = checked_by("search_params", default=())
+    # Trials to run before any sampling, each {searched key: value}; its other searched keys are sampled.
+    first: tuple[tuple[tuple[str, Any], ...], ...] = checked_by("search_first", default=())
     num_samples: int = number(8, lo=1, integer=True)
     max_concurrent: int = number(2, lo=1, integer=True)
     scheduler: str = one_of("asha", SCHEDULERS)

@@ -533,7 +533,8 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False)
         else:
             searcher = OptunaSearch(
-                space=DefineByRun(s.params, cfg.to_dict()), metric=s.metric, mode=s.mode, sampler=sampler(s))
+                space=DefineByRun(s.params, cfg.to_dict()), metric=s.metric, mode=s.mode, sampler=sampler(s),
+                points_to_evaluate=[dict(point) for point in s.first] or None)  # enqueued: run before any sampling
             searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
             if s.scheduler == "asha":
                 # max_t one past the last meta-step: ASHA stops a trial that reaches max_t, and the

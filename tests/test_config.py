@@ -126,6 +126,18 @@ def test_a_search_metric_no_trial_reports_is_refused(tmp_path, metric):
         check_space(cfg)
 
 
+@pytest.mark.parametrize("first,needle", [([{"maml.nope": 1}], r"search.first\[0\].maml.nope.*not a key of search.params"),
+                                          ([{"maml.method": "sgd"}], r"search.first\[0\].maml.method.*outside"),
+                                          ([{"maml.outer_lr": 5.0}], r"search.first\[0\].maml.outer_lr.*outside"),
+                                          ({"maml.method": "ridge"}, r"search.first.*expected a list of mappings")])
+def test_search_first_names_searched_values(tmp_path, first, needle):
+    """search.first enqueues trials before sampling: each key must be searched and each value inside its range."""
+    raw = read_yaml(SPACES_DIR / "lstm.yaml")
+    raw["search"]["first"] = first
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(raw, tmp_path / "x.yaml", budget="smoke")
+
+
 def test_tcn_receptive_field_checked():
     with pytest.raises(ConfigError, match="receptive field"):
         load_config("tcn.yaml", "smoke", ["model.tcn.dilation_growth=10", "model.tcn.blocks=4"])

@@ -290,7 +290,8 @@ def test_search_cli_prints_metafx_lines_not_ray_noise(tmp_path):
     for noise in RAY_NOISE:
         assert noise not in out, (noise, out[-5000:])
     # One line per trial start and end, by readable name; then the ranked table and its definition.
-    assert out.count(": started") == 3 and "trial 1: lstm " in out, out[-5000:]
+    # search.first: lstm.yaml runs each method once before sampling, the closed-form head (model arx) first.
+    assert out.count(": started") == 3 and "trial 1: ridge arx " in out and "trial 2: lstm " in out, out[-5000:]
     metric = load_config("lstm.yaml", "smoke").search.metric  # val/query_esr_post
     assert "Trials, best first (best trial = the trial that finished (ran its test evaluation) with the lowest " \
            f"{metric} at any of its validation reports" in out, out[-5000:]
@@ -316,7 +317,7 @@ def test_search_where_no_trial_finishes_exits_nonzero_with_one_line_per_failure(
     assert r.returncode == 1, out[-5000:]
     lines = [ln for ln in r.stderr.splitlines() if "trial(s) failed with" in ln]
     assert len(lines) == 1, r.stderr[-5000:]
-    assert lines[0].strip().startswith("2 trial(s) failed with RuntimeError; first (trial 1: lstm "), lines
+    assert lines[0].strip().startswith("2 trial(s) failed with RuntimeError; first (trial 1: ridge arx "), lines
     assert "nodevice" in lines[0], lines
     assert "error: no trial of search 'allfail' finished its evaluation" in r.stderr
     assert "Traceback" not in out, out[-5000:]
