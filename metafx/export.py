@@ -423,14 +423,14 @@ class _TCNTrunk(nn.Module):
         super().__init__()
         if len(bn_stats) != len(trunk.blocks):
             raise ExportError(f"TCN trunk export: {len(bn_stats)} BatchNorm statistics for {len(trunk.blocks)} blocks")
-        self.blocks = nn.ModuleList(_FrozenTCNBlock(b, m, v, None) for b, (m, v) in zip(trunk.blocks, bn_stats))
+        self.stack = _FrozenTCNStack([_FrozenTCNBlock(b, m, v, None) for b, (m, v) in zip(trunk.blocks, bn_stats)])
         self.proj = copy.deepcopy(proj).to(torch.float32)
         # The model pads its input with zeros (TCN.features), so before the first sample every block has seen
         # silence: its input history is the previous block's constant response to silence, not zeros.
         silence: List[Tensor] = []
         with torch.no_grad():
             h = torch.zeros(1, 1, 1)
-            for blk in self.blocks:
+            for blk in self.stack.blocks:
                 hist = h.expand(1, blk.in_ch, blk.shrink).contiguous()
                 silence.append(hist)
                 h = blk(h, hist)[0]
@@ -445,13 +445,7 @@ class _TCNTrunk(nn.Module):
 
     def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         """x (T,) -> (n_trunk, T) float64, new state (computed in float32, like the network)."""
-        h = x.to(torch.float32).reshape(1, 1, -1)
-        new: List[Tensor] = []
-        i = 0
-        for blk in self.blocks:
-            h, s = blk(h, state[i])
-            new.append(s)
-            i += 1
+        h, new = self.stack(x, state)
         return self.proj(h)[0].to(torch.float64), new
 
 
@@ -573,6 +567,25 @@ class _FrozenTCNBlock(nn.Module):
         return h + self.res(x), xx[:, :, xx.shape[2] - self.shrink:]
 
 
+class _FrozenTCNStack(nn.Module):
+    """Frozen TCN blocks run in order over one block of samples, each carrying its input history."""
+
+    def __init__(self, blocks: List[_FrozenTCNBlock]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+        """x (T,) -> the last block's output (1, C, T) in float32, and the blocks' new histories."""
+        h = x.to(torch.float32).reshape(1, 1, -1)
+        new: List[Tensor] = []
+        i = 0
+        for blk in self.blocks:
+            h, s = blk(h, state[i])
+            new.append(s)
+            i += 1
+        return h, new
+
+
 class TCNStream(nn.Module):
     """An adapted :class:`metafx.models.tcn.TCN`, BatchNorm frozen at the support statistics; per-layer histories.
 
@@ -592,9 +605,9 @@ class TCNStream(nn.Module):
         self.latency_samples = int(latency_samples)
         if len(bn_stats) != len(net.blocks):
             raise ExportError(f"TCN export: {len(bn_stats)} BatchNorm statistics for {len(net.blocks)} blocks")
-        self.blocks = nn.ModuleList(_FrozenTCNBlock(b, m, v, ctx) for b, (m, v) in zip(net.blocks, bn_stats))
+        self.stack = _FrozenTCNStack([_FrozenTCNBlock(b, m, v, ctx) for b, (m, v) in zip(net.blocks, bn_stats)])
         self.head = copy.deepcopy(net.head)
-        self.shapes = [(int(b.in_ch), int(b.shrink)) for b in self.blocks]
+        self.shapes = [(int(b.in_ch), int(b.shrink)) for b in self.stack.blocks]
 
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
@@ -605,13 +618,7 @@ class TCNStream(nn.Module):
         return out
 
     def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
-        h = x.to(torch.float32).reshape(1, 1, -1)
-        new: List[Tensor] = []
-        i = 0
-        for blk in self.blocks:
-            h, s = blk(h, state[i])
-            new.append(s)
-            i += 1
+        h, new = self.stack(x, state)
         return self.head(h).reshape(-1).to(x.dtype), new
 
     @torch.jit.export
