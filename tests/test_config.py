@@ -109,6 +109,7 @@ def test_empty_search_is_refused(tmp_path):
 
     raw = read_yaml(SPACES_DIR / "lstm.yaml")
     raw["search"]["params"] = {}
+    raw["search"]["first"] = []  # it names searched keys: with none searched, it is refused first (test_search_first_...)
     cfg = config_from_dict(raw, tmp_path / "x.yaml", budget="smoke")
     with pytest.raises(ConfigError, match="search.params is empty"):
         check_space(cfg)
