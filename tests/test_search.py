@@ -241,7 +241,9 @@ def test_nonfinite_trials_fail_without_stopping_the_search(tmp_path):
 
     cfg = load_config("lstm.yaml", "smoke", {"data.cache_dir": str(tmp_path / "cache"), "search.num_samples": 2,
                                              "maml.inner_lr": 1e38, "maml.inner_steps": 2, "model.lstm.hidden": 8,
-                                             "search.params.maml.inner_lr": None})
+                                             "search.params.maml.inner_lr": None,
+                                             # gradient trials only: the closed-form head has no inner lr to diverge
+                                             "search.params.maml.method": None, "search.first": []})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     try:
         out = run_search(cfg, name="nan", storage=str(tmp_path / "ray"), tracking_uri=uri, verbose=0)
