@@ -60,7 +60,7 @@ CHROMIUM_ARGS = [
 ]
 OUT = REPO_ROOT / "test-outputs"
 SEARCH = "ui-search-smoke"
-METRIC = "val/query_l1_post"
+METRIC = load_config("lstm.yaml", "smoke").search.metric  # what the tracker ranks and shows (val/query_mrstft_post)
 VIEW = "workflowType=machine_learning"
 # (trial id, number, sampled values, final validation curve value, outcome): trial 2 is the best
 # finished trial; trial 3 has the lowest value of all but ASHA stopped it, so it ranks last.
@@ -213,15 +213,15 @@ def test_ui_shows_the_trials_ranked_with_metrics_and_their_artifacts(recorded, s
             # the searched parameters.
             headers = page.locator("[role=columnheader]").all_inner_texts()
             joined = " | ".join(h.strip() for h in headers)
-            for col in ("rank", "best/val/query_l1_post", "test/query_l1_post", "test/identity_l1",
-                        "maml.inner_lr", "model.lstm.hidden"):
+            for col in ("rank", f"best/{METRIC}", "test/query_l1_post", "test/identity_l1",
+                        "maml.method", "model.lstm.hidden"):
                 assert any(h.strip().startswith(col[:14]) for h in headers), (col, joined)
             # The numbers are in the table: the best trial's best value (0.03 + 0.2 / 6) and test MAE.
             assert "0.0633" in text and "0.04" in text, text[:3000]
 
             # Chart view of the same view: every trial is shown (none hidden), their curves comparable.
             page.goto(f"{server}/{recorded['view']}&compareRunsMode=CHART", wait_until="load")
-            page.get_by_text("best/val/query_l1_post", exact=True).first.wait_for()
+            page.get_by_text(f"best/{METRIC}", exact=True).first.wait_for()
             page.wait_for_timeout(2000)
             _shot(page, tmp_path, "ranked_charts")
             text = page.inner_text("body")
