@@ -347,8 +347,10 @@ def test_capture_with_a_network_feature_head(pair, tmp_path, space, sizes):
                                        "model.arch": "arx", "model.arx.n_trunk": 3, **sizes})
     meta_train(cfg, load_taskset(cfg.data, progress=False), None, workdir=tmp_path / "train", evaluate=False)
     out = tmp_path / "out"
+    # a checkpoint file, or launch/train.py's --workdir (its checkpoint/ folder holds best.pt)
+    model = str(tmp_path / "train" / "checkpoint" / "best.pt") if space == "lstm.yaml" else str(tmp_path / "train")
     rc = launch_capture.main(["--dry", str(pair / "dry.wav"), "--wet", str(pair / "wet.wav"), "--out", str(out),
-                              "--support-seconds", "3", "--model", str(tmp_path / "train" / "checkpoint" / "best.pt"),
+                              "--support-seconds", "3", "--model", model,
                               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert rc == 0
     r = json.loads((out / "results.json").read_text())

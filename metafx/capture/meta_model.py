@@ -37,15 +37,18 @@ class MetaModel:
 
 
 def _checkpoint_file(path: Path) -> Path:
-    """The checkpoint of a path: a file, a folder with best.pt / checkpoint.pt, or a search folder."""
+    """The checkpoint of a path: a file, a folder with best.pt / checkpoint.pt, a ``launch/train.py --workdir`` (its
+    ``checkpoint/`` folder), or a search folder."""
     if path.is_file():
         return path
     if not path.is_dir():
         raise CaptureError(f"--model {path}: no such file or folder; pass a best.pt / checkpoint.pt, its folder, "
-                           f"a search folder (ray_results/<name>), or models:/<name>/<version>")
+                           f"a launch/train.py --workdir, a search folder (ray_results/<name>), or models:/<name>/<version>")
     for name in ("best.pt", "checkpoint.pt"):
         if (path / name).is_file():
             return path / name
+    if (path / "checkpoint").is_dir():  # the --workdir of launch/train.py
+        return _checkpoint_file(path / "checkpoint")
     summary = path / "summary.json"
     if summary.is_file():
         try:
