@@ -260,7 +260,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
 def _markdown(rep: dict[str, Any], fit: str) -> str:
     rows = rep["rows"]
     lines = [
-        "# Capture: the shipped meta-model on a held-out setting of every shipped family",
+        "# Capture: " + ("the shipped meta-model" if rep["model"]["source"] == "shipped" else
+                         f"the meta-model `{rep['model']['source']}`") + " on a held-out setting of every family",
         "",
         f"Command: `{rep['command']}` ({rep['date']}; {rep['machine']['cpus']} CPU cores, load average "
         f"{', '.join(f'{x:.1f}' for x in rep['machine']['load_average'])} at the end: the machine was shared).",
