@@ -397,10 +397,6 @@ class _Validator(FieldValidator):
         if isinstance(obj, DataConfig) and obj.val_fraction + obj.test_fraction >= 1:
             raise self.err(key + ".val_fraction", obj.val_fraction,
                            f"val_fraction + test_fraction ({obj.val_fraction + obj.test_fraction}) must be < 1")
-        if isinstance(obj, SearchConfig) and len(obj.first) > obj.num_samples:
-            raise self.err(key + ".first", len(obj.first),
-                           f"{len(obj.first)} trials to run first, but {key}.num_samples = {obj.num_samples} trials in "
-                           f"all: raise {key}.num_samples to at least {len(obj.first)} or drop entries of {key}.first")
         if isinstance(obj, TransformerConfig) and obj.d_model % obj.heads:
             raise self.err(key + ".d_model", obj.d_model, f"must be divisible by {key}.heads = {obj.heads}")
         if isinstance(obj, SSMConfig) and obj.r_min > obj.r_max:

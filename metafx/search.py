@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from metafx.cluster import check_storage, init_ray, worker_facts
-from metafx.config import REPO_ROOT, Config, ConfigError, dump_config
+from metafx.config import REPO_ROOT, Config, ConfigError, SearchConfig, dump_config
 from metafx.records import (
     FAILED,
     FINISHED,
@@ -344,6 +344,28 @@ def _trial_error(trial) -> str:
 # --------------------------------------------------------------------------- driver
 
 
+def first_points(s: SearchConfig) -> list[dict[str, Any]] | None:
+    """The trials of ``search.first`` that will run, as Optuna's enqueued points (None: none).
+
+    Only ``search.num_samples`` trials run in all, so a longer ``search.first`` (a quick
+    ``--set search.num_samples=2`` on a study that names four) runs its first ``num_samples``
+    entries. That is allowed, with a warning that names the ones left out.
+
+    Args:
+        s: the study's search section.
+
+    Returns:
+        One ``{searched key: value}`` mapping per enqueued trial, in file order, or None.
+    """
+    points = [dict(point) for point in s.first]
+    if len(points) > s.num_samples:
+        log.warning("search.first lists %d trials but search.num_samples = %d: only the first %d run (%s left out); "
+                    "raise search.num_samples to run them all", len(points), s.num_samples, s.num_samples,
+                    ", ".join(str(p) for p in points[s.num_samples:]))
+        points = points[: s.num_samples]
+    return points or None
+
+
 def run_search(
     cfg: Config,
     *,
@@ -534,7 +556,7 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
         else:
             searcher = OptunaSearch(
                 space=DefineByRun(s.params, cfg.to_dict()), metric=s.metric, mode=s.mode, sampler=sampler(s),
-                points_to_evaluate=[dict(point) for point in s.first] or None)  # enqueued: run before any sampling
+                points_to_evaluate=first_points(s))  # enqueued: run before any sampling
             searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
             if s.scheduler == "asha":
                 # max_t one past the last meta-step: ASHA stops a trial that reaches max_t, and the

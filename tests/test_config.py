@@ -139,16 +139,6 @@ def test_search_first_names_searched_values(tmp_path, first, needle):
         config_from_dict(raw, tmp_path / "x.yaml", budget="smoke")
 
 
-def test_search_first_fits_in_num_samples(tmp_path):
-    """More enqueued trials than trials in all would silently drop the last ones: refused, naming both keys."""
-    raw = read_yaml(SPACES_DIR / "universal.yaml")  # five methods first
-    raw["search"]["num_samples"] = 3
-    with pytest.raises(ConfigError, match=r"search.first.*5 trials to run first.*search.num_samples = 3"):
-        config_from_dict(raw, tmp_path / "x.yaml", budget="local")
-    raw["search"]["num_samples"] = 5
-    assert len(config_from_dict(raw, tmp_path / "x.yaml", budget="local").search.first) == 5
-
-
 def test_tcn_receptive_field_checked():
     with pytest.raises(ConfigError, match="receptive field"):
         load_config("tcn.yaml", "smoke", ["model.tcn.dilation_growth=10", "model.tcn.blocks=4"])

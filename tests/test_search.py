@@ -336,3 +336,19 @@ def test_verbose_ray_brings_ray_output_back(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
     assert "Checkpoint successfully created" in out and "Trial status:" in out, out[-5000:]
+
+
+def test_search_first_longer_than_num_samples_runs_the_first_and_warns(caplog):
+    """A quick --set search.num_samples=2 on a study with four enqueued trials runs the first two, and says so."""
+    from metafx.search import first_points
+
+    cfg = load_config("lstm.yaml", "smoke", {"search.num_samples": 2})
+    assert len(cfg.search.first) == 4
+    with caplog.at_level("WARNING", logger="metafx.search"):
+        points = first_points(cfg.search)
+    assert points == [dict(p) for p in cfg.search.first[:2]]
+    assert "only the first 2 run" in caplog.text and str(dict(cfg.search.first[3])) in caplog.text
+    caplog.clear()
+    assert first_points(load_config("lstm.yaml", "smoke", {"search.first": []}).search) is None
+    assert len(first_points(load_config("lstm.yaml", "smoke", {"search.num_samples": 4}).search)) == 4
+    assert not caplog.text
