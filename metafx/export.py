@@ -423,7 +423,7 @@ class _TCNTrunk(nn.Module):
         super().__init__()
         if len(bn_stats) != len(trunk.blocks):
             raise ExportError(f"TCN trunk export: {len(bn_stats)} BatchNorm statistics for {len(trunk.blocks)} blocks")
-        self.stack = _FrozenTCNStack([_FrozenTCNBlock(b, m, v, None) for b, (m, v) in zip(trunk.blocks, bn_stats)])
+        self.stack = _StatefulChain([_FrozenTCNBlock(b, m, v, None) for b, (m, v) in zip(trunk.blocks, bn_stats)])
         self.proj = copy.deepcopy(proj).to(torch.float32)
         # The model pads its input with zeros (TCN.features), so before the first sample every block has seen
         # silence: its input history is the previous block's constant response to silence, not zeros.
@@ -445,7 +445,7 @@ class _TCNTrunk(nn.Module):
 
     def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         """x (T,) -> (n_trunk, T) float64, new state (computed in float32, like the network)."""
-        h, new = self.stack(x, state)
+        h, new = self.stack(x.to(torch.float32).reshape(1, 1, -1), state)
         return self.proj(h)[0].to(torch.float64), new
 
 
@@ -567,16 +567,18 @@ class _FrozenTCNBlock(nn.Module):
         return h + self.res(x), xx[:, :, xx.shape[2] - self.shrink:]
 
 
-class _FrozenTCNStack(nn.Module):
-    """Frozen TCN blocks run in order over one block of samples, each carrying its input history."""
+class _StatefulChain(nn.Module):
+    """Streaming layers run in order over one block, layer i carrying ``state[i]`` (TCN blocks, SSM layers).
 
-    def __init__(self, blocks: List[_FrozenTCNBlock]):
+    Each layer maps ``(h, its state) -> (h, its new state)``.
+    """
+
+    def __init__(self, blocks: List[nn.Module]):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
-        """x (T,) -> the last block's output (1, C, T) in float32, and the blocks' new histories."""
-        h = x.to(torch.float32).reshape(1, 1, -1)
+    def forward(self, h: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+        """The last layer's output and every layer's new state."""
         new: List[Tensor] = []
         i = 0
         for blk in self.blocks:
@@ -605,7 +607,7 @@ class TCNStream(nn.Module):
         self.latency_samples = int(latency_samples)
         if len(bn_stats) != len(net.blocks):
             raise ExportError(f"TCN export: {len(bn_stats)} BatchNorm statistics for {len(net.blocks)} blocks")
-        self.stack = _FrozenTCNStack([_FrozenTCNBlock(b, m, v, ctx) for b, (m, v) in zip(net.blocks, bn_stats)])
+        self.stack = _StatefulChain([_FrozenTCNBlock(b, m, v, ctx) for b, (m, v) in zip(net.blocks, bn_stats)])
         self.head = copy.deepcopy(net.head)
         self.shapes = [(int(b.in_ch), int(b.shrink)) for b in self.stack.blocks]
 
@@ -618,7 +620,7 @@ class TCNStream(nn.Module):
         return out
 
     def forward(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
-        h, new = self.stack(x, state)
+        h, new = self.stack(x.to(torch.float32).reshape(1, 1, -1), state)
         return self.head(h).reshape(-1).to(x.dtype), new
 
     @torch.jit.export
@@ -693,7 +695,7 @@ class SSMStream(nn.Module):
             self.in_b = net.inp.bias.detach().to(dt).reshape(-1, 1)
             self.head_w = net.head.weight.detach()[0, :, 0].to(dt)
             self.head_b = net.head.bias.detach().to(dt)
-        self.layers = nn.ModuleList(_SSMLayer(b, ctx) for b in net.blocks)
+        self.layers = _StatefulChain([_SSMLayer(b, ctx) for b in net.blocks])
         self.skip = bool(net.skip)
         self.C, self.N = int(net.channels), int(net.state)
         self.max_block = MAX_BLOCK
@@ -702,18 +704,12 @@ class SSMStream(nn.Module):
     def initial_state(self) -> List[Tensor]:
         """Zero state: one complex (C, N) modal state per layer."""
         out: List[Tensor] = []
-        for _ in range(len(self.layers)):
+        for _ in range(len(self.layers.blocks)):
             out.append(torch.zeros(self.C, self.N, dtype=torch.complex128))
         return out
 
     def _block(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
-        h = self.in_w * x[None] + self.in_b  # (C, T)
-        new: List[Tensor] = []
-        i = 0
-        for layer in self.layers:
-            h, s = layer(h, state[i])
-            new.append(s)
-            i += 1
+        h, new = self.layers(self.in_w * x[None] + self.in_b, state)  # (C, T)
         y = torch.mv(h.t(), self.head_w) + self.head_b
         if self.skip:
             y = y + x
