@@ -129,8 +129,10 @@ def meta_train(
         taskset: the rendered task set (memory-mapped, shared).
         report: called as ``report(metrics, checkpoint_dir_or_None)`` every
             ``maml.eval_every`` meta-steps and once at the end with the test metrics.
-            A checkpoint directory is passed every ``maml.checkpoint_every`` steps and at
-            the end; the caller may copy it (Ray Tune does), it is reused afterwards.
+            A checkpoint directory is passed every ``maml.checkpoint_every`` steps, at every
+            report that improves the best validation value (so a trial stopped early keeps
+            its best model) and at the end; the caller may copy it (Ray Tune does), it is
+            reused afterwards.
         resume_from: a checkpoint file or directory to continue from.
         workdir: where checkpoints are written (a temporary folder by default).
         evaluate: run the final test evaluation.
@@ -197,12 +199,16 @@ def meta_train(
             acc = {}
             row.update(val_metrics(model, val_eps, cfg, device))
             row["step"] = step
-            if sign * row[select] < best["val"]:
+            improved = sign * row[select] < best["val"]
+            if improved:
                 best = {"val": sign * row[select], "step": step, "model": _cpu_state(model)}
             history.append(row)
-            # Checkpoint when a checkpoint_every boundary was crossed since the last report.
+            # Checkpoint when a checkpoint_every boundary was crossed since the last report, and at every
+            # report that improves the best validation value: a trial that ASHA stops at a rung before
+            # checkpoint_every then still leaves its best model (best.pt) for capture and inspection.
             prev = history[-2]["step"] if len(history) > 1 else start
-            ck = checkpoint(step) if step // mc.checkpoint_every > prev // mc.checkpoint_every else None
+            due = step // mc.checkpoint_every > prev // mc.checkpoint_every
+            ck = checkpoint(step) if due or improved else None
             if ck is not None:
                 last_ck = step
             if report is not None:

@@ -81,6 +81,37 @@ def test_a_run_shorter_than_checkpoint_every_leaves_its_checkpoints(cfg, taskset
     assert best["step"] == short.maml.eval_every and math.isfinite(best["val"])
 
 
+def test_every_new_best_is_checkpointed_so_an_early_stopped_trial_keeps_it(cfg, taskset, tmp_path):
+    """ASHA may stop a trial at any report before checkpoint_every: each report that improves the best
+    validation value hands over a checkpoint whose best.pt is that report's model (a search's stopped
+    trials used to leave none when its grace period was below checkpoint_every)."""
+    import dataclasses
+
+    from metafx.train import selection_metric
+
+    long_every = dataclasses.replace(cfg, maml=dataclasses.replace(
+        cfg.maml, meta_steps=3 * cfg.maml.eval_every, checkpoint_every=100 * cfg.maml.eval_every))
+    select = selection_metric(long_every)
+    seen = []
+
+    def report(m, ck):
+        if "done" in m:
+            return
+        best_file = None if ck is None else torch.load(Path(ck) / "best.pt", weights_only=True)
+        seen.append((m["step"], m[select], best_file))
+
+    meta_train(long_every, taskset, report, workdir=tmp_path, evaluate=False)
+    assert len(seen) == 3
+    best_val = math.inf
+    for step, val, best_file in seen:
+        improved = val < best_val
+        best_val = min(best_val, val)
+        assert (best_file is not None) == improved, (step, val, best_val)
+        if best_file is not None:
+            assert best_file["step"] == step and best_file["val"] == pytest.approx(val)
+    assert seen[0][2] is not None  # the first report always improves on nothing
+
+
 def test_resume_matches_uninterrupted(cfg, taskset, tmp_path):
     assert_resume_matches_uninterrupted(cfg, taskset, tmp_path)
 
