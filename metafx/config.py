@@ -410,6 +410,9 @@ class _Validator(FieldValidator):
                 if obj.n_gate and not obj.n_env:
                     raise self.err(k + "n_gate", obj.n_gate, f"gates are driven by the envelopes: set {k}n_env "
                                    ">= 1 or n_gate: 0")
+                if obj.n_filter and not obj.n_point:
+                    raise self.err(k + "n_filter", obj.n_filter, f"the filters feed the pointwise MLP: set {k}n_point "
+                                   ">= 1 or n_filter: 0")
                 if obj.n_start and not obj.n_gate:
                     raise self.err(k + "n_start", obj.n_start, f"n_start feeds the gate MLP: set {k}n_gate >= 1 "
                                    "or n_start: 0")

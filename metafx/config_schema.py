@@ -200,6 +200,9 @@ class ARXConfig:
     n_trunk: int = number(8, lo=1, hi=256, integer=True)  # channels projected from the network's hidden sequence
     hidden: int = number(32, lo=1, hi=4096, integer=True)  # width of the pointwise and gate MLPs (learned)
     n_point: int = number(12, lo=0, hi=256, integer=True)  # pointwise nonlinear channels MLP(x)
+    # learned one-pole low-passes of x fed to the pointwise MLP beside x: MLP(x, lp_1(x), ..), a filter before
+    # the nonlinearity (pre-emphasis into a clipper); 0 = MLP(x) alone (need n_point >= 1)
+    n_filter: int = number(0, lo=0, hi=32, integer=True)
     n_env: int = number(6, lo=0, hi=64, integer=True)  # log one-pole envelope channels of |x| (learned taus)
     n_gate: int = number(8, lo=0, hi=256, integer=True)  # x * sigmoid(MLP(envelopes)) (need n_env >= 1)
     n_start: int = number(0, lo=0, hi=16, integer=True)  # "time since slice start" inputs of the gate MLP

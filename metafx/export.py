@@ -30,7 +30,8 @@ Per model (how the state is carried and what is precomputed at export):
 
 * ``arx`` (:class:`ARXStream`, the ridge ARX head on meta-learned features, metafx/models/arx.py):
   float64 inside. The features run continuously: the pointwise MLP is a memoryless function of x
-  (tabulated); the one-pole envelopes ``e[n] = (1 - a) |x[n]| + a e[n-1]`` carry their last value;
+  (tabulated), or with ``n_filter`` of x and its one-pole low-passes (computed directly); the
+  one-pole envelopes ``e[n] = (1 - a) |x[n]| + a e[n-1]`` and those low-passes carry their last value;
   the gates are memoryless functions of the envelopes (and, with ``n_start``, of the time since
   the start, a sample counter in the state). The head ``A(z) y = sum_m B_m(z) phi_m`` is fixed
   after adaptation: its FIR part carries the last ``nb - 1`` feature frames; its recursive part
@@ -82,7 +83,7 @@ EXPORT_VERSION = 1
 MAX_BLOCK = 4096  # longest block computed in one piece (tables cover this many samples)
 PROCESS_BLOCK = 4096  # block size of ``process``
 ENV_FLOOR = 1e-4  # metafx.models.arx.ENV_FLOOR (repeated: the exported code must not import metafx)
-ENV_CHUNK = 32  # sub-chunk of the envelopes' two-level scan
+ENV_CHUNK = 32  # sub-chunk of the one-pole (envelope and input filter) two-level scan
 IIR_CHUNK = 256  # Toeplitz size of the recursive part's zero-state response
 TABLE_RANGE = 2.0  # the pointwise MLP is tabulated over [-2, 2] (+6 dBFS); inputs beyond are clamped for it
 TABLE_SIZE = 1 << 16  # intervals of that table (step 6.1e-5)
@@ -141,8 +142,10 @@ class ARXStream(nn.Module):
     * pointwise channels ``MLP(x)``: a table of the MLP on :data:`TABLE_SIZE` + 1 points over
       ``[-TABLE_RANGE, TABLE_RANGE]`` (float32 values), linearly interpolated (input clamped to
       the range: +6 dBFS); the head is fitted on these tabled features (:meth:`features`), so the
-      model that is fitted is the model that runs;
-    * envelopes ``e[n] = (1 - a) |x[n]| + a e[n-1]``: a two-level exact scan, sub-chunks of
+      model that is fitted is the model that runs. With ``n_filter`` input low-passes the MLP has
+      several inputs and is computed directly (float64), no table;
+    * one-poles, the envelopes ``e[n] = (1 - a) |x[n]| + a e[n-1]`` and the input low-passes
+      ``l[n] = (1 - a) x[n] + a l[n-1]`` in one bank: a two-level exact scan, sub-chunks of
       :data:`ENV_CHUNK` samples by a (C, C) lower-triangular Toeplitz product, their end states by
       a second triangular product of powers ``a^(C (j - i))``, then the carried state's
       ``a^(t+1)`` response;
@@ -180,6 +183,7 @@ class ARXStream(nn.Module):
         self.channels = int(phi.channels)
         self.nb, self.na = int(model.nb), int(model.na)
         self.n_point, self.n_env, self.n_gate, self.n_start = int(phi.n_point), int(phi.n_env), int(phi.n_gate), int(phi.n_start)
+        self.n_filter = int(phi.n_filter)
         self.n_trunk = int(phi.n_trunk)
         self.max_block = MAX_BLOCK
         self.env_floor = ENV_FLOOR
@@ -191,17 +195,27 @@ class ARXStream(nn.Module):
         self.ridge_scale = 1.0  # multiplier of the meta-learned ridge the head was fitted with (information)
         empty = torch.zeros(0, dtype=dt)
         with torch.no_grad():
-            if self.n_point:  # the pointwise MLP, tabulated
-                grid = torch.linspace(-TABLE_RANGE, TABLE_RANGE, TABLE_SIZE + 1, dtype=dt)
-                w1, b1 = phi.p1.weight.detach().reshape(-1).to(dt), phi.p1.bias.detach().to(dt)
+            self.P1, self.p1b = empty.reshape(0, 0), empty
+            self.P2, self.p2b = empty.reshape(0, 0), empty
+            self.table = torch.zeros(0, 0)
+            if self.n_point:
                 W2, b2 = phi.p2.weight.detach()[:, :, 0].to(dt), phi.p2.bias.detach().to(dt)
-                tab = torch.tanh(grid[:, None] * w1[None] + b1[None]) @ W2.T + b2[None]  # (S + 1, n_point)
-                self.table = torch.cat([tab, tab[-1:]]).to(torch.float32).contiguous()  # one extra row: i + 1 at the top
-            else:
-                self.table = torch.zeros(0, 0)
+                if self.n_filter:  # several inputs: the MLP itself
+                    self.P1, self.p1b = phi.p1.weight.detach()[:, :, 0].to(dt), phi.p1.bias.detach().to(dt)
+                    self.P2, self.p2b = W2, b2
+                else:  # tabulated
+                    grid = torch.linspace(-TABLE_RANGE, TABLE_RANGE, TABLE_SIZE + 1, dtype=dt)
+                    w1, b1 = phi.p1.weight.detach().reshape(-1).to(dt), phi.p1.bias.detach().to(dt)
+                    tab = torch.tanh(grid[:, None] * w1[None] + b1[None]) @ W2.T + b2[None]  # (S + 1, n_point)
+                    self.table = torch.cat([tab, tab[-1:]]).to(torch.float32).contiguous()  # one extra row: i + 1 at the top
             C = ENV_CHUNK
+            poles: List[Tensor] = []
             if self.n_env:
-                alpha = torch.sigmoid(phi.env_logit.detach().to(dt))  # (E,)
+                poles.append(torch.sigmoid(phi.env_logit.detach().to(dt)))  # (E,)
+            if self.n_filter:
+                poles.append(torch.sigmoid(phi.filt_logit.detach().to(dt)))  # (F,)
+            if poles:
+                alpha = torch.cat(poles)  # (E + F,): the envelopes first, then the input low-passes
                 t = torch.arange(C, dtype=dt)
                 lag = t[:, None] - t[None, :]  # (C, C): t - k
                 Tm = torch.where(lag >= 0, (1 - alpha)[:, None, None] * alpha[:, None, None] ** lag.clamp_min(0), 0.0)
@@ -261,15 +275,18 @@ class ARXStream(nn.Module):
 
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
-        """Zero state: ``[envelopes (E,), samples so far (1,), last nb-1 feature frames (M, nb-1), last na outputs (na,)]``
+        """Zero state: ``[one-poles (E + F,), samples so far (1,), last nb-1 feature frames (M, nb-1), last na outputs (na,)]``
         followed by the trunk's state (none without a trunk)."""
         dt = torch.float64
-        return [torch.zeros(self.n_env, dtype=dt), torch.zeros(1, dtype=dt),
+        return [torch.zeros(self.n_env + self.n_filter, dtype=dt), torch.zeros(1, dtype=dt),
                 torch.zeros(self.channels, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt)] \
             + self.trunk.initial_state()
 
-    def _pointwise(self, x: Tensor) -> Tensor:
-        """The tabulated pointwise MLP, (n_point, T)."""
+    def _pointwise(self, x: Tensor, lp: Tensor) -> Tensor:
+        """The pointwise MLP of x (tabulated), or of x and its low-passes ``lp`` (F, T) (computed), (n_point, T)."""
+        if self.n_filter:
+            h = torch.tanh(torch.addmm(self.p1b[:, None], self.P1, torch.cat([x[None], lp], 0)))
+            return torch.addmm(self.p2b[:, None], self.P2, h)
         pos = (x.clamp(self.table_lo, -self.table_lo) - self.table_lo) / self.table_step
         i = pos.floor().clamp(0, self.table_size - 1)
         f = (pos - i).to(torch.float32)[:, None]
@@ -278,29 +295,37 @@ class ARXStream(nn.Module):
         v1 = self.table.index_select(0, il + 1)
         return (v0 + f * (v1 - v0)).t().to(torch.float64)
 
-    def _envelopes(self, ax: Tensor, env_s: Tensor) -> Tensor:
-        """One-pole envelopes of ``ax`` (T,) from the carried state (E,), exact two-level scan; (E, T)."""
-        T = ax.shape[0]
+    def _onepoles(self, u: Tensor, env_s: Tensor) -> Tensor:
+        """The one-pole bank over ``u`` (1 or E + F, T) from the carried state (E + F,), exact two-level scan; (E + F, T)."""
+        T = u.shape[1]
         C = self.env_chunk
         nch = (T + C - 1) // C
-        U = torch.cat([ax, ax.new_zeros(nch * C - T)]).reshape(1, nch, C)
+        U = torch.cat([u, u.new_zeros(u.shape[0], nch * C - T)], 1).reshape(u.shape[0], nch, C)
         Z = torch.matmul(U, self.env_TT)  # (E, nch, C): zero-state response of each sub-chunk
         S = torch.bmm(self.env_L[:, :nch, :nch], Z[:, :, C - 1:]).squeeze(2) + self.env_Apow[:, :nch] * env_s[:, None]
         prev = torch.cat([env_s[:, None], S[:, : nch - 1]], 1)  # state before each sub-chunk, (E, nch)
         env = Z + self.env_pw[:, None, :] * prev[:, :, None]
-        return env.reshape(self.n_env, nch * C)[:, :T]
+        return env.reshape(self.n_env + self.n_filter, nch * C)[:, :T]
 
     def _features(self, x: Tensor, env_s: Tensor, t0: Tensor, trunk_s: List[Tensor]
                   ) -> Tuple[Tensor, Tensor, List[Tensor]]:
-        """Feature frames of one block (T <= MAX_BLOCK), float64; returns (phi (M, T), new envelope state, trunk state)."""
+        """Feature frames of one block (T <= MAX_BLOCK), float64; returns (phi (M, T), new one-pole state, trunk state)."""
         T = x.shape[0]
         xi = x[None]  # (1, T)
         chans = [torch.ones_like(xi), xi]
+        E = self.n_env
+        poles = env_s
+        if E + self.n_filter:
+            if self.n_filter:  # rows: |x| for the envelopes, x for the low-passes
+                u = torch.cat([x.abs()[None].expand(E, T), xi.expand(self.n_filter, T)], 0)
+            else:
+                u = x.abs()[None]
+            poles = self._onepoles(u, env_s)
+            env_s = poles[:, T - 1].clone()
         if self.n_point:
-            chans.append(self._pointwise(x))
-        if self.n_env:
-            env = self._envelopes(x.abs(), env_s)
-            env_s = env[:, T - 1].clone()
+            chans.append(self._pointwise(x, poles[E:]))
+        if E:
+            env = poles[:E]
             le = torch.log10(env.clamp_min(0) + self.env_floor) + 2
             if self.n_gate:
                 gin = le

@@ -349,3 +349,22 @@ def test_search_ranges_are_checked_against_the_keys_bounds(tmp_path, key, spec, 
     msg = _bad(tmp_path, lambda r: r["search"]["params"].update({key: spec}))
     assert expect in msg, msg
     assert "\n" not in msg
+
+
+# --------------------------------------------------------------------------- ARX feature sizes
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"model.arx.n_filter": 2, "model.arx.n_point": 0}, "'model.arx.n_filter' = 2 is invalid: the filters feed the "
+                                                          "pointwise MLP: set model.arx.n_point >= 1 or n_filter: 0"),
+    ({"model.arx.n_gate": 2, "model.arx.n_env": 0}, "'model.arx.n_gate' = 2 is invalid: gates are driven by the "
+                                                      "envelopes"),
+])
+def test_arx_feature_sizes_that_feed_nothing_are_refused(over, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config("arx.yaml", "smoke", {"model.arx.features": "learned", **over})
+
+
+def test_arx_input_filters_are_accepted_with_pointwise_channels():
+    cfg = load_config("arx.yaml", "smoke", {"model.arx.features": "learned", "model.arx.n_filter": 3})
+    assert cfg.model.arx.n_filter == 3

@@ -66,13 +66,19 @@ def check_streaming(m, x: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- ARX
 
 
-@pytest.fixture(scope="module", params=["learned", "lstm trunk", "tcn trunk"])
+@pytest.fixture(scope="module", params=["learned", "filtered", "filtered, no envelopes", "lstm trunk", "tcn trunk"])
 def arx_export(request):
     torch.manual_seed(0)
     x, y = one_pole_task(4, 1024, 1)
     support = None
     if request.param == "learned":
         m = MetaARX(nb=6, na=8, features="learned", hidden=8, n_point=4, n_env=3, n_gate=4, n_start=2)
+    elif request.param == "filtered":  # the pointwise MLP sees x and its learned low-passes (one bank with the envelopes)
+        m = MetaARX(nb=6, na=8, features="learned", hidden=8, n_point=4, n_env=3, n_gate=4, n_filter=3)
+        with torch.no_grad():  # corners apart from their initial values, so a mixed-up pole order shows
+            m.phi.filt_logit.add_(torch.tensor([0.5, -0.3, 0.2]))
+    elif request.param == "filtered, no envelopes":
+        m = MetaARX(nb=6, na=8, features="learned", hidden=8, n_point=4, n_env=0, n_gate=0, n_filter=2)
     elif request.param == "lstm trunk":  # the ARX head on an LSTM's hidden sequence: the LSTM's (h, c) stream too
         m = MetaARX(nb=6, na=8, features="lstm", trunk=LSTMModel(hidden=8), n_trunk=3)
     else:  # on a TCN's last block: BatchNorm frozen at the support audio's statistics, per-block histories

@@ -24,7 +24,7 @@ TINY = {
         arch="transformer", transformer=TransformerConfig(d_model=8, heads=2, layers=2, ff=16, levels=256, max_len=512)
     ),
     "arx": ModelConfig(arch="arx", arx=ARXConfig(nb=3, na=2, features="learned", hidden=4, n_point=2, n_env=2, n_gate=2,
-                                                 n_start=1, ridge_feat=1e-3)),
+                                                 n_start=1, ridge_feat=1e-3, n_filter=1)),
     "ssm": ModelConfig(arch="ssm", ssm=SSMConfig(channels=4, state=3, layers=2)),
 }
 

@@ -78,6 +78,7 @@ from metafx.config import ARXConfig
 SAMPLE_RATE = 48000  # only sets the initial envelope time constants (in samples)
 TAU_MS = (0.2, 200.0)  # initial envelope time constants, log-spaced
 START_TAU_MS = (1.0, 100.0)  # time constants of the "time since slice start" gate inputs
+FILTER_HZ = (100.0, 6000.0)  # initial corners of the pointwise MLP's input low-passes, log-spaced
 ENV_FLOOR = 1e-4  # log envelope floor (-80 dB)
 
 
@@ -199,7 +200,11 @@ class Features(nn.Module):
 
     Channels, in order: ``1`` (DC), ``x``; then, with learned features: ``n_point`` pointwise
     channels ``MLP(x)`` (1 -> hidden -> n_point, tanh; input gains log-spaced 1..100 with
-    alternating sign so drives up to 40 dB are covered at initialization), ``n_gate``
+    alternating sign so drives up to 40 dB are covered at initialization; with ``n_filter``
+    the MLP also sees ``n_filter`` one-pole low-passes of x with meta-learned corners,
+    initialized log-spaced over 100 Hz..6 kHz, each hidden unit then looking along a random
+    direction of (x, lp_1(x), ..): ``tanh(g (x + c hp(x)))``, a filter before the
+    nonlinearity such as a pre-emphasis into a clipper, is in reach of the basis), ``n_gate``
     gated copies ``x * sigmoid(2 MLP(log envelopes [, start indicators]))``, and the
     ``n_env`` log one-pole envelopes of ``|x|`` themselves (scaled by 1/4; their time
     constants are meta-learned, initialized log-spaced over 0.2..200 ms). With a ``trunk``
@@ -208,7 +213,7 @@ class Features(nn.Module):
     """
 
     def __init__(self, learned: bool, hidden: int = 32, n_point: int = 12, n_env: int = 6, n_gate: int = 8,
-                 n_start: int = 0, trunk: nn.Module | None = None, n_trunk: int = 8):
+                 n_start: int = 0, trunk: nn.Module | None = None, n_trunk: int = 8, n_filter: int = 0):
         super().__init__()
         if trunk is not None and learned:
             raise ValueError("Features: a trunk network replaces the learned channels; pass learned=False with it")
@@ -222,13 +227,23 @@ class Features(nn.Module):
         self.n_env = n_env if learned else 0
         self.n_gate = n_gate if learned and n_env else 0
         self.n_start = n_start if self.n_gate else 0
+        self.n_filter = n_filter if self.n_point else 0
         if self.n_point:
-            self.p1 = nn.Conv1d(1, hidden, 1)
+            self.p1 = nn.Conv1d(1 + self.n_filter, hidden, 1)
             with torch.no_grad():
                 g = torch.logspace(0, 2, hidden) * torch.where(torch.arange(hidden) % 2 == 0, 1.0, -1.0)
-                self.p1.weight.copy_(g[:, None, None])
+                if self.n_filter:  # a random unit direction over (x, lp_1, ..) per unit, x's component kept > 0
+                    v = torch.randn(hidden, 1 + self.n_filter)
+                    v[:, 0] = v[:, 0].abs() + 0.5
+                    self.p1.weight.copy_((g[:, None] * v / v.norm(dim=1, keepdim=True))[:, :, None])
+                else:
+                    self.p1.weight.copy_(g[:, None, None])
                 self.p1.bias.uniform_(-1, 1)
             self.p2 = nn.Conv1d(hidden, self.n_point, 1)
+        if self.n_filter:
+            fc = torch.logspace(math.log10(FILTER_HZ[0]), math.log10(FILTER_HZ[1]), self.n_filter)
+            alpha = torch.exp(-2 * math.pi * fc / SAMPLE_RATE)
+            self.filt_logit = nn.Parameter(torch.log(alpha / (1 - alpha)))  # sigmoid -> pole in (0, 1)
         if self.n_env:
             taus = torch.logspace(math.log10(TAU_MS[0]), math.log10(TAU_MS[1]), self.n_env) * 1e-3 * SAMPLE_RATE
             alpha = torch.exp(-1 / taus)
@@ -255,7 +270,10 @@ class Features(nn.Module):
         xi = x[:, None]  # (N, 1, T)
         chans = [torch.ones_like(xi), xi]
         if self.n_point:
-            chans.append(self.p2(torch.tanh(self.p1(xi))))  # (N, n_point, T)
+            pin = xi
+            if self.n_filter:
+                pin = torch.cat([xi, onepole_fft(x, torch.sigmoid(self.filt_logit))], 1)  # (N, 1 + n_filter, T)
+            chans.append(self.p2(torch.tanh(self.p1(pin))))  # (N, n_point, T)
         if self.n_env:
             env = onepole_fft(x.abs(), torch.sigmoid(self.env_logit))  # (N, n_env, T)
             le = torch.log10(env.clamp_min(0) + ENV_FLOOR) + 2  # about [-2, 2]
@@ -295,7 +313,7 @@ class MetaARX(nn.Module):
     Args:
         nb, na: MA taps per channel and AR order.
         features: "none" (channels [1, x]: classical ARX) or "learned".
-        hidden, n_point, n_env, n_gate, n_start: sizes of the learned feature map.
+        hidden, n_point, n_env, n_gate, n_start, n_filter: sizes of the learned feature map (:class:`Features`).
         ridge, ridge_a, ridge_feat: initial relative ridges of the b of [1, x], of the AR
             coefficients and of the learned channels' b (None = ``ridge``).
         per_coef_ridge: one meta-learned ridge per coefficient, else one for b and one for a.
@@ -315,7 +333,7 @@ class MetaARX(nn.Module):
                  n_env: int = 6, n_gate: int = 8, n_start: int = 0, ridge: float = 1e-8, ridge_a: float = 1e-8,
                  ridge_feat: float | None = None, per_coef_ridge: bool = True, ridge_lr_scale: float = 16.0,
                  rmax: float = 0.999, fft_pad: int = 4, cosine_lr: bool = True, trunk: nn.Module | None = None,
-                 n_trunk: int = 8):
+                 n_trunk: int = 8, n_filter: int = 0):
         super().__init__()
         if features not in ("none", "learned") and trunk is None:
             raise ValueError(f"MetaARX: features must be 'none' or 'learned', or a network's name with that network "
@@ -324,7 +342,7 @@ class MetaARX(nn.Module):
             raise ValueError(f"MetaARX: need nb >= 1 and na >= 0, got nb={nb}, na={na}")
         self.nb, self.na, self.rmax, self.fft_pad = int(nb), int(na), float(rmax), int(fft_pad)
         self.features, self.cosine_lr, self.ridge_lr_scale = features, bool(cosine_lr), float(ridge_lr_scale)
-        self.phi = Features(features == "learned", hidden, n_point, n_env, n_gate, n_start, trunk, n_trunk)
+        self.phi = Features(features == "learned", hidden, n_point, n_env, n_gate, n_start, trunk, n_trunk, n_filter)
         if per_coef_ridge:
             lb = torch.full((self.n_b,), math.log(ridge))  # (DC, x lags, learned channels' lags)
             lb[1 + nb:] = math.log(ridge if ridge_feat is None else ridge_feat)
@@ -353,7 +371,8 @@ class MetaARX(nn.Module):
         return cls(nb=cfg.nb, na=cfg.na, features=cfg.features, hidden=cfg.hidden, n_point=cfg.n_point,
                    n_env=cfg.n_env, n_gate=cfg.n_gate, n_start=cfg.n_start, ridge=cfg.ridge, ridge_a=cfg.ridge_a,
                    ridge_feat=cfg.ridge_feat, per_coef_ridge=cfg.per_coef_ridge, ridge_lr_scale=cfg.ridge_lr_scale,
-                   rmax=cfg.rmax, fft_pad=cfg.fft_pad, cosine_lr=cfg.cosine_lr, trunk=trunk, n_trunk=cfg.n_trunk)
+                   rmax=cfg.rmax, fft_pad=cfg.fft_pad, cosine_lr=cfg.cosine_lr, trunk=trunk, n_trunk=cfg.n_trunk,
+                   n_filter=cfg.n_filter)
 
     # ---- properties
 
