@@ -100,7 +100,16 @@ SEED_FAMILY, SEED_MODEL = "moog_vcf", "arx"
 # --------------------------------------------------------------------------- one family
 
 
-def _metric_cols(m: dict[str, float], prefix: str) -> dict[str, Any]:
+def metric_cols(m: dict[str, float], prefix: str) -> dict[str, Any]:
+    """A leaderboard row's metric columns (mae, stft, hf_error, mrstft, esr) from test metrics under ``prefix``.
+
+    Args:
+        m: the metrics of :func:`metafx.evaluate.evaluate_test` (or a baseline's).
+        prefix: ``"test/"`` for the model, ``"test/<baseline>/"`` for a baseline.
+
+    Returns:
+        The columns; None where a metric is missing.
+    """
     get = lambda k: (None if m.get(prefix + k) is None else float(m[prefix + k]))  # noqa: E731
     return {"mae": get("query_l1_post"), "stft": get("query_stft_post"), "hf_error": get("query_hf_post"),
             "mrstft": get("query_mrstft_post"), "esr": get("query_esr_post")}
@@ -190,13 +199,13 @@ def run_family(family: str, budget: str, opts: dict[str, Any]) -> dict[str, Any]
     base = {"family": family, "tasks": len(taskset), "test_tasks": n_test, "test_episodes": cfg.eval.test_episodes,
             "stft_resolution": _stft_text(cfg.maml.slice_len)}
     rows.append({**base, "model": "identity", "method": "identity", "params": 0, "adapted_params": 0,
-                 "seconds_per_meta_step": None, "wall_seconds": 0.0, **_metric_cols(m, "test/identity/")})
+                 "seconds_per_meta_step": None, "wall_seconds": 0.0, **metric_cols(m, "test/identity/")})
     rows.append({**base, "model": "fir256", "method": "lsfir", "params": 0, "adapted_params": cfg.eval.lsfir_taps,
-                 "seconds_per_meta_step": None, "wall_seconds": 0.0, **_metric_cols(m, "test/lsfir/")})
+                 "seconds_per_meta_step": None, "wall_seconds": 0.0, **metric_cols(m, "test/lsfir/")})
     rows.append({**base, "model": "arx", "method": "arx_classical", "features": "none", "params": 0,
                  "adapted_params": classical.n_coef, "seconds_per_meta_step": None, "wall_seconds": 0.0,
                  "eval_seconds": ev_s, "ridge": cfg.model.arx.ridge, "nb": cfg.model.arx.nb, "na": cfg.model.arx.na,
-                 **_metric_cols(m, "test/")})
+                 **metric_cols(m, "test/")})
 
     # --- closed-form ANIL (meta-learned)
     seeds: list[dict[str, Any]] = []
@@ -215,7 +224,7 @@ def run_family(family: str, budget: str, opts: dict[str, Any]) -> dict[str, Any]
             row = {**base, "model": variant, "method": "ridge", "features": cfg.model.arx.features,
                    "params": info["params"], "adapted_params": n_coef,
                    "seconds_per_meta_step": info["seconds_per_meta_step"], "wall_seconds": info["wall_seconds"],
-                   **_metric_cols(m, "test/"), "mae_pre": m.get("test/query_l1_pre"),
+                   **metric_cols(m, "test/"), "mae_pre": m.get("test/query_l1_pre"),
                    "stft_pre": m.get("test/query_stft_pre"), "meta_steps": info["meta_steps"],
                    "best_step": info["best_step"], "final_val_l1": info["final_val_l1"], "seed": seed,
                    "nb": cfg.model.arx.nb, "na": cfg.model.arx.na}
@@ -238,7 +247,7 @@ def run_family(family: str, budget: str, opts: dict[str, Any]) -> dict[str, Any]
                        "stft_resolution": _stft_text(cfg.maml.slice_len)}
         rows.append({**lstm_common, "method": "maml" + ("_fo" if cfg.maml.first_order else ""),
                      "adapted_params": info["params"], "seconds_per_meta_step": info["seconds_per_meta_step"],
-                     "wall_seconds": info["wall_seconds"], **_metric_cols(m, "test/"),
+                     "wall_seconds": info["wall_seconds"], **metric_cols(m, "test/"),
                      "mae_pre": m.get("test/query_l1_pre"), "stft_pre": m.get("test/query_stft_pre"),
                      "meta_steps": info["meta_steps"], "best_step": info["best_step"],
                      "final_val_l1": info["final_val_l1"], "inner_steps": cfg.maml.inner_steps,
@@ -249,14 +258,14 @@ def run_family(family: str, budget: str, opts: dict[str, Any]) -> dict[str, Any]
             jm = joint_baseline(cfg, taskset, test_eps, device)
             rows.append({**lstm_common, "method": "joint", "adapted_params": info["params"],
                          "seconds_per_meta_step": None, "wall_seconds": round(time.time() - t, 2),
-                         "train_steps": cfg.eval.joint_steps, **_metric_cols(jm, "test/joint/"),
+                         "train_steps": cfg.eval.joint_steps, **metric_cols(jm, "test/joint/"),
                          "mae_noadapt": jm.get("test/joint/query_l1_noadapt")})
             t = time.time()
             sm = single_task_baseline(cfg, taskset, test_eps, device)
             rows.append({**lstm_common, "method": "single_task", "adapted_params": info["params"],
                          "seconds_per_meta_step": None, "wall_seconds": round(time.time() - t, 2),
                          "train_steps": cfg.eval.single_task_steps, "tasks_evaluated": cfg.eval.single_task_tasks,
-                         **_metric_cols(sm, "test/single_task/")})
+                         **metric_cols(sm, "test/single_task/")})
         log.info("%s lstm done", family)
     return {"family": family, "rows": rows, "seeds": seeds, "seconds": round(time.time() - t_fam, 1)}
 
@@ -331,7 +340,8 @@ def write_report(result: dict[str, Any], out: Path) -> None:
          "Columns: `params` = meta-learned parameters; `adapted` = coefficients fitted per task (LS-FIR taps, "
          "ARX coefficients) or adapted by MAML; `s/step` = median seconds of one meta-step (meta-batch of 4 tasks, "
          "timed separately after a warm-up); `wall s` = meta-training time including periodic validation "
-         "(joint / single_task: their training); MAE = L1, STFT = auraloss STFTLoss at the `STFT resolution` "
+         "(joint / single_task: their training); ESR = error energy over target energy over all query samples of an "
+         "episode, averaged over episodes (metafx.metrics.esr); MAE = L1, STFT = auraloss STFTLoss at the `STFT resolution` "
          "(FFT, hop, window; auraloss's defaults 1024/256/1024 on slices of >= 1024 samples), HF = spectral "
          "error above the cutoff in dB (families with a cutoff), all after adaptation on the 4 support slices, "
          "on the 4 query slices of every test episode.", ""]
@@ -341,12 +351,13 @@ def write_report(result: dict[str, Any], out: Path) -> None:
             continue
         L += [f"## {fam} ({fr[0]['tasks']} tasks, {fr[0]['test_tasks']} test tasks, {fr[0]['test_episodes']} test "
               "episodes)", "",
-              "| model | method | features | params | adapted | s/step | wall s | MAE | STFT | STFT resolution | HF dB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | method | features | params | adapted | s/step | wall s | ESR | MAE | STFT | STFT resolution "
+              "| HF dB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(fr, key=lambda r: r["stft"]):
             L.append(f"| {r['model']} | {r['method']} | {r.get('features', '—')} | {r['params']} | "
                      f"{r.get('adapted_params', '—')} | {_f(r['seconds_per_meta_step'], 3)} | "
-                     f"{_f(r['wall_seconds'], 1)} | {_f(r['mae'])} | {_f(r['stft'], 3)} | "
+                     f"{_f(r['wall_seconds'], 1)} | {_f(r.get('esr'))} | {_f(r['mae'])} | {_f(r['stft'], 3)} | "
                      f"{r.get('stft_resolution') or 'not recorded'} | {_f(r['hf_error'], 2)} |")
         L.append("")
     L += ["## Verdicts (generated from the numbers above)", ""] + _verdicts(rows) + [""]

@@ -240,7 +240,7 @@ def merge_rows(res: list[dict[str, Any]], out: Path) -> int:
                "method": r["method"] + ("++" if r["stabilized"] else "") + ("_stft" if "stft" in r["variant"] else ""),
                "params": r["params"], "adapted_params": r.get("adapted_params"),
                "seconds_per_meta_step": r["seconds_per_meta_step"], "wall_seconds": r["train_wall_seconds"],
-               **lb._metric_cols(m, "test/"), "mae_pre": m.get("test/query_l1_pre"),
+               **lb.metric_cols(m, "test/"), "mae_pre": m.get("test/query_l1_pre"),
                "stft_pre": m.get("test/query_stft_pre"), "meta_steps": r["meta_steps"],
                "final_val_l1": r["final_val_l1"], "variant": r["variant"], "overrides": VARIANTS[r["variant"]][1]}
         board["rows"] = [x for x in board["rows"] if not (x["family"] == fam and x.get("variant") == r["variant"])]
