@@ -219,13 +219,13 @@ class ARXStream(nn.Module):
                 t = torch.arange(C, dtype=dt)
                 lag = t[:, None] - t[None, :]  # (C, C): t - k
                 Tm = torch.where(lag >= 0, (1 - alpha)[:, None, None] * alpha[:, None, None] ** lag.clamp_min(0), 0.0)
-                self.env_TT = Tm.transpose(1, 2).contiguous()  # (E, C, C): U @ TT = zero-state responses
-                self.env_pw = alpha[:, None] ** (t[None] + 1)  # (E, C): a^(t+1)
+                self.env_TT = Tm.transpose(1, 2).contiguous()  # (E + F, C, C): U @ TT = zero-state responses
+                self.env_pw = alpha[:, None] ** (t[None] + 1)  # (E + F, C): a^(t+1)
                 nj = MAX_BLOCK // C
                 j = torch.arange(nj, dtype=dt)
                 dj = j[:, None] - j[None, :]
-                self.env_L = torch.where(dj >= 0, alpha[:, None, None] ** (C * dj.clamp_min(0)), 0.0)  # (E, nj, nj)
-                self.env_Apow = alpha[:, None] ** (C * (j[None] + 1))  # (E, nj)
+                self.env_L = torch.where(dj >= 0, alpha[:, None, None] ** (C * dj.clamp_min(0)), 0.0)  # (E + F, nj, nj)
+                self.env_Apow = alpha[:, None] ** (C * (j[None] + 1))  # (E + F, nj)
             else:
                 self.env_TT, self.env_pw = empty.reshape(0, 0, 0), empty.reshape(0, 0)
                 self.env_L, self.env_Apow = empty.reshape(0, 0, 0), empty.reshape(0, 0)
@@ -301,9 +301,9 @@ class ARXStream(nn.Module):
         C = self.env_chunk
         nch = (T + C - 1) // C
         U = torch.cat([u, u.new_zeros(u.shape[0], nch * C - T)], 1).reshape(u.shape[0], nch, C)
-        Z = torch.matmul(U, self.env_TT)  # (E, nch, C): zero-state response of each sub-chunk
+        Z = torch.matmul(U, self.env_TT)  # (E + F, nch, C): zero-state response of each sub-chunk
         S = torch.bmm(self.env_L[:, :nch, :nch], Z[:, :, C - 1:]).squeeze(2) + self.env_Apow[:, :nch] * env_s[:, None]
-        prev = torch.cat([env_s[:, None], S[:, : nch - 1]], 1)  # state before each sub-chunk, (E, nch)
+        prev = torch.cat([env_s[:, None], S[:, : nch - 1]], 1)  # state before each sub-chunk, (E + F, nch)
         env = Z + self.env_pw[:, None, :] * prev[:, :, None]
         return env.reshape(self.n_env + self.n_filter, nch * C)[:, :T]
 
