@@ -354,11 +354,14 @@ def write_report(result: dict[str, Any], out: Path) -> None:
               "| model | method | features | params | adapted | s/step | wall s | ESR | MAE | STFT | STFT resolution "
               "| HF dB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        # Rows merged by bench methods before it recorded the resolution: the same test episodes (checked at the
+        # merge against the identity row), so the same slices and the identity row's resolution.
+        res = next((r.get("stft_resolution") for r in fr if r["method"] == "identity"), None)
         for r in sorted(fr, key=lambda r: r["stft"]):
             L.append(f"| {r['model']} | {r['method']} | {r.get('features', '—')} | {r['params']} | "
                      f"{r.get('adapted_params', '—')} | {_f(r['seconds_per_meta_step'], 3)} | "
                      f"{_f(r['wall_seconds'], 1)} | {_f(r.get('esr'))} | {_f(r['mae'])} | {_f(r['stft'], 3)} | "
-                     f"{r.get('stft_resolution') or 'not recorded'} | {_f(r['hf_error'], 2)} |")
+                     f"{r.get('stft_resolution') or res or 'not recorded'} | {_f(r['hf_error'], 2)} |")
         L.append("")
     L += ["## Verdicts (generated from the numbers above)", ""] + _verdicts(rows) + [""]
     if seeds:
@@ -460,11 +463,11 @@ def main(args, rest) -> int:
 NOTES = [
     "Gradient methods beyond the paper (rows `ssm`: the state-space model with the amortized task encoder trained "
     "on 5 L1 + STFT, and CAVIA with the MAML++ stabilizers; `++` = stabilizers on, `adapted` = the context size) "
-    "improve on the paper's LSTM MAML on every family (STFT 2.6 against 3.8 on Moog, high-frequency error "
-    "16.8 dB against 28.1 dB); the encoder also beats LS-FIR's STFT on cubicnl and diode (CAVIA only on cubicnl), "
-    "but not by the factor of two; both stay well "
-    "behind the closed-form rows. They were not searched per family (benchmarks/search_all.md searched Moog and "
-    "chose ridge).",
+    "improve on the paper's LSTM MAML's STFT on every family (Moog: 1.98 for the encoder and 3.49 for CAVIA, "
+    "against 3.65; the encoder's high-frequency error is 10.2 dB against 26.1 dB, CAVIA's 27.1 dB is no better); "
+    "the encoder also beats LS-FIR's STFT on cubicnl and diode (CAVIA only on cubicnl), but not by the factor of "
+    "two; both stay well behind the closed-form rows. They were not searched per family (benchmarks/search_all.md "
+    "searched Moog and chose ridge).",
     "Honest reading: the closed-form head does most of the work. Without any meta-learning, classical ARX(13, 12) "
     "already beats LS-FIR on STFT on every family here, and on the compressor it is as good as the meta-learned rows "
     "(meta-learning the ridge and prior changed nothing, learned features lowered MAE but raised STFT). On Moog the "
@@ -472,9 +475,13 @@ NOTES = [
     "opposite on its own data (classical ARX(13, 12) 0.00161 / 0.406 vs meta-learned 0.00178 / 0.434): treat the "
     "Moog gain as small and data-dependent. Meta-learning clearly pays only where learned nonlinear features are "
     "needed (diode ladder, cubicnl), and there it is the learned features, not the ridge, that matter.",
-    "Seconds are measured while other jobs shared the 2 cores (load average 4-8 during this run, two family "
-    "processes at once): e.g. one learned-feature diode meta-step took 0.58 s in a quieter moment and 1.5 s here. "
-    "Compare rows within a family; LSTM rows ran under the same load.",
+    "ESR (error energy over target energy over an episode's query samples, averaged over the episodes) can rank "
+    "rows unlike MAE and STFT: each episode divides by its own target energy, so the episodes with the quietest "
+    "targets (a low-cutoff diode ladder setting) weigh most in the mean. On diode_ladder the learned-feature ridge row "
+    "has the best MAE and STFT (0.014 / 0.95) but ESR 0.75, against 0.37 for classical ARX (MAE 0.055) and 0.11 "
+    "for the single-task LSTM (MAE 0.076, two test tasks only). Read ESR beside MAE and STFT.",
+    "Seconds: one family process at a time while other one-thread benchmarks used the second core (load average "
+    "about 2), the SSM rows (bench methods) afterwards under the same load. Compare rows within a family.",
     "`arx_classical` is the same MetaARX model with features none at its initial values (ridge 1e-8 relative, prior "
     "= identity, no meta-training): classical ARX(13, 12) identification on the support slices. Where it is as good as "
     "or better than the meta-learned rows, meta-learning did not pay for itself on that family; the verdicts above "

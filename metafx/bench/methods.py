@@ -237,6 +237,7 @@ def merge_rows(res: list[dict[str, Any]], out: Path) -> int:
                                f"(identity L1 {m['test/identity_l1']} vs {ident['mae']})")
         row = {"family": fam, "tasks": ident["tasks"], "test_tasks": ident["test_tasks"],
                "test_episodes": ident["test_episodes"], "model": r["variant"].split("_")[0],
+               "stft_resolution": ident.get("stft_resolution"),  # same episodes (checked above), same slices
                "method": r["method"] + ("++" if r["stabilized"] else "") + ("_stft" if "stft" in r["variant"] else ""),
                "params": r["params"], "adapted_params": r.get("adapted_params"),
                "seconds_per_meta_step": r["seconds_per_meta_step"], "wall_seconds": r["train_wall_seconds"],
@@ -314,7 +315,8 @@ def main(args, rest) -> int:
         n = merge_rows(res, out)
         lines = head + [f"Merged {n} rows into leaderboard.json / leaderboard.md."]
         lines += [f"- {r['family']} {r['variant']}: MAE {r['metrics']['test/query_l1_post']:.5f}, STFT "
-                  f"{r['metrics']['test/query_stft_post']:.3f}, HF {r['metrics'].get('test/query_hf_post', float('nan')):.2f} dB"
+                  f"{r['metrics']['test/query_stft_post']:.3f}, HF {r['metrics'].get('test/query_hf_post', float('nan')):.2f} dB, "
+                  f"ESR {r['metrics'].get('test/query_esr_post', float('nan')):.4g}"
                   for r in res]
     result = {"command": cmd.strip(), "budget": args.budget, "part": opts.part, "machine": _machine(load0),
               "total_seconds": round(time.time() - t0, 1), "variants": {v: VARIANTS[v] for v in variants},
