@@ -232,17 +232,18 @@ class Features(nn.Module):
             self.p1 = nn.Conv1d(1 + self.n_filter, hidden, 1)
             with torch.no_grad():
                 g = torch.logspace(0, 2, hidden) * torch.where(torch.arange(hidden) % 2 == 0, 1.0, -1.0)
+                d = torch.zeros(hidden, 1 + self.n_filter)  # each unit's unit direction over (x, lp_1, ..)
+                d[:, 0] = 1.0  # x alone
                 if self.n_filter:
                     # Every other pair of units (gains across the whole range, both signs) looks along a random
-                    # direction of (x, lp_1, ..), x's component kept > 0; the rest see x alone, as without filters,
-                    # so a memoryless curve keeps its exact basis (measured: with every unit mixed, a cubic
-                    # clipper's capture ESR rose from 1e-4 to 0.015).
+                    # direction, x's component kept > 0; the rest see x alone, as without filters, so a memoryless
+                    # curve keeps its exact basis (measured: with every unit mixed, a cubic clipper's capture ESR
+                    # rose from 1e-4 to 0.015).
                     v = torch.randn(hidden, 1 + self.n_filter)
                     v[:, 0] = v[:, 0].abs() + 0.5
-                    v[(torch.arange(hidden) // 2) % 2 == 0, 1:] = 0.0
-                    self.p1.weight.copy_((g[:, None] * v / v.norm(dim=1, keepdim=True))[:, :, None])
-                else:
-                    self.p1.weight.copy_(g[:, None, None])
+                    mixed = (torch.arange(hidden) // 2) % 2 == 1
+                    d[mixed] = v[mixed] / v[mixed].norm(dim=1, keepdim=True)
+                self.p1.weight.copy_((g[:, None] * d)[:, :, None])
                 self.p1.bias.uniform_(-1, 1)
             self.p2 = nn.Conv1d(hidden, self.n_point, 1)
         if self.n_filter:
