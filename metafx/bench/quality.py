@@ -4,7 +4,7 @@
 
 Each row meta-trains one model with its study's settings (search_spaces/<model>.yaml
 at the budget; ``--steps`` caps the meta-steps), then evaluates on the fixed test
-episodes: MAE and STFT after adaptation, and the baselines identity, least-squares
+episodes: ESR, MAE and STFT after adaptation, and the baselines identity, least-squares
 FIR, joint training (+ the same inner loop) and single-task training, all on those
 episodes. Results: benchmarks/quality.md and benchmarks/quality.json.
 """
@@ -51,12 +51,12 @@ def main(args, rest) -> int:
         common = {"model": arch, "params": res.params, "inner_steps": mc.inner_steps, "inner_lr": mc.inner_lr,
                   "outer_lr": mc.outer_lr, "first_order": mc.first_order, "meta_steps": mc.meta_steps,
                   "slice_len": mc.slice_len}
-        rows.append({**common, "method": "maml", "mae": m["test/query_l1_post"], "stft": m["test/query_stft_post"],
-                     "hf_error": m.get("test/query_hf_post"), "mae_pre": m["test/query_l1_pre"],
+        rows.append({**common, "method": "maml", "esr": m["test/query_esr_post"], "mae": m["test/query_l1_post"],
+                     "stft": m["test/query_stft_post"], "hf_error": m.get("test/query_hf_post"), "mae_pre": m["test/query_l1_pre"],
                      "stft_pre": m["test/query_stft_pre"], "wall_seconds": wall})
         for b in BASELINES:
             if f"test/{b}/query_l1_post" in m:
-                rows.append({**common, "method": b, "mae": m[f"test/{b}/query_l1_post"],
+                rows.append({**common, "method": b, "esr": m.get(f"test/{b}/query_esr_post"), "mae": m[f"test/{b}/query_l1_post"],
                              "stft": m[f"test/{b}/query_stft_post"], "hf_error": m.get(f"test/{b}/query_hf_post")})
         print(f"{arch}: MAE {m['test/query_l1_post']:.4f} STFT {m['test/query_stft_post']:.3f} ({wall:.0f} s)",
               flush=True)
@@ -70,19 +70,23 @@ def main(args, rest) -> int:
     def f(v, p=4):
         return "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
 
+    def g(v):  # ESR spans decades: significant digits, not decimals
+        return "" if v is None else f"{v:.4g}"
+
     lines = ["# Table 1 at the local budget (held-out Moog tasks)", "",
              f"Command: `{meta['command']}` ({meta['date']}, {meta['cores']} cores, one torch thread, "
              f"load average {meta['load_average'][0]:.1f} at the end).", "",
-             "MAE and STFT (auraloss STFTLoss defaults) on the query slices of the fixed test episodes, after "
-             "adaptation. HF = `hf_error`, the dB error of the spectrum above each task's cutoff. Baselines on "
+             "ESR, MAE and STFT (auraloss STFTLoss defaults) on the query slices of the fixed test episodes, after "
+             "adaptation. ESR: error energy over target energy over all query samples of an episode, averaged over "
+             "the episodes. HF = `hf_error`, the dB error of the spectrum above each task's cutoff. Baselines on "
              "the same episodes: identity (input as output), lsfir (256-tap least-squares FIR on the support "
              "slices), joint (trained on all training tasks without MAML, then the same inner loop), "
              "single_task (trained on the test task's own audio, query slices excluded).", "",
-             "| model | method | params | inner steps | inner lr | outer lr | order | MAE | STFT | HF dB | "
-             "MAE pre | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | method | params | inner steps | inner lr | outer lr | order | ESR | MAE | STFT | HF dB | "
+             "MAE pre | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['params']} | {r['inner_steps']} | {r['inner_lr']:g} | "
-                     f"{r['outer_lr']:g} | {'1st' if r['first_order'] else '2nd'} | {f(r['mae'])} | "
+                     f"{r['outer_lr']:g} | {'1st' if r['first_order'] else '2nd'} | {g(r.get('esr'))} | {f(r['mae'])} | "
                      f"{f(r['stft'], 3)} | {f(r['hf_error'], 1)} | {f(r.get('mae_pre'))} | "
                      f"{f(r.get('wall_seconds'), 0)} |")
     lines += ["", "Paper, Table 1 (its own data): LSTM 0.031 / 2.353, LSTM-small 0.038 / 2.538, "
