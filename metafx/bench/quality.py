@@ -57,7 +57,8 @@ def main(args, rest) -> int:
         for b in BASELINES:
             if f"test/{b}/query_l1_post" in m:
                 rows.append({**common, "method": b, "esr": m.get(f"test/{b}/query_esr_post"), "mae": m[f"test/{b}/query_l1_post"],
-                             "stft": m[f"test/{b}/query_stft_post"], "hf_error": m.get(f"test/{b}/query_hf_post")})
+                             "stft": m[f"test/{b}/query_stft_post"], "hf_error": m.get(f"test/{b}/query_hf_post"),
+                             "mae_pre": m.get(f"test/{b}/query_l1_noadapt")})  # joint: before its inner loop
         print(f"{arch}: MAE {m['test/query_l1_post']:.4f} STFT {m['test/query_stft_post']:.3f} ({wall:.0f} s)",
               flush=True)
     cmd = f"python launch/bench.py quality --budget {args.budget} " + " ".join(rest)
@@ -81,7 +82,8 @@ def main(args, rest) -> int:
              "the episodes. HF = `hf_error`, the dB error of the spectrum above each task's cutoff. Baselines on "
              "the same episodes: identity (input as output), lsfir (256-tap least-squares FIR on the support "
              "slices), joint (trained on all training tasks without MAML, then the same inner loop), "
-             "single_task (trained on the test task's own audio, query slices excluded).", "",
+             "single_task (trained on the test task's own audio, query slices excluded). MAE pre: before adaptation "
+             "(maml: the meta-learned initialization; joint: the jointly trained model before the inner loop).", "",
              "| model | method | params | inner steps | inner lr | outer lr | order | ESR | MAE | STFT | HF dB | "
              "MAE pre | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
