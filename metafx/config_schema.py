@@ -216,6 +216,9 @@ class ARXConfig:
     # IIR simulated by FFT over fft_pad * T samples (wrap-around < rmax^((pad-1)T))
     fft_pad: int = number(4, lo=2, hi=64, integer=True)
     cosine_lr: bool = flag(True)  # cosine annealing of the outer learning rate over maml.meta_steps
+    # adaptation picks the ridge multiplier per task by leave-one-slice-out CV on the support
+    # (metafx.models.arx.CV_RIDGE_SCALES); meta-training's fits are unchanged
+    cv_ridge: bool = flag(False)
 
 
 @dataclass(frozen=True)

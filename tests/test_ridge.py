@@ -13,7 +13,8 @@ from metafx.data.tasks import load_taskset
 from metafx.engines.base import NonFiniteLossError, make_outer_optimizer
 from metafx.engines.ridge import ENGINE
 from metafx.models import build_model
-from metafx.models.arx import ARXHead, MetaARX, iir_fft, pole_radius, stabilize
+from metafx import metrics as M
+from metafx.models.arx import CV_RIDGE_SCALES, ARXHead, MetaARX, iir_fft, pole_radius, stabilize
 from metafx.train import meta_train
 from resume_check import assert_resume_matches_uninterrupted
 
@@ -52,6 +53,52 @@ def test_ridge_fit_recovers_a_known_arx_system():
     torch.testing.assert_close(hb.b[1], h2.b)
     qy2 = torch.from_numpy(scipy.signal.lfilter([0.5], [1.0, -0.5], qx.numpy(), axis=-1))
     torch.testing.assert_close(model.predict(qx, h2), qy2, atol=1e-8, rtol=0)
+
+
+def test_cv_ridge_picks_light_shrinkage_for_a_clean_system_and_heavy_for_a_noisy_short_support():
+    """fit_selected: leave-one-slice-out CV on the support chooses the ridge multiplier per task.
+
+    A clean ARX system (the data pin every coefficient down): the lightest multiplier, and a query
+    error below the as-learned fit's. An identity effect seen through heavy noise on four slices of
+    64 samples: a heavy multiplier keeps the head near the prior mean (pass-through), and its query
+    error against the noise-free identity is a quarter of the as-learned fit's, which fits the noise.
+    """
+    model = MetaARX(nb=13, na=12, features="none", ridge=1e-4, ridge_a=1e-4).double()
+    sx, sy = _arx_data(B_TRUE, A_TRUE, K=4, L=512)
+    qx, qy = _arx_data(B_TRUE, A_TRUE, K=4, L=512, seed=5)
+    head, scale = model.fit_selected(sx, sy)
+    assert scale == min(CV_RIDGE_SCALES)
+    with torch.no_grad():
+        assert float(M.esr(model.predict(qx, head), qy)) < 1e-3 * float(M.esr(model.predict(qx, model.fit(sx, sy)), qy))
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(0.3 * rng.standard_normal((4, 1, 64)))
+    y = x + torch.from_numpy(0.3 * rng.standard_normal((4, 1, 64)))
+    head, scale = model.fit_selected(x, y)
+    assert scale >= 1e4
+    q = torch.from_numpy(0.3 * rng.standard_normal((4, 1, 512)))
+    with torch.no_grad():
+        assert float(M.esr(model.predict(q, head), q)) < 0.3 * float(M.esr(model.predict(q, model.fit(x, y)), q))
+    # One candidate: exactly the as-learned fit.
+    head1, scale1 = model.fit_selected(x, y, scales=(1.0,))
+    plain = model.fit(x, y)
+    assert scale1 == 1.0
+    torch.testing.assert_close(head1.b, plain.b.detach())
+    torch.testing.assert_close(head1.a, plain.a.detach())
+
+
+def test_cv_ridge_is_what_the_ridge_engine_adapts_with_when_set():
+    """model.arx.cv_ridge: the engine's adaptation is fit_selected's head; off, it is fit's."""
+    cfg = load_config("arx.yaml", "smoke", ["model.arx.cv_ridge=true"])
+    model = ENGINE.build_learner(cfg).double()
+    assert model.cv_ridge
+    x = torch.from_numpy(0.3 * np.random.default_rng(3).standard_normal((4, 1, 64)))
+    y = x + torch.from_numpy(0.3 * np.random.default_rng(4).standard_normal((4, 1, 64)))
+    q = torch.from_numpy(0.3 * np.random.default_rng(5).standard_normal((2, 1, 256)))
+    head, _ = model.fit_selected(x, y)
+    with torch.no_grad():
+        torch.testing.assert_close(ENGINE.adapt(model, x, y, cfg.maml)(q), model.predict(q, head))
+        model.cv_ridge = False
+        torch.testing.assert_close(ENGINE.adapt(model, x, y, cfg.maml)(q), model.predict(q, model.fit(x, y)))
 
 
 def test_fft_iir_simulation_matches_lfilter():

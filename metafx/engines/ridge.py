@@ -77,7 +77,10 @@ class RidgeEngine:
         model = _check(learner)
         with torch.no_grad():
             try:
-                head = model.fit(support_x, support_y)
+                if model.cv_ridge and support_x.dim() == 3:
+                    head, _ = model.fit_selected(support_x, support_y)
+                else:
+                    head = model.fit(support_x, support_y)
             except torch.linalg.LinAlgError as e:
                 raise NonFiniteLossError(f"singular ridge normal equations ({e}); {_SINGULAR_FIX}") from e
         if not (bool(torch.isfinite(head.b).all()) and bool(torch.isfinite(head.a).all())):

@@ -297,6 +297,11 @@ class Features(nn.Module):
         return torch.cat(chans, 1)  # (N, M, T)
 
 
+# Candidate multipliers of the meta-learned ridge for the per-task selection (``cv_ridge``): from a
+# hundredth (more data than the ridge was learned for) to a million (the head stays near the prior
+# mean, the meta-learned "average effect", when the support cannot pin the coefficients down).
+CV_RIDGE_SCALES = (1e-2, 1.0, 1e2, 1e4, 1e6)
+
 # --------------------------------------------------------------------------- head
 
 
@@ -328,6 +333,9 @@ class MetaARX(nn.Module):
             faster than the other parameters (0 = fixed ridge).
         rmax: pole radius clamp; fft_pad: FFT length of the simulation in multiples of T.
         cosine_lr: read by :mod:`metafx.engines.ridge` (outer learning-rate annealing).
+        cv_ridge: adaptation (:meth:`fit_selected`, what :mod:`metafx.engines.ridge` evaluates)
+            multiplies the meta-learned ridge by the one of :data:`CV_RIDGE_SCALES` that predicts
+            left-out support slices best; meta-training's fits are unchanged.
 
     Shape:
         forward: (B, 1, T) -> (B, 1, T) with the prior-mean head (pre-adaptation).
@@ -339,7 +347,7 @@ class MetaARX(nn.Module):
                  n_env: int = 6, n_gate: int = 8, n_start: int = 0, ridge: float = 1e-8, ridge_a: float = 1e-8,
                  ridge_feat: float | None = None, per_coef_ridge: bool = True, ridge_lr_scale: float = 16.0,
                  rmax: float = 0.999, fft_pad: int = 4, cosine_lr: bool = True, trunk: nn.Module | None = None,
-                 n_trunk: int = 8, n_filter: int = 0):
+                 n_trunk: int = 8, n_filter: int = 0, cv_ridge: bool = False):
         super().__init__()
         if features not in ("none", "learned") and trunk is None:
             raise ValueError(f"MetaARX: features must be 'none' or 'learned', or a network's name with that network "
@@ -348,6 +356,7 @@ class MetaARX(nn.Module):
             raise ValueError(f"MetaARX: need nb >= 1 and na >= 0, got nb={nb}, na={na}")
         self.nb, self.na, self.rmax, self.fft_pad = int(nb), int(na), float(rmax), int(fft_pad)
         self.features, self.cosine_lr, self.ridge_lr_scale = features, bool(cosine_lr), float(ridge_lr_scale)
+        self.cv_ridge = bool(cv_ridge)
         self.phi = Features(features == "learned", hidden, n_point, n_env, n_gate, n_start, trunk, n_trunk, n_filter)
         if per_coef_ridge:
             lb = torch.full((self.n_b,), math.log(ridge))  # (DC, x lags, learned channels' lags)
@@ -378,7 +387,7 @@ class MetaARX(nn.Module):
                    n_env=cfg.n_env, n_gate=cfg.n_gate, n_start=cfg.n_start, ridge=cfg.ridge, ridge_a=cfg.ridge_a,
                    ridge_feat=cfg.ridge_feat, per_coef_ridge=cfg.per_coef_ridge, ridge_lr_scale=cfg.ridge_lr_scale,
                    rmax=cfg.rmax, fft_pad=cfg.fft_pad, cosine_lr=cfg.cosine_lr, trunk=trunk, n_trunk=cfg.n_trunk,
-                   n_filter=cfg.n_filter)
+                   n_filter=cfg.n_filter, cv_ridge=cfg.cv_ridge)
 
     # ---- properties
 
@@ -440,12 +449,13 @@ class MetaARX(nn.Module):
 
     # ---- closed-form fit
 
-    def fit_features(self, feats: Tensor, y: Tensor) -> ARXHead:
+    def fit_features(self, feats: Tensor, y: Tensor, ridge_scale: float = 1.0) -> ARXHead:
         """Equation-error ridge fit from precomputed features (batched over tasks).
 
         Args:
             feats: support features, (B, K, M, L).
             y: support targets, (B, K, L).
+            ridge_scale: multiplier of the meta-learned ridge (1 = as learned; :meth:`fit_selected`).
 
         Returns:
             ARXHead with b (B, M, nb), a (B, na + 1), in ``feats``' dtype.
@@ -471,7 +481,7 @@ class MetaARX(nn.Module):
         G = A.transpose(1, 2) @ A  # (B, P, P)
         r = (A.transpose(1, 2) @ t)[..., 0]  # (B, P)
         lb, la = self.ridge_strengths()
-        lam = torch.cat([lb.double().expand(self.n_b), la.double().expand(na)])  # (P,)
+        lam = torch.cat([lb.double().expand(self.n_b), la.double().expand(na)]) * ridge_scale  # (P,)
         D = torch.diagonal(G, dim1=1, dim2=2).mean(-1, keepdim=True) * lam[None]  # (B, P)
         r = r + D * self.prior.double()[None]
         w = torch.linalg.solve(G + torch.diag_embed(D), r[..., None])[..., 0].to(feats.dtype)  # (B, P)
@@ -494,6 +504,48 @@ class MetaARX(nn.Module):
                              f"{tuple(support_y.shape)} must both be (K, 1, L) or (B, K, 1, L)")
         head = self.fit_features(self.feats(sx), sy[:, :, 0])
         return ARXHead(head.b[0], head.a[0]) if single else head
+
+    @torch.no_grad()
+    def fit_selected(self, support_x: Tensor, support_y: Tensor, scales: tuple[float, ...] = CV_RIDGE_SCALES
+                     ) -> tuple[ARXHead, float]:
+        """Fit one task's head with the ridge multiplier chosen on its support by leave-one-slice-out CV.
+
+        The meta-learned ridge is one value for every task of the meta-training distribution; a
+        task far from it (another family, a support that does not cover the query's level) can need
+        much more shrinkage towards the prior mean, or much less. For each multiplier, K fits that
+        each leave one support slice out simulate that slice from a zero state (as the query is
+        predicted); the multiplier with the smallest pooled ESR over the left-out slices is refitted
+        on every slice. A support of one slice, or one multiplier, fits as :meth:`fit` does.
+
+        Args:
+            support_x, support_y: one task's support slices, (K, 1, L) each.
+            scales: candidate multipliers of the meta-learned ridge.
+
+        Returns:
+            ``(head (b (M, nb), a (na + 1,)), chosen multiplier)``.
+
+        Raises:
+            ValueError: not (K, 1, L) slices of the same shape.
+        """
+        if support_x.shape != support_y.shape or support_x.dim() != 3 or support_x.shape[1] != 1:
+            raise ValueError(f"MetaARX.fit_selected: support_x {tuple(support_x.shape)} and support_y "
+                             f"{tuple(support_y.shape)} must both be (K, 1, L)")
+        fs, y = self.feats(support_x), support_y[:, 0]  # (K, M, L), (K, L)
+        K = fs.shape[0]
+        best, best_err = 1.0, math.inf
+        if K > 1 and len(scales) > 1:
+            keep = torch.stack([torch.arange(K) != k for k in range(K)])  # (K folds, K)
+            f_tr = torch.stack([fs[m] for m in keep])  # (K, K - 1, M, L)
+            y_tr = torch.stack([y[m] for m in keep])  # (K, K - 1, L)
+            tgt = float(y.double().pow(2).sum())
+            for scale in scales:
+                heads = self.fit_features(f_tr, y_tr, ridge_scale=scale)  # one head per left-out slice
+                pred = self.predict_features(fs[:, None], heads)[:, 0]  # (K, L): slice k by fold k's head
+                err = float((pred.double() - y.double()).pow(2).sum())
+                if math.isfinite(err) and err / max(tgt, 1e-30) < best_err:
+                    best, best_err = float(scale), err / max(tgt, 1e-30)
+        head = self.fit_features(fs[None], y[None], ridge_scale=best)
+        return ARXHead(head.b[0], head.a[0]), best
 
     # ---- simulation
 
