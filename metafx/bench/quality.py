@@ -1,6 +1,6 @@
 """The paper's Table 1 at the local budget, with the baselines on the same test episodes.
 
-    python launch/bench.py quality [--budget local] [--models lstm,tcn,transformer] [--steps N]
+    python launch/bench.py quality [--budget local] [--models lstm,tcn,transformer] [--steps N] [--report-only]
 
 Each row meta-trains one model with its study's settings (search_spaces/<model>.yaml
 at the budget; ``--steps`` caps the meta-steps), then evaluates on the fixed test
@@ -31,7 +31,12 @@ def main(args, rest) -> int:
     ap.add_argument("--models", default="lstm,tcn,transformer")
     ap.add_argument("--steps", type=int, default=None, help="cap on meta-steps per model")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--report-only", action="store_true", help="rewrite quality.md from the quality.json in --out")
     opts = ap.parse_args(rest)
+    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks"
+    if opts.report_only:
+        (out / "quality.md").write_text(report(json.loads((out / "quality.json").read_text())))
+        return 0
     torch.set_num_threads(1)
     rows = []
     for arch in opts.models.split(","):
@@ -62,11 +67,19 @@ def main(args, rest) -> int:
         print(f"{arch}: MAE {m['test/query_l1_post']:.4f} STFT {m['test/query_stft_post']:.3f} ({wall:.0f} s)",
               flush=True)
     cmd = f"python launch/bench.py quality --budget {args.budget} " + " ".join(rest)
-    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": cmd.strip(), "date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(),
             "load_average": os.getloadavg(), "torch_threads": 1}
     (out / "quality.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+
+    (out / "quality.md").write_text(report({**meta, "rows": rows}))
+    print(report({**meta, "rows": rows}))
+    return 0
+
+
+def report(result: dict) -> str:
+    """benchmarks/quality.md from the JSON (``--report-only`` rewrites it from an existing quality.json)."""
+    meta, rows = result, result["rows"]
 
     def f(v, p=4):
         return "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
@@ -91,8 +104,16 @@ def main(args, rest) -> int:
                      f"{r['outer_lr']:g} | {'1st' if r['first_order'] else '2nd'} | {g(r.get('esr'))} | {f(r['mae'])} | "
                      f"{f(r['stft'], 3)} | {f(r['hf_error'], 1)} | {f(r.get('mae_pre'))} | "
                      f"{f(r.get('wall_seconds'), 0)} |")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lines += ["", "Each model's rows use its own study's test episodes: " + ", ".join(
+        f"{mdl} {next(r['slice_len'] for r in rows if r['model'] == mdl)}-sample slices" for mdl in models)
+        + " (so the identity and LS-FIR rows differ between studies of different slice lengths)."]
+    for mdl in models:
+        missing = [b for b in BASELINES if not any(r["model"] == mdl and r["method"] == b for r in rows)]
+        if missing:
+            lines.append(f"No {' or '.join(missing)} row for {mdl}: its study skips "
+                         f"{'them' if len(missing) > 1 else 'it'} at this budget (eval.joint_steps / "
+                         "eval.single_task_steps 0).")
     lines += ["", "Paper, Table 1 (its own data): LSTM 0.031 / 2.353, LSTM-small 0.038 / 2.538, "
               "TCN (10 steps) 0.036 / 4.353, Transformer 0.052 / 4.942.", ""]
-    (out / "quality.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
