@@ -109,7 +109,7 @@ def report(result: dict) -> str:
         f"{mdl} {next(r['slice_len'] for r in rows if r['model'] == mdl)}-sample slices" for mdl in models)
         + " (so the identity and LS-FIR rows differ between studies of different slice lengths)."]
     for mdl in models:
-        missing = [b for b in BASELINES if not any(r["model"] == mdl and r["method"] == b for r in rows)]
+        missing = [b for b in ("joint", "single_task") if not any(r["model"] == mdl and r["method"] == b for r in rows)]
         if missing:
             lines.append(f"No {' or '.join(missing)} row for {mdl}: its study skips "
                          f"{'them' if len(missing) > 1 else 'it'} at this budget (eval.joint_steps / "
