@@ -534,7 +534,7 @@ class MetaARX(nn.Module):
         K = fs.shape[0]
         best, best_err = 1.0, math.inf
         if K > 1 and len(scales) > 1:
-            keep = torch.stack([torch.arange(K) != k for k in range(K)])  # (K folds, K)
+            keep = torch.stack([torch.arange(K, device=fs.device) != k for k in range(K)])  # (K folds, K)
             f_tr = torch.stack([fs[m] for m in keep])  # (K, K - 1, M, L)
             y_tr = torch.stack([y[m] for m in keep])  # (K, K - 1, L)
             tgt = float(y.double().pow(2).sum())
