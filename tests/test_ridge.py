@@ -78,7 +78,14 @@ def test_cv_ridge_picks_light_shrinkage_for_a_clean_system_and_heavy_for_a_noisy
     q = torch.from_numpy(0.3 * rng.standard_normal((4, 1, 512)))
     with torch.no_grad():
         assert float(M.esr(model.predict(q, head), q)) < 0.3 * float(M.esr(model.predict(q, model.fit(x, y)), q))
-    # One candidate: exactly the as-learned fit.
+    # One candidate is used as it is: 1e4 is the fit with that ridge; 1 is exactly the as-learned fit.
+    h4, s4 = model.fit_selected(x, y, scales=(1e4,))
+    assert s4 == 1e4
+    with torch.no_grad():
+        ref = model.fit_features(model.feats(x)[None], y[None, :, 0], ridge_scale=1e4)
+    torch.testing.assert_close(h4.b, ref.b[0])
+    torch.testing.assert_close(h4.a, ref.a[0])
+    assert not torch.allclose(h4.b, model.fit(x, y).b.detach())
     head1, scale1 = model.fit_selected(x, y, scales=(1.0,))
     plain = model.fit(x, y)
     assert scale1 == 1.0

@@ -515,7 +515,8 @@ class MetaARX(nn.Module):
         much more shrinkage towards the prior mean, or much less. For each multiplier, K fits that
         each leave one support slice out simulate that slice from a zero state (as the query is
         predicted); the multiplier with the smallest pooled ESR over the left-out slices is refitted
-        on every slice. A support of one slice, or one multiplier, fits as :meth:`fit` does.
+        on every slice. A single candidate is used as it is; a support of one slice (nothing to leave
+        out) fits with the meta-learned ridge, as :meth:`fit` does.
 
         Args:
             support_x, support_y: one task's support slices, (K, 1, L) each.
@@ -532,7 +533,7 @@ class MetaARX(nn.Module):
                              f"{tuple(support_y.shape)} must both be (K, 1, L)")
         fs, y = self.feats(support_x), support_y[:, 0]  # (K, M, L), (K, L)
         K = fs.shape[0]
-        best, best_err = 1.0, math.inf
+        best, best_err = (float(scales[0]) if len(scales) == 1 else 1.0), math.inf
         if K > 1 and len(scales) > 1:
             keep = torch.stack([torch.arange(K, device=fs.device) != k for k in range(K)])  # (K folds, K)
             f_tr = torch.stack([fs[m] for m in keep])  # (K, K - 1, M, L)
