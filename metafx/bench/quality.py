@@ -72,8 +72,9 @@ def main(args, rest) -> int:
             "load_average": os.getloadavg(), "torch_threads": 1}
     (out / "quality.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
 
-    (out / "quality.md").write_text(report({**meta, "rows": rows}))
-    print(report({**meta, "rows": rows}))
+    md = report({**meta, "rows": rows})
+    (out / "quality.md").write_text(md)
+    print(md)
     return 0
 
 
