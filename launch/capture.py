@@ -81,15 +81,20 @@ def _capture(argv: list[str]) -> int:
     ap.add_argument("--max-latency-ms", type=float, default=1000.0, help="longest latency searched (default 1000)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ap.add_argument("--threads", type=int, default=1, help="torch threads during the capture (default 1)")
+    ap.add_argument("--wiener-units", type=int, default=None,
+                    help="units of the Wiener bank offered to an ARX head, kept where the support's cross-validation "
+                         "prefers them (default: metafx.wiener.WIENER_UNITS; 0: none)")
     args = ap.parse_args(argv)
     from metafx.capture import CaptureError, run_capture
+    from metafx.wiener import WIENER_UNITS
 
     try:
         res = run_capture(args.wet, args.out, dry=args.dry, support_seconds=args.support_seconds, model=args.model,
                           tracking_uri=args.tracking_uri, experiment=args.experiment, mlflow=not args.no_mlflow,
                           run_name=args.run_name, apply=args.apply, apply_out=args.apply_out,
                           max_latency_seconds=args.max_latency_ms / 1000.0, overwrite=args.overwrite,
-                          threads=args.threads, command="python launch/capture.py " + shlex.join(argv))
+                          threads=args.threads,
+                          wiener_units=WIENER_UNITS if args.wiener_units is None else args.wiener_units, command="python launch/capture.py " + shlex.join(argv))
     except CaptureError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return cli.EXIT_BAD_INPUT

@@ -33,7 +33,10 @@ Per model (how the state is carried and what is precomputed at export):
   (tabulated), or with ``n_filter`` of x and its one-pole low-passes (computed directly); the
   one-pole envelopes ``e[n] = (1 - a) |x[n]| + a e[n-1]`` and those low-passes carry their last value;
   the gates are memoryless functions of the envelopes (and, with ``n_start``, of the time since
-  the start, a sample counter in the state). The head ``A(z) y = sum_m B_m(z) phi_m`` is fixed
+  the start, a sample counter in the state). A capture may add the Wiener bank's channels
+  (:mod:`metafx.wiener`, ``tanh`` of fixed directions of x and its fixed one-pole low-passes,
+  float32) after the model's; their low-passes join the one-pole bank, and the file carries the
+  bank's numbers. The head ``A(z) y = sum_m B_m(z) phi_m`` is fixed
   after adaptation: its FIR part carries the last ``nb - 1`` feature frames; its recursive part
   carries the last ``na`` outputs. With a network trunk (``model.arx.features``) its projected
   hidden sequence is a feature too, streamed by :class:`_LSTMTrunk` (float64, carries ``(h, c)``)
@@ -78,6 +81,8 @@ import torch
 from scipy.signal import lfilter, lfiltic
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from metafx.wiener import WienerBank
 
 EXPORT_VERSION = 1
 MAX_BLOCK = 4096  # longest block computed in one piece (tables cover this many samples)
@@ -149,6 +154,8 @@ class ARXStream(nn.Module):
       :data:`ENV_CHUNK` samples by a (C, C) lower-triangular Toeplitz product, their end states by
       a second triangular product of powers ``a^(C (j - i))``, then the carried state's
       ``a^(t+1)`` response;
+    * the Wiener bank (when given): ``tanh(W [x, lp_1, .., lp_B] + c)``, (R, T), in float32 (its
+      low-passes in the one-pole bank); the head is fitted on these same channels;
     * FIR part: one product of the (nb, M) taps with the feature frames (the last ``nb - 1``
       carried), summed along the diagonals;
     * recursive part ``1 / A(z)``: per chunk of :data:`IIR_CHUNK` samples, the (C, C) Toeplitz
@@ -161,6 +168,8 @@ class ARXStream(nn.Module):
         a: the head's AR polynomial ``[1, a_1, ..., a_na]`` (stable: pole-clamped already).
         sample_rate: Hz; latency_samples: the capture's latency (information only).
         support: the dry support audio (T,): the BatchNorm statistics of a TCN trunk (needed only then).
+        bank: a :class:`metafx.wiener.WienerBank` whose ``R`` channels follow the model's (``b`` then has
+            ``M + R`` rows), or None.
 
     Shape:
         forward: block (T,), state -> (T,), state. process: (T,) -> (T,). features: (T,) -> (M, T).
@@ -170,7 +179,7 @@ class ARXStream(nn.Module):
     """
 
     def __init__(self, model: nn.Module, b: Tensor | None = None, a: Tensor | None = None, sample_rate: int = 48000,
-                 latency_samples: int = 0, support: Tensor | None = None):
+                 latency_samples: int = 0, support: Tensor | None = None, bank: WienerBank | None = None):
         super().__init__()
         dt = torch.float64
         phi = model.phi
@@ -185,6 +194,10 @@ class ARXStream(nn.Module):
         self.n_point, self.n_env, self.n_gate, self.n_start = int(phi.n_point), int(phi.n_env), int(phi.n_gate), int(phi.n_start)
         self.n_filter = int(phi.n_filter)
         self.n_trunk = int(phi.n_trunk)
+        self.n_bank = 0 if bank is None else bank.n_units  # Wiener bank channels, after the model's (metafx/wiener.py)
+        self.n_bank_lp = 0 if bank is None else bank.n_lowpass
+        self.n_pole = self.n_env + self.n_filter + self.n_bank_lp  # one-pole rows: envelopes, input filters, bank low-passes
+        self.channels += self.n_bank
         self.max_block = MAX_BLOCK
         self.env_floor = ENV_FLOOR
         self.env_chunk = ENV_CHUNK
@@ -214,18 +227,20 @@ class ARXStream(nn.Module):
                 poles.append(torch.sigmoid(phi.env_logit.detach().to(dt)))  # (E,)
             if self.n_filter:
                 poles.append(torch.sigmoid(phi.filt_logit.detach().to(dt)))  # (F,)
+            if bank is not None and self.n_bank_lp:
+                poles.append(bank.poles.detach().to(dt))  # (B,)
             if poles:
-                alpha = torch.cat(poles)  # (E + F,): the envelopes first, then the input low-passes
+                alpha = torch.cat(poles)  # (E + F + B,): the envelopes, the input low-passes, the bank's low-passes
                 t = torch.arange(C, dtype=dt)
                 lag = t[:, None] - t[None, :]  # (C, C): t - k
                 Tm = torch.where(lag >= 0, (1 - alpha)[:, None, None] * alpha[:, None, None] ** lag.clamp_min(0), 0.0)
-                self.env_TT = Tm.transpose(1, 2).contiguous()  # (E + F, C, C): U @ TT = zero-state responses
-                self.env_pw = alpha[:, None] ** (t[None] + 1)  # (E + F, C): a^(t+1)
+                self.env_TT = Tm.transpose(1, 2).contiguous()  # (E + F + B, C, C): U @ TT = zero-state responses
+                self.env_pw = alpha[:, None] ** (t[None] + 1)  # (E + F + B, C): a^(t+1)
                 nj = MAX_BLOCK // C
                 j = torch.arange(nj, dtype=dt)
                 dj = j[:, None] - j[None, :]
-                self.env_L = torch.where(dj >= 0, alpha[:, None, None] ** (C * dj.clamp_min(0)), 0.0)  # (E + F, nj, nj)
-                self.env_Apow = alpha[:, None] ** (C * (j[None] + 1))  # (E + F, nj)
+                self.env_L = torch.where(dj >= 0, alpha[:, None, None] ** (C * dj.clamp_min(0)), 0.0)  # (E + F + B, nj, nj)
+                self.env_Apow = alpha[:, None] ** (C * (j[None] + 1))  # (E + F + B, nj)
             else:
                 self.env_TT, self.env_pw = empty.reshape(0, 0, 0), empty.reshape(0, 0)
                 self.env_L, self.env_Apow = empty.reshape(0, 0, 0), empty.reshape(0, 0)
@@ -242,6 +257,10 @@ class ARXStream(nn.Module):
                                                 dtype=dt) * 1e-3 * SAMPLE_RATE
             else:
                 self.start_tau = empty
+            # The bank in float32 (tanh of R x T values is the costliest step of a block in float64); the head
+            # is fitted on these same float32 channels (features), so the fitted model is the model that runs.
+            self.bank_W = torch.zeros(0, 0) if bank is None else bank.weights.detach().to(torch.float32).contiguous()
+            self.bank_c = torch.zeros(0, 1) if bank is None else bank.biases.detach().to(torch.float32)[:, None].contiguous()
         self.fir_W = torch.zeros(self.nb, self.channels, dtype=dt)
         self.iir_T = torch.zeros(IIR_CHUNK, IIR_CHUNK, dtype=dt)
         self.iir_O = torch.zeros(IIR_CHUNK, self.na, dtype=dt)
@@ -275,10 +294,10 @@ class ARXStream(nn.Module):
 
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
-        """Zero state: ``[one-poles (E + F,), samples so far (1,), last nb-1 feature frames (M, nb-1), last na outputs (na,)]``
-        followed by the trunk's state (none without a trunk)."""
+        """Zero state: ``[one-poles (E + F + B,), samples so far (1,), last nb-1 feature frames (M, nb-1), last na
+        outputs (na,)]`` followed by the trunk's state (none without a trunk)."""
         dt = torch.float64
-        return [torch.zeros(self.n_env + self.n_filter, dtype=dt), torch.zeros(1, dtype=dt),
+        return [torch.zeros(self.n_pole, dtype=dt), torch.zeros(1, dtype=dt),
                 torch.zeros(self.channels, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt)] \
             + self.trunk.initial_state()
 
@@ -296,16 +315,16 @@ class ARXStream(nn.Module):
         return (v0 + f * (v1 - v0)).t().to(torch.float64)
 
     def _onepoles(self, u: Tensor, env_s: Tensor) -> Tensor:
-        """The one-pole bank over ``u`` (1 or E + F, T) from the carried state (E + F,), exact two-level scan; (E + F, T)."""
+        """The one-pole bank over ``u`` (1 or E + F + B, T) from the carried state (E + F + B,), exact two-level scan."""
         T = u.shape[1]
         C = self.env_chunk
         nch = (T + C - 1) // C
         U = torch.cat([u, u.new_zeros(u.shape[0], nch * C - T)], 1).reshape(u.shape[0], nch, C)
-        Z = torch.matmul(U, self.env_TT)  # (E + F, nch, C): zero-state response of each sub-chunk
+        Z = torch.matmul(U, self.env_TT)  # (E + F + B, nch, C): zero-state response of each sub-chunk
         S = torch.bmm(self.env_L[:, :nch, :nch], Z[:, :, C - 1:]).squeeze(2) + self.env_Apow[:, :nch] * env_s[:, None]
-        prev = torch.cat([env_s[:, None], S[:, : nch - 1]], 1)  # state before each sub-chunk, (E + F, nch)
+        prev = torch.cat([env_s[:, None], S[:, : nch - 1]], 1)  # state before each sub-chunk, (E + F + B, nch)
         env = Z + self.env_pw[:, None, :] * prev[:, :, None]
-        return env.reshape(self.n_env + self.n_filter, nch * C)[:, :T]
+        return env.reshape(self.n_pole, nch * C)[:, :T]
 
     def _features(self, x: Tensor, env_s: Tensor, t0: Tensor, trunk_s: List[Tensor]
                   ) -> Tuple[Tensor, Tensor, List[Tensor]]:
@@ -314,16 +333,17 @@ class ARXStream(nn.Module):
         xi = x[None]  # (1, T)
         chans = [torch.ones_like(xi), xi]
         E = self.n_env
+        F = self.n_filter
         poles = env_s
-        if E + self.n_filter:
-            if self.n_filter:  # rows: |x| for the envelopes, x for the low-passes
-                u = torch.cat([x.abs()[None].expand(E, T), xi.expand(self.n_filter, T)], 0)
+        if self.n_pole:
+            if F + self.n_bank_lp:  # rows: |x| for the envelopes, x for the low-passes
+                u = torch.cat([x.abs()[None].expand(E, T), xi.expand(self.n_pole - E, T)], 0)
             else:
                 u = x.abs()[None]
             poles = self._onepoles(u, env_s)
             env_s = poles[:, T - 1].clone()
         if self.n_point:
-            chans.append(self._pointwise(x, poles[E:]))
+            chans.append(self._pointwise(x, poles[E:E + F]))
         if E:
             env = poles[:E]
             le = torch.log10(env.clamp_min(0) + self.env_floor) + 2
@@ -338,6 +358,9 @@ class ARXStream(nn.Module):
         if self.n_trunk:
             f, trunk_s = self.trunk(x, trunk_s)
             chans.append(f)  # (n_trunk, T)
+        if self.n_bank:
+            bin_ = (torch.cat([xi, poles[E + F:]], 0) if self.n_bank_lp else xi).to(torch.float32)  # (1 + B, T)
+            chans.append(torch.tanh(torch.addmm(self.bank_c, self.bank_W, bin_)).to(torch.float64))  # (R, T)
         return torch.cat(chans, 0), env_s, trunk_s
 
     def _block(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:

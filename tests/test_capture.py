@@ -42,12 +42,15 @@ from metafx import capture_signal as cs  # noqa: E402
 from metafx.bench.capture import render_through  # noqa: E402
 from metafx.capture import SHIPPED_MODEL, CaptureError, find_latency, load_meta_model, read_recording, run_capture  # noqa: E402
 from metafx.tracking import TrackingError, log_capture, register_meta_model  # noqa: E402
+from metafx.wiener import WIENER_UNITS  # noqa: E402
 
 SR = 48000
 SECONDS = 8.0
 LATENCY = 300
 FAMILY = {"name": "diode_ladder", "dsp": "diode_ladder.dsp"}
 SETTING = {"cutoff": 1234.0, "q": 3.3}
+TUBE = {"name": "tube_clip", "dsp": "tube_clip.dsp"}
+TUBE_SETTING = {"drive_db": 20.0, "bias": 0.3, "emphasis_db": 18.0}  # not a grid point of the shipped study
 
 pytestmark = pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="the shipped meta-model is missing")
 
@@ -128,6 +131,26 @@ def test_exported_model_reproduces_the_prediction_without_metafx(captured, pair)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=pair)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("OK")
+
+
+def test_the_wiener_bank_is_kept_where_it_lowers_the_error(tmp_path):
+    """A tube clipper (+18 dB pre-emphasis into an asymmetric clipper, DAWDreamer) captured with and without the bank."""
+    x = cs.capture_signal()[: int(SECONDS * SR)]
+    dry, wet = render_through(TUBE, TUBE_SETTING, tmp_path / "cache", x=x)
+    sf.write(tmp_path / "dry.wav", dry, SR, subtype="FLOAT")
+    sf.write(tmp_path / "wet.wav", wet, SR, subtype="FLOAT")
+    res = {}
+    for units in (WIENER_UNITS, 0):
+        out = tmp_path / f"out{units}"
+        rc = launch_capture.main(["--dry", str(tmp_path / "dry.wav"), "--wet", str(tmp_path / "wet.wav"), "--out", str(out),
+                                  "--support-seconds", "3", "--no-mlflow", "--wiener-units", str(units)])
+        assert rc == 0
+        res[units] = json.loads((out / "results.json").read_text())
+    kept, plain = res[WIENER_UNITS], res[0]
+    assert kept["model"]["wiener_offered"] == WIENER_UNITS and kept["model"]["wiener_units"] == WIENER_UNITS
+    assert plain["model"]["wiener_offered"] == 0 and plain["model"]["wiener_units"] == 0
+    assert kept["heldout"]["esr"] < 0.7 * plain["heldout"]["esr"], (kept["heldout"], plain["heldout"])
+    assert kept["heldout"]["esr"] < kept["baselines"]["arx"]["esr"]
 
 
 def test_exported_model_streams_like_the_whole_file(captured, pair):
@@ -238,6 +261,11 @@ def test_dry_and_wet_of_different_takes(pair, tmp_path, capsys):
     sf.write(tmp_path / "long.wav", np.concatenate([wet, wet[: 2 * SR]]), SR, subtype="FLOAT")
     _bad(pair, tmp_path, capsys, ["--dry", str(pair / "dry.wav"), "--wet", str(tmp_path / "long.wav")],
          "long.wav", "differ in length by 2.01 s", "not one take", "trim")
+
+
+def test_negative_wiener_units(pair, tmp_path, capsys):
+    _bad(pair, tmp_path, capsys, ["--dry", str(pair / "dry.wav"), "--wet", str(pair / "wet.wav"), "--wiener-units", "-1"],
+         "--wiener-units must be >= 0", "0 offers no Wiener bank")
 
 
 def test_silent_wet(pair, tmp_path, capsys):

@@ -19,6 +19,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from scipy.signal import lfilter
 
 from metafx.capture import MetaModel, adapted_network
 from metafx.config import load_config
@@ -26,9 +27,10 @@ from metafx.engines import engine_for
 from metafx.evaluate import predict_long
 from metafx.export import MAX_BLOCK, ARXStream, ExportError, export_network, real_time_factor, save, script
 from metafx.metrics import crop_like
-from metafx.models.arx import MetaARX, stabilize
+from metafx.models.arx import ARXHead, MetaARX, stabilize
 from metafx.models.lstm import LSTMModel
 from metafx.models.tcn import TCN
+from metafx.wiener import bank_channels, make_bank
 
 BLOCKS = (32, 256, 2048, None)  # None: ragged sizes 1..3000
 
@@ -66,7 +68,11 @@ def check_streaming(m, x: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- ARX
 
 
-@pytest.fixture(scope="module", params=["learned", "filtered", "filtered, no envelopes", "lstm trunk", "tcn trunk"])
+BANKED = ("learned + Wiener bank", "filtered + Wiener bank", "classical + Wiener bank")
+
+
+@pytest.fixture(scope="module", params=["learned", "filtered", "filtered, no envelopes", "lstm trunk", "tcn trunk",
+                                        *BANKED])
 def arx_export(request):
     torch.manual_seed(0)
     x, y = one_pole_task(4, 1024, 1)
@@ -81,16 +87,42 @@ def arx_export(request):
         m = MetaARX(nb=6, na=8, features="learned", hidden=8, n_point=4, n_env=0, n_gate=0, n_filter=2)
     elif request.param == "lstm trunk":  # the ARX head on an LSTM's hidden sequence: the LSTM's (h, c) stream too
         m = MetaARX(nb=6, na=8, features="lstm", trunk=LSTMModel(hidden=8), n_trunk=3)
-    else:  # on a TCN's last block: BatchNorm frozen at the support audio's statistics, per-block histories
+    elif request.param == "tcn trunk":  # on a TCN's last block: BatchNorm frozen at the support audio's statistics
         m = MetaARX(nb=6, na=8, features="tcn", trunk=TCN(channels=4, blocks=2, kernel=3, dilation_growth=2), n_trunk=3)
         support = x.reshape(-1)
+    elif request.param == "learned + Wiener bank":  # the bank's low-passes join the one-pole bank after the envelopes
+        m = MetaARX(nb=6, na=8, features="learned", hidden=8, n_point=4, n_env=3, n_gate=4)
+    elif request.param == "filtered + Wiener bank":  # envelopes, input filters and the bank's low-passes in one bank
+        m = MetaARX(nb=6, na=8, features="learned", hidden=8, n_point=4, n_env=3, n_gate=4, n_filter=2)
+    else:  # [1, x] and the bank alone
+        m = MetaARX(nb=6, na=8, features="none")
     head = m.fit(x, y)
     a = stabilize(head.a[None], m.rmax)[0][0]
-    return m, head, x, ARXStream(m, head.b, a, sample_rate=48000, latency_samples=7, support=support)
+    bank = None
+    if request.param in BANKED:  # the bank's rows of the head: small random taps (the export computes any head)
+        bank = make_bank(5, 2)
+        extra = torch.randn(bank.n_units, m.nb, generator=torch.Generator().manual_seed(4)) * 0.05
+        head = ARXHead(torch.cat([head.b, extra]), head.a)
+    return m, head, x, ARXStream(m, head.b, a, sample_rate=48000, latency_samples=7, support=support, bank=bank)
 
 
 def test_arx_export_computes_the_fitted_head(arx_export):
     m, head, x, st = arx_export
+    if st.n_bank:
+        # The model's channels are the model's; the bank's are metafx.wiener's reference computation (float32 tanh);
+        # the output is the head on all of them.
+        M = m.phi.channels
+        with torch.no_grad():
+            feats = st.features(x[0, 0])
+            ref_feats = m.feats(x[:1])[0].double()
+            got = st.process(x[0, 0].double())
+        assert (feats[:M] - ref_feats).abs().max().item() <= 1e-4
+        ref_bank = bank_channels(make_bank(5, 2), x[0, 0].double().numpy())
+        assert np.abs(feats[M:].numpy() - ref_bank).max() <= 1e-5
+        want = lfilter([1.0], st.a.numpy(), sum(np.convolve(feats[c].numpy(), head.b[c].detach().double().numpy())[: x.shape[-1]]
+                                               for c in range(feats.shape[0])))
+        assert np.abs(got.numpy() - want).max() <= 1e-6 * np.abs(want).max()
+        return
     if m.phi.n_trunk and not isinstance(m.phi.trunk, LSTMModel):
         # A TCN trunk's export freezes BatchNorm at the support audio's statistics, the model uses each batch's own:
         # with one slice as the support the two are the same, and so are the features.

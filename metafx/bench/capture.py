@@ -22,6 +22,11 @@ so the rows compare. Beside the meta-model, on the same support and held-out aud
 The head fit of the capture (continuous features, ridge strength chosen on the support) is compared
 with the engine's per-slice fit (``--ridge-fit both``, the default) at the 3 s support.
 
+The continuous fit is offered the Wiener bank (:mod:`metafx.wiener`, kept where the support's
+cross-validation prefers it); at the 3 s support the same capture also runs without it
+(``wiener_units=0``), so the table shows what the bank changes. The scratch model's capture is
+offered the bank too (the same capture procedure; only the meta-learning differs).
+
 Also: the capture's wall time (load, align, adapt, export, score; in this process, models and
 imports already loaded, 2 cores), and the exported model's real-time factor on one thread at
 48 kHz, blocks of 256, measured in CPU time of this process (the machine is shared: wall time
@@ -174,8 +179,9 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
 
     from metafx.capture import SHIPPED_DIR, load_meta_model, run_capture
-    from metafx.export import real_time_factors
     from metafx.config import REPO_ROOT
+    from metafx.export import real_time_factors
+    from metafx.wiener import WIENER_UNITS
 
     ap = argparse.ArgumentParser(prog="bench capture")
     ap.add_argument("--families", default=None, help="comma-separated subset (default: every family of the study)")
@@ -202,7 +208,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     fits = ["continuous", "slices"] if opts.ridge_fit == "both" and mm.cfg.model.arch == "arx" else \
         [opts.ridge_fit if opts.ridge_fit != "both" else "continuous"]
     rows: list[dict[str, Any]] = []
-    rtf = None
+    rtf = rtf_bank = None
     work = Path(tempfile.mkdtemp(prefix="metafx-bench-capture-out-"))
     import soundfile as sf
 
@@ -225,7 +231,18 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                        **{k: v for k, v in res["baselines"].items()}, "capture_seconds": res["seconds"]["capture"],
                        "capture_cpu_seconds": res["cpu_seconds"]["capture"], "stage_seconds": res["seconds"],
                        "stage_cpu_seconds": res["cpu_seconds"], "ridge_scale": res["model"]["ridge_scale"],
-                       "render_seconds": render_s}
+                       "wiener_units": res["model"]["wiener_units"], "render_seconds": render_s}
+                if fit == "continuous" and S == TARGET_SUPPORT and mm.cfg.model.arch == "arx" and WIENER_UNITS:
+                    nres = run_capture(wet_path, work / f"{st['family']}-nobank", support_seconds=S, mlflow=False,
+                                       meta_model=mm, heldout_from_seconds=max(HELDOUT_FROM, S), measure_rtf=False,
+                                       overwrite=True, wiener_units=0).results
+                    row["no_bank"] = nres["heldout"]
+                    row["no_bank_capture_seconds"] = nres["seconds"]["capture"]
+                    if rtf_bank is None and res["model"]["wiener_units"]:
+                        mb = torch.jit.load(str(work / f"{st['family']}-{fit}-{S:g}" / "model.ts"))
+                        wall, cpu = real_time_factors(mb, block=256, seconds=10.0)
+                        rtf_bank = {"rtf_wall": wall, "rtf_cpu": cpu, "kind": str(mb.kind), "family": st["family"],
+                                    "bank_units": int(mb.n_bank)}
                 if fit == fits[0] and S == TARGET_SUPPORT and not opts.no_scratch and mm.cfg.model.arch == "arx":
                     t1 = time.perf_counter()
                     smm = train_scratch(mm, dry, wet, int(S * 48000), opts.scratch_steps)
@@ -250,7 +267,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                           "python": platform.python_version(), "torch": torch.__version__},
               "model": {"source": mm.source, "checkpoint": str(mm.checkpoint), "study": mm.cfg.name,
                         "arch": mm.cfg.model.arch, "method": mm.cfg.maml.method},
-              "heldout_from_seconds": HELDOUT_FROM, "rtf_block256": rtf, "rows": rows}
+              "heldout_from_seconds": HELDOUT_FROM, "rtf_block256": rtf, "rtf_block256_bank": rtf_bank,
+              "wiener_units_offered": WIENER_UNITS, "rows": rows}
     (out_dir / "capture.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
     (out_dir / "capture.md").write_text(_markdown(report, fits[0]), encoding="utf-8")
     print(f"wrote {out_dir / 'capture.md'} and {out_dir / 'capture.json'}")
@@ -307,6 +325,20 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
                      f"{_fmt(r['lsfir']['mae'])} / {_fmt(r['lsfir']['stft'])} | {_fmt(r['arx']['mae'])} / "
                      f"{_fmt(r['arx']['stft'])} | {(_fmt(sc['mae']) + ' / ' + _fmt(sc['stft'])) if sc else '-'} | "
                      f"{r['latency_samples']} |")
+    banked = [r for r in rows if r["fit"] == fit and "no_bank" in r]
+    if banked:
+        lines += ["", f"## The Wiener bank at {TARGET_SUPPORT:g} s of support (held-out ESR)", "",
+                  f"The capture offers the head {rep.get('wiener_units_offered', '-')} random Wiener units "
+                  "(metafx/wiener.py) and keeps them where the support's cross-validation prefers them; the same "
+                  "capture without the offer (`--wiener-units 0`) beside it.", "",
+                  "| family | bank kept | with the offer | without (`--wiener-units 0`) | classical ARX | "
+                  "capture s with / without |", "|---|---|---|---|---|---|"]
+        for r in banked:
+            lines.append(f"| {r['family']} | {'yes' if r.get('wiener_units') else 'no'} | {_fmt(r['model']['esr'])} | "
+                         f"{_fmt(r['no_bank']['esr'])} | {_fmt(r['arx']['esr'])} | {r['capture_seconds']:.2f} / "
+                         f"{r['no_bank_capture_seconds']:.2f} |")
+        nb3 = sum(r["no_bank"]["esr"] <= TARGET_ESR for r in banked)
+        lines += ["", f"Without the bank, ESR <= {TARGET_ESR} on {nb3} of {len(banked)} families."]
     other = [r for r in rows if r["fit"] != fit]
     if other:
         lines += ["", "## Head fit: continuous features against per-slice features (held-out ESR)", "",
@@ -320,6 +352,7 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
     caps = [r["capture_seconds"] for r in rows if r["fit"] == fit]
     cpus = [r["capture_cpu_seconds"] for r in rows if r["fit"] == fit and "capture_cpu_seconds" in r]
     rtf = rep.get("rtf_block256") or {}
+    rtf_b = rep.get("rtf_block256_bank")
     lines += ["", "## Targets", "",
               f"* ESR <= {TARGET_ESR} with {TARGET_SUPPORT:g} s of support: met on {met['esr']} of {met['n']} families; "
               f"below classical ARX on {met['below_arx']} of {met['n']}"
@@ -331,7 +364,10 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
               + f" (target <= {TARGET_CAPTURE_SECONDS:g} s; wall time on a shared machine counts other processes).",
               f"* Exported model ({rtf.get('kind', '-')}), one thread, 48 kHz, blocks of 256: "
               f"{_fmt(rtf.get('rtf_cpu'), 3)}x real time in CPU time, {_fmt(rtf.get('rtf_wall'), 3)}x in wall time "
-              f"(target >= {TARGET_RTF:g}x).", ""]
+              f"(target >= {TARGET_RTF:g}x)"
+              + (f"; with the Wiener bank kept ({rtf_b['family']}, {rtf_b['bank_units']} units): "
+                 f"{_fmt(rtf_b['rtf_cpu'], 3)}x in CPU time, {_fmt(rtf_b['rtf_wall'], 3)}x in wall time" if rtf_b else "")
+              + ".", ""]
     return "\n".join(lines)
 
 

@@ -33,14 +33,18 @@ Steps of :func:`run_capture` (each timed, ``results.json`` ``seconds``):
    deployed model will see, and no equation is lost at slice starts (``ridge_fit="slices"``
    keeps the engine's slice-wise fit; ``bench capture`` compares both: continuous is far better).
    The meta-learned ridge was learned for ``k_support`` slices; with seconds of support its
-   strength is chosen on the support by cross-validation (:func:`ridge_fit_continuous`).
+   strength is chosen on the support by cross-validation (:func:`ridge_fit_continuous`). The
+   same cross-validation decides whether the head also gets the Wiener bank
+   (:mod:`metafx.wiener`: ``--wiener-units`` fixed random curves of x and its low-passes, a
+   filter before a nonlinearity that the meta-learned features cannot express); the exported
+   model computes the bank only when it was kept.
 5. ``predict``: the exported model on the whole dry file from a zero state: prediction.wav is
    produced by the very module written to model.ts.
 6. ``baselines`` and ``score``: on the held-out part (after the support), whole-signal ESR
    (error energy / target energy), MAE, STFT and MR-STFT (:mod:`metafx.metrics`) of the adapted
    model and of the baselines fitted on the same support seconds: ``lsfir`` (least-squares FIR,
    ``eval.lsfir_taps``), ``arx`` (classical ARX(13, 12) on [1, x], no meta-learning, the same
-   continuous ridge fit) and ``identity``.
+   continuous ridge fit, never offered the bank) and ``identity``.
 
 Everything is written into a temporary folder beside ``--out`` and renamed at the end; the
 MLflow run (:func:`metafx.tracking.log_capture`) is created only after every check passed and

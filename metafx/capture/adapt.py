@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -20,9 +20,9 @@ from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
 from metafx.export import ARXStream, export_network
+from metafx.wiener import WIENER_RIDGE, WIENER_UNITS, make_bank
 
 MAX_SUPPORT_SLICES = 64  # gradient engines: support slices per adaptation (memory and time)
-FIT_CHUNK = 16384  # equations per chunk of the continuous ridge fit (bounds memory)
 
 def support_slices(x: np.ndarray, y: np.ndarray, n_support: int, L: int, max_k: int = MAX_SUPPORT_SLICES
                    ) -> tuple[Tensor, Tensor]:
@@ -45,24 +45,112 @@ def _head_from(w: Tensor, M: int, nb: int, n_b: int) -> tuple[Tensor, Tensor]:
 
 
 def _simulate(phi: Tensor, b: Tensor, a: Tensor) -> np.ndarray:
-    """The head on precomputed features from a zero state: FIR over the feature lags, then ``1 / A(z)``."""
+    """The head on precomputed features from a zero state: FIR over the feature lags, then ``1 / A(z)``.
+
+    Shape: phi (M, S), b (M, nb), a (na + 1,) -> (S,).
+    """
     from scipy.signal import lfilter
 
     M, S = phi.shape
-    u = torch.zeros(S, dtype=torch.float64)
-    for j in range(b.shape[1]):
-        u[j:] += b[:, j] @ phi[:, : S - j]
+    Z = b.T @ phi  # (nb, S): tap j of every channel, one product
+    u = Z[0].clone()
+    for j in range(1, b.shape[1]):
+        u[j:] += Z[j, : S - j]
     return lfilter([1.0], a.numpy(), u.numpy()) if a.numel() > 1 else u.numpy()
 
 
-def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple[float, ...] = RIDGE_SCALES
-                         ) -> tuple[Tensor, Tensor, float]:
+def _normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int) -> tuple[Tensor, Tensor]:
+    """``(A^T A, A^T y)`` of the equations ``s <= t < e``, without building the regressors ``A``.
+
+    ``A``'s row ``t`` is ``[1, phi[1:, t - k] for k < nb (channel-major, lag-minor), -y[t - k] for
+    1 <= k <= na]``: the columns of :meth:`metafx.models.arx.MetaARX.fit_features`.
+
+    Why: with ``M`` feature channels of ``nb`` lags each, ``A^T A`` costs ``(e - s) (M nb)^2``
+    products, 5e10 for 3 s of support with a Wiener bank, seconds on one core. The lagged block
+    of two lags ``k <= k'`` is a shifted lag-``d = k' - k`` correlation of the features,
+    ``sum_{u=s-k}^{e-1-k} phi[u] phi[u-d]^T``: the ``nb`` correlations over ``[s, e)`` plus
+    ``k`` boundary terms at each end give every block, ``nb`` times fewer products. The blocks
+    with the DC column and the AR columns (``-y`` lags) are computed directly.
+
+    Args:
+        phi: features (M, S), float64, channel 0 the constant.
+        y: the wet (S,), float64.
+        s, e: the equations' sample range, ``max(nb - 1, na) <= s < e <= S``.
+        nb, na: MA taps per channel, AR order.
+
+    Returns:
+        ``(G (P, P), r (P,))``, ``P = 1 + (M - 1) nb + na``.
+    """
+    M = phi.shape[0]
+    C = M - 1
+    nF = C * nb
+    P = 1 + nF + na
+    f = phi[1:]  # (C, S): the lagged channels
+    # the directly built columns: DC, then -y lags 1..na, (rows, 1 + na)
+    D = torch.empty(e - s, 1 + na, dtype=phi.dtype)
+    D[:, 0] = phi[0, s:e]
+    for k in range(1, na + 1):
+        D[:, k] = -y[s - k: e - k]
+    yy = y[s:e]
+    FF = torch.empty(C, nb, C, nb, dtype=phi.dtype)  # [m, k, m', k']
+    corr = [f[:, s:e] @ f[:, s - d: e - d].T for d in range(nb)]  # B_d = sum_{u=s}^{e-1} f[u] f[u-d]^T
+    for k in range(nb):
+        for k2 in range(k, nb):
+            d = k2 - k
+            blk = corr[d].clone()
+            if k:  # u over [s-k, e-k) instead of [s, e)
+                blk += f[:, s - k: s] @ f[:, s - k - d: s - d].T
+                blk -= f[:, e - k: e] @ f[:, e - k - d: e - d].T
+            FF[:, k, :, k2] = blk
+            if k2 != k:
+                FF[:, k2, :, k] = blk.T
+    DF = torch.stack([D.T @ f[:, s - k: e - k].T for k in range(nb)], 2)  # (1 + na, C, nb)
+    G = torch.empty(P, P, dtype=phi.dtype)
+    fi = slice(1, 1 + nF)
+    di = [0] + list(range(1 + nF, P))  # the direct columns' places
+    G[fi, fi] = FF.reshape(nF, nF)
+    DD = D.T @ D
+    dfl = DF.reshape(1 + na, nF)
+    for i, c in enumerate(di):
+        G[c, fi] = dfl[i]
+        G[fi, c] = dfl[i]
+        for j, c2 in enumerate(di):
+            G[c, c2] = DD[i, j]
+    r = torch.empty(P, dtype=phi.dtype)
+    rd = D.T @ yy
+    r[fi] = torch.stack([f[:, s - k: e - k] @ yy for k in range(nb)], 1).reshape(nF)
+    for i, c in enumerate(di):
+        r[c] = rd[i]
+    return G, r
+
+
+@dataclass(frozen=True)
+class ContinuousFit:
+    """The head :func:`ridge_fit_continuous` chose.
+
+    Attributes:
+        b: MA coefficients, (M, nb) float64 (the Wiener bank's rows, when given, are zero unless ``bank``).
+        a: AR polynomial ``[1, a_1, ..., a_na]``, pole-clamped, float64.
+        scale: the chosen multiplier of the meta-learned ridge.
+        bank: True when the Wiener bank's channels are in the head.
+        cv_esr: the pooled left-out ESR of the chosen candidate (NaN with a single candidate: no cross-validation).
+    """
+
+    b: Tensor
+    a: Tensor
+    scale: float
+    bank: bool
+    cv_esr: float
+
+
+def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple[float, ...] = RIDGE_SCALES,
+                         n_bank: int = 0, bank_ridge: float = WIENER_RIDGE) -> ContinuousFit:
     """The equation-error ridge fit of :meth:`metafx.models.arx.MetaARX.fit_features` over one continuous stretch.
 
     The regressors, the meta-learned per-coefficient ridge and the prior mean of the meta-trained
     fit, with every sample ``n >= max(nb - 1, na)`` of the support as an equation (features computed
-    continuously, ``phi`` from :meth:`ARXStream.features`), accumulated in chunks (float64 normal
-    equations).
+    continuously, ``phi`` from :meth:`ARXStream.features`), in float64 normal equations
+    (:func:`_normal_equations`).
 
     The ridge's strength is chosen on the support itself: the meta-learned relative ridge was
     learned for ``k_support`` slices, and it stays relative to the mean Gram diagonal, so with the
@@ -72,82 +160,94 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     eight contiguous segments) are simulated from a zero state over the support, and the scale
     with the smallest pooled simulation ESR on the left-out folds is refitted on every equation.
 
+    With ``n_bank`` Wiener bank channels (:mod:`metafx.wiener`, the last ``n_bank`` rows of
+    ``phi``), the same cross-validation also decides whether they enter the head: every scale is
+    tried without them (the model's own channels, as with ``n_bank = 0``) and with them (their
+    coefficients under a relative ridge ``bank_ridge``, prior mean 0), and the candidate with the
+    smallest left-out ESR wins. The normal equations are accumulated once, with the bank; the
+    fits without it use their sub-block.
+
     Args:
         model: the :class:`metafx.models.arx.MetaARX`.
-        phi: features of the support, (M, S), float64.
+        phi: features of the support, (M, S), float64: the model's channels, then ``n_bank`` bank channels.
         y: the aligned wet of the support, (S,), float64.
         scales: candidate multipliers of the meta-learned ridge.
+        n_bank: bank channels at the end of ``phi`` (0: none).
+        bank_ridge: their relative ridge.
 
     Returns:
-        ``(b (M, nb), a (na + 1,), scale)``: the head (AR part pole-clamped, ``stabilize``), float64,
-        and the chosen multiplier.
+        The :class:`ContinuousFit`.
 
     Raises:
         CaptureError: fewer equations than coefficients, or singular normal equations.
     """
-    from metafx.models.arx import lagged, stabilize
+    from metafx.models.arx import stabilize
 
     M, S = phi.shape
     nb, na = model.nb, model.na
     warm = max(nb - 1, na)
-    P, n_b = model.n_coef, model.n_b
-    if S - warm < 2 * P:
-        raise CaptureError(f"the support holds {S} samples, too few for the {P} coefficients of the model's head: "
-                           f"raise --support-seconds")
+    n_b = model.n_b + n_bank * nb  # MA coefficients with the bank: its rows follow the model's
+    P = n_b + na
+    if S - warm < 2 * model.n_coef:
+        raise CaptureError(f"the support holds {S} samples, too few for the {model.n_coef} coefficients of the model's "
+                           f"head: raise --support-seconds")
     edges = np.linspace(warm, S, CV_SEGMENTS + 1).round().astype(int)
     Gs = torch.zeros(CV_SEGMENTS, P, P, dtype=torch.float64)
     rs = torch.zeros(CV_SEGMENTS, P, dtype=torch.float64)
     for g in range(CV_SEGMENTS):
-        for s in range(int(edges[g]), int(edges[g + 1]), FIT_CHUNK):
-            e = min(int(edges[g + 1]), s + FIT_CHUNK)
-            ph, yy = phi[:, s - warm: e], y[s - warm: e]
-            rows = e - s
-            cols = [ph[0, warm:, None], lagged(ph[None, 1:], nb)[0, warm:].reshape(rows, (M - 1) * nb)]
-            if na:
-                cols.append(-lagged(yy[None, None], na, start=1)[0, warm:].reshape(rows, na))
-            A = torch.cat(cols, 1)  # (rows, P)
-            Gs[g] += A.T @ A
-            rs[g] += A.T @ yy[warm:]
+        Gs[g], rs[g] = _normal_equations(phi, y, int(edges[g]), int(edges[g + 1]), nb, na)
     G, r = Gs.sum(0), rs.sum(0)
     with torch.no_grad():
         lb, la = model.ridge_strengths()
-        lam = torch.cat([lb.double().expand(n_b), la.double().expand(na)])
-        prior = model.prior.detach().double()
+        lam = torch.cat([lb.double().expand(model.n_b), torch.full((n_bank * nb,), float(bank_ridge), dtype=torch.float64),
+                         la.double().expand(na)])
+        p0 = model.prior.detach().double()
+        prior = torch.cat([p0[: model.n_b], torch.zeros(n_bank * nb, dtype=torch.float64), p0[model.n_b:]])
+    # the coefficients of each candidate model: without the bank, the model's MA block and the AR part
+    without = torch.cat([torch.arange(model.n_b), torch.arange(n_b, P)])
+    # the bank is offered only where the support holds two equations per coefficient with it too
+    variants = [(False, without)] + ([(True, torch.arange(P))] if n_bank and S - warm >= 2 * P else [])
 
-    def solve(Gm: Tensor, rm: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        D = torch.diagonal(Gm).mean() * lam * scale
+    def solve(Gm: Tensor, rm: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        Gi, ri = Gm[idx][:, idx], rm[idx]
+        D = torch.diagonal(Gi).mean() * lam[idx] * scale
         try:
-            w = torch.linalg.solve(Gm + torch.diag(D), rm + D * prior)
+            wi = torch.linalg.solve(Gi + torch.diag(D), ri + D * prior[idx])
         except torch.linalg.LinAlgError as e:
             raise CaptureError(f"the ridge fit of the support is singular ({e}): the support may be silent or "
                                f"constant; record the whole probe") from e
+        w = torch.zeros(P, dtype=torch.float64)
+        w[idx] = wi
         b, a = _head_from(w, M, nb, n_b)
         if na:
             a = stabilize(a[None], model.rmax)[0][0]
         return b, a
 
     yn = y.numpy()
-    best, best_err = scales[0], math.inf
-    if len(scales) > 1:
-        for scale in scales:
+    best, best_err = (False, without, scales[0]), math.inf
+    candidates = [(v, idx, sc) for v, idx in variants for sc in scales]
+    if len(candidates) > 1:
+        for v, idx, scale in candidates:
             err = tgt = 0.0
             for k in range(CV_FOLDS):
                 segs = [k, k + CV_FOLDS]
-                b, a = solve(G - Gs[segs].sum(0), r - rs[segs].sum(0), scale)
-                sim = _simulate(phi, b, a)
+                b, a = solve(G - Gs[segs].sum(0), r - rs[segs].sum(0), idx, scale)
+                m = M if v else M - n_bank  # without the bank its rows of b are zero: leave them out
+                stop = int(edges[max(segs) + 1])  # a zero-state simulation up to the last left-out sample
+                sim = _simulate(phi[:m, :stop], b[:m], a)
                 for g in segs:
                     lo, hi = int(edges[g]), int(edges[g + 1])
                     err += float(np.sum((yn[lo:hi] - sim[lo:hi]) ** 2))
                     tgt += float(np.sum(yn[lo:hi] ** 2))
             esr = err / (tgt + 1e-12) if np.isfinite(err) else math.inf
             if esr < best_err:
-                best, best_err = scale, esr
-    b, a = solve(G, r, best)
-    return b, a, float(best)
+                best, best_err = (v, idx, scale), esr
+    b, a = solve(G, r, best[1], best[2])
+    return ContinuousFit(b, a, float(best[2]), bool(best[0]), float(best_err) if len(candidates) > 1 else math.nan)
 
 
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
-              cfg: Config | None = None, fit: str = "continuous") -> ARXStream:
+              cfg: Config | None = None, fit: str = "continuous", wiener_units: int = WIENER_UNITS) -> ARXStream:
     """Adapt a :class:`metafx.models.arx.MetaARX` to the support and return its streaming export.
 
     Args:
@@ -158,12 +258,16 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         cfg: the study (``maml`` section) for ``fit="slices"``.
         fit: ``"continuous"`` (:func:`ridge_fit_continuous`, the default) or ``"slices"`` (the
             ridge engine's fit on the support slices from zero state, as in meta-training).
+        wiener_units: units of the Wiener bank (:mod:`metafx.wiener`) offered to a continuous fit,
+            kept only where the support's cross-validation prefers them (0: none offered).
 
     Returns:
-        The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save).
+        The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the
+        attributes ``ridge_scale`` (the chosen multiplier) and ``n_bank`` (bank channels kept, 0 or
+        ``wiener_units``).
     """
-    stream = ARXStream(model, sample_rate=sr, latency_samples=latency,
-                       support=torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32)))
+    support = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32))
+    stream = ARXStream(model, sample_rate=sr, latency_samples=latency, support=support)
     if fit == "slices":
         if cfg is None:
             raise ValueError("adapt_arx(fit='slices') needs the study config")
@@ -177,12 +281,19 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         return stream
     if fit != "continuous":
         raise ValueError(f"unknown ARX fit {fit!r}; use 'continuous' or 'slices'")
+    bank = make_bank(wiener_units, sample_rate=sr) if wiener_units > 0 else None
+    offered = stream if bank is None else ARXStream(model, sample_rate=sr, latency_samples=latency, support=support,
+                                                     bank=bank)
     with torch.no_grad():
-        phi = stream.features(torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64)))
-        b, a, scale = ridge_fit_continuous(model, phi, torch.from_numpy(np.ascontiguousarray(wet[:n_support],
-                                                                                          dtype=np.float64)))
-    stream.set_head(b, a)
-    stream.ridge_scale = scale  # recorded in results.json (an attribute of the export module too)
+        phi = offered.features(torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64)))
+        res = ridge_fit_continuous(model, phi, torch.from_numpy(np.ascontiguousarray(wet[:n_support], dtype=np.float64)),
+                                   n_bank=offered.n_bank)
+    if res.bank:
+        stream = offered
+        stream.set_head(res.b, res.a)
+    else:
+        stream.set_head(res.b[: stream.channels], res.a)
+    stream.ridge_scale = res.scale  # recorded in results.json (an attribute of the export module too)
     return stream
 
 
@@ -220,11 +331,14 @@ def adapted_network(mm: MetaModel, sx: Tensor, sy: Tensor) -> tuple[nn.Module, T
 
 
 def adapt_and_export(mm: MetaModel, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
-                     ridge_fit: str = "continuous") -> nn.Module:
-    """Adapt ``mm`` to the support of an aligned pair; return the (eager) export module of the adapted model."""
+                     ridge_fit: str = "continuous", wiener_units: int = WIENER_UNITS) -> nn.Module:
+    """Adapt ``mm`` to the support of an aligned pair; return the (eager) export module of the adapted model.
+
+    ``ridge_fit`` and ``wiener_units`` apply to ARX meta-models (:func:`adapt_arx`); the gradient methods ignore them.
+    """
     cfg = mm.cfg
     if cfg.model.arch == "arx":
-        return adapt_arx(mm.learner, dry, wet, n_support, sr, latency, cfg, fit=ridge_fit)
+        return adapt_arx(mm.learner, dry, wet, n_support, sr, latency, cfg, fit=ridge_fit, wiener_units=wiener_units)
     sx, sy = support_slices(dry, wet, n_support, cfg.maml.slice_len)
     net, ctx = adapted_network(mm, sx, sy)
     return export_network(net, cfg.model.arch, ctx, sx, cfg.maml.slice_len, sr, latency)
@@ -264,6 +378,6 @@ def baseline_predictions(cfg: Config, dry: np.ndarray, wet: np.ndarray, n_suppor
         # lsfir_predict's causal zero-state FIR, by FFT (the same sums; a direct float64 convolution of
         # a whole file with 256 taps costs seconds)
         fir = oaconvolve(dry.astype(np.float64), h.numpy())[: dry.size].astype(np.float32)
-        arx = adapt_arx(classical_arx_model(cfg), dry, wet, n_support, sr, 0)
+        arx = adapt_arx(classical_arx_model(cfg), dry, wet, n_support, sr, 0, wiener_units=0)  # [1, x] only
         arx_pred = arx.process(torch.from_numpy(np.ascontiguousarray(dry, dtype=np.float32))).numpy()
     return {"lsfir": fir, "arx": arx_pred, "identity": dry.astype(np.float32)}

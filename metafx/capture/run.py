@@ -28,6 +28,7 @@ from metafx.capture.recording import Recording, find_latency, fit_length, read_r
 from metafx.data.sources import resample
 from metafx.export import ExportError, real_time_factor, save, script
 from metafx.plots import capture_plots, write_capture_audio
+from metafx.wiener import WIENER_UNITS
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def run_capture(
     max_latency_seconds: float = MAX_LATENCY_SECONDS,
     overwrite: bool = False,
     ridge_fit: str = "continuous",
+    wiener_units: int = WIENER_UNITS,
     heldout_from_seconds: float | None = None,
     measure_rtf: bool = True,
     command: str | None = None,
@@ -95,6 +97,7 @@ def run_capture(
         max_latency_seconds: bound of the latency search and of the length difference.
         overwrite: replace a non-empty ``out``.
         ridge_fit: ``"continuous"`` or ``"slices"`` (ARX meta-models; :func:`adapt_arx`).
+        wiener_units: Wiener bank units offered to a continuous ARX fit (:mod:`metafx.wiener`; 0: none).
         heldout_from_seconds: score from here instead of from the end of the support (a fixed
             held-out part for comparisons across support lengths; >= ``support_seconds``).
         measure_rtf: time the exported model (blocks of 256, one thread).
@@ -118,6 +121,7 @@ def run_capture(
         return _run_capture(wet, out, dry=dry, support_seconds=support_seconds, model=model, tracking_uri=tracking_uri,
                             experiment=experiment, mlflow=mlflow, run_name=run_name, apply=apply, apply_out=apply_out,
                             max_latency_seconds=max_latency_seconds, overwrite=overwrite, ridge_fit=ridge_fit,
+                            wiener_units=wiener_units,
                             heldout_from_seconds=heldout_from_seconds, measure_rtf=measure_rtf, command=command,
                             meta_model=meta_model)
     finally:
@@ -127,8 +131,8 @@ def run_capture(
 def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: float | None, model: str | None,
                  tracking_uri: str | None, experiment: str | None, mlflow: bool, run_name: str | None,
                  apply: Path | None, apply_out: Path | None, max_latency_seconds: float, overwrite: bool,
-                 ridge_fit: str, heldout_from_seconds: float | None, measure_rtf: bool, command: str | None,
-                 meta_model: MetaModel | None) -> CaptureResult:
+                 ridge_fit: str, wiener_units: int, heldout_from_seconds: float | None, measure_rtf: bool,
+                 command: str | None, meta_model: MetaModel | None) -> CaptureResult:
     t_all = time.perf_counter()
     sec: dict[str, float] = {}
     warnings: list[str] = []
@@ -155,10 +159,13 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
         raise CaptureError(f"--apply file {apply} does not exist: check the path")
     if support_seconds is not None and not support_seconds > 0:
         raise CaptureError(f"--support-seconds must be > 0, got {support_seconds}")
+    if wiener_units < 0:
+        raise CaptureError(f"--wiener-units must be >= 0 (0 offers no Wiener bank), got {wiener_units}")
 
     t = time.perf_counter()
     mm = meta_model if meta_model is not None else load_meta_model(model, tracking_uri)
     sr = int(mm.cfg.data.sample_rate)
+    bank_fit = mm.cfg.model.arch == "arx" and ridge_fit == "continuous"  # where the Wiener bank is offered
     t = stage("load_model", t)
 
     wet_rec = read_recording(Path(wet), "--wet", sr)
@@ -226,7 +233,8 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
     try:
         t = time.perf_counter()
         try:
-            module = adapt_and_export(mm, dry_a, wet_a, n_sup, sr, lat.samples, ridge_fit=ridge_fit)
+            module = adapt_and_export(mm, dry_a, wet_a, n_sup, sr, lat.samples, ridge_fit=ridge_fit,
+                                      wiener_units=wiener_units)
         except ExportError as e:
             raise CaptureError(f"{mm.checkpoint}: {e}") from e
         t = stage("adapt", t)
@@ -284,7 +292,9 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
             "model": {"source": mm.source, "checkpoint": str(mm.checkpoint), "study": mm.cfg.name,
                       "arch": mm.cfg.model.arch, "method": mm.cfg.maml.method, "step": mm.step,
                       "slice_len": L, "ridge_fit": ridge_fit if mm.cfg.model.arch == "arx" else None,
-                      "ridge_scale": getattr(module, "ridge_scale", None)},
+                      "ridge_scale": getattr(module, "ridge_scale", None),
+                      "wiener_offered": wiener_units if bank_fit else None,
+                      "wiener_units": int(getattr(module, "n_bank", 0)) if bank_fit else None},
             "heldout": held,
             "support": support,
             "baselines": baselines,
@@ -339,7 +349,8 @@ def _log_mlflow(results: dict[str, Any], tmp: Path, tracking_uri: str | None, ex
               "arch": mm.cfg.model.arch, "method": mm.cfg.maml.method, "support_seconds": results["support_seconds"],
               "rate": results["rate"], "wet_rate_in": results["wet"]["rate_in"],
               "latency_method": results["latency"]["method"], "dry_fingerprint": results["dry"]["fingerprint"],
-              "ridge_fit": results["model"]["ridge_fit"]}
+              "ridge_fit": results["model"]["ridge_fit"], "wiener_offered": results["model"]["wiener_offered"],
+              "wiener_units": results["model"]["wiener_units"]}
     metrics = {"heldout": results["heldout"], "baselines": results["baselines"], "support": results["support"],
                "latency_samples": results["latency"]["samples"], "latency_ms": results["latency"]["ms"],
                "seconds": results["seconds"], "rtf_block256": results["export"]["rtf_block256_one_thread"],

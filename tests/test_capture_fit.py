@@ -1,0 +1,118 @@
+"""The capture's continuous ridge fit (metafx/capture/adapt.py) and the Wiener bank it may add (metafx/wiener.py).
+
+* the normal equations built from lagged correlations equal ``A^T A`` and ``A^T y`` of the explicit
+  regressors (the layout of MetaARX.fit_features) for several shapes and equation ranges;
+* offered the bank, the fit keeps it for a filter before a nonlinearity (a Wiener system the
+  classical ARX head cannot express) and the support's cross-validation error falls; it leaves it
+  out for a linear filter, whose head is then the fit without the bank;
+* the bank is seeded (the same for every capture) and its sizes are checked.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.signal import lfilter
+
+from metafx.capture.adapt import _normal_equations, _simulate, adapt_arx, ridge_fit_continuous
+from metafx.export import ARXStream
+from metafx.models.arx import MetaARX, lagged
+from metafx.wiener import WIENER_UNITS, bank_channels, make_bank
+
+SR = 48000
+
+
+def explicit_regressors(phi: torch.Tensor, y: torch.Tensor, s: int, e: int, nb: int, na: int) -> torch.Tensor:
+    """``[1, phi lags 0..nb-1, -y lags 1..na]`` for the equations ``s <= t < e``, built from metafx.models.arx.lagged."""
+    M = phi.shape[0]
+    warm = max(nb - 1, na)
+    ph, yy = phi[:, s - warm: e], y[s - warm: e]
+    rows = e - s
+    cols = [ph[0, warm:, None], lagged(ph[None, 1:], nb)[0, warm:].reshape(rows, (M - 1) * nb)]
+    if na:
+        cols.append(-lagged(yy[None, None], na, start=1)[0, warm:].reshape(rows, na))
+    return torch.cat(cols, 1)
+
+
+@pytest.mark.parametrize("M, S, nb, na, s, e", [(5, 400, 4, 6, 6, 400), (5, 400, 8, 3, 100, 250), (3, 300, 1, 0, 0, 300),
+                                                (4, 300, 3, 0, 2, 150), (6, 500, 8, 12, 12, 499)])
+def test_normal_equations_equal_the_explicit_regressors(M, S, nb, na, s, e):
+    g = torch.Generator().manual_seed(M * S + nb)
+    phi = torch.randn(M, S, generator=g, dtype=torch.float64)
+    phi[0] = 1.0
+    y = torch.randn(S, generator=g, dtype=torch.float64)
+    A = explicit_regressors(phi, y, s, e, nb, na)
+    G, r = _normal_equations(phi, y, s, e, nb, na)
+    assert G.shape == (A.shape[1], A.shape[1])
+    assert torch.allclose(G, A.T @ A, rtol=1e-12, atol=1e-9)
+    assert torch.allclose(r, A.T @ y[s:e], rtol=1e-12, atol=1e-9)
+
+
+def signal(seconds: float = 2.0, seed: int = 0) -> np.ndarray:
+    """Noise with a slowly varying level (-30..-6 dBFS): the nonlinearity is driven over its whole curve."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    level = 10 ** (np.interp(np.arange(n), np.linspace(0, n, 9), rng.uniform(-30, -6, 9)) / 20)
+    return (rng.standard_normal(n) * level).astype(np.float64)
+
+
+def fit(model: MetaARX, x: np.ndarray, y: np.ndarray, units: int):
+    bank = make_bank(units) if units else None
+    st = ARXStream(model, bank=bank)
+    with torch.no_grad():
+        phi = st.features(torch.from_numpy(x))
+        return ridge_fit_continuous(model, phi, torch.from_numpy(y), n_bank=st.n_bank), phi
+
+
+def test_the_bank_is_kept_for_a_filter_before_a_nonlinearity_and_left_out_for_a_linear_filter():
+    torch.manual_seed(0)
+    model = MetaARX(nb=8, na=4, features="none")  # the classical ARX head: [1, x]
+    x = signal()
+    # a pre-emphasis (+12 dB high shelf, one pole at 1 kHz) into an asymmetric clipper, then a gentle low-pass
+    lp = lfilter([1 - 0.877], [1, -0.877], x)
+    wiener = lfilter([0.5], [1, -0.5], np.tanh(8 * (4 * x - 3 * lp) + 0.3) - np.tanh(0.3))
+    with_bank, phi = fit(model, x, wiener, 24)
+    without, _ = fit(model, x, wiener, 0)
+    assert with_bank.bank and not without.bank
+    assert with_bank.cv_esr < 0.5 * without.cv_esr, (with_bank.cv_esr, without.cv_esr)
+    pred = _simulate(phi, with_bank.b, with_bank.a)
+    esr = np.sum((wiener - pred) ** 2) / np.sum(wiener ** 2)
+    assert esr < with_bank.cv_esr * 2  # the final fit is at least as good as its left-out folds said
+
+    linear = lfilter([0.2, 0.1], [1, -0.7], x)
+    res, phi = fit(model, x, linear, 24)
+    M = model.phi.channels
+    assert not res.bank and torch.all(res.b[M:] == 0)
+    # the head is the fit without the bank at the scale chosen (the same model: this exact fit's coefficients are
+    # ill-conditioned, so its outputs are compared)
+    ref = ridge_fit_continuous(model, phi[:M], torch.from_numpy(linear), scales=(res.scale,))
+    got, want = _simulate(phi[:M], res.b[:M], res.a), _simulate(phi[:M], ref.b, ref.a)
+    assert np.sum((got - want) ** 2) <= 1e-12 * np.sum(want ** 2)
+    assert np.sum((got - linear) ** 2) <= 1e-10 * np.sum(linear ** 2)
+
+
+def test_adapt_arx_exports_the_bank_only_when_kept():
+    torch.manual_seed(0)
+    model = MetaARX(nb=8, na=4, features="none")
+    x = signal(seed=1).astype(np.float32)
+    lp = lfilter([1 - 0.877], [1, -0.877], x)
+    y = np.tanh(8 * (4 * x - 3 * lp)).astype(np.float32)
+    kept = adapt_arx(model, x, y, x.size, SR, 0, wiener_units=24)
+    assert kept.n_bank == 24 and kept.channels == model.phi.channels + 24
+    left = adapt_arx(model, x, lfilter([0.3], [1, -0.5], x).astype(np.float32), x.size, SR, 0, wiener_units=24)
+    assert left.n_bank == 0 and left.channels == model.phi.channels
+    none = adapt_arx(model, x, y, x.size, SR, 0, wiener_units=0)
+    assert none.n_bank == 0
+
+
+def test_the_bank_is_seeded_and_checked():
+    a, b = make_bank(), make_bank()
+    assert a.n_units == WIENER_UNITS and torch.equal(a.weights, b.weights) and torch.equal(a.biases, b.biases)
+    assert not torch.equal(make_bank(seed=1).weights, a.weights)
+    # every unit sees x itself, along both signs of the gain (the curves and their mirror images)
+    assert bool((a.weights[0::2, 0] > 0).all()) and bool((a.weights[1::2, 0] < 0).all())
+    assert bool(((a.poles > 0) & (a.poles < 1)).all())
+    ch = bank_channels(a, signal(0.1))
+    assert ch.shape == (WIENER_UNITS, int(0.1 * SR)) and np.all(np.abs(ch) <= 1)
+    with pytest.raises(ValueError, match="n_units >= 1"):
+        make_bank(0)
