@@ -5,6 +5,7 @@
 
     python launch/capture.py --dry in.wav --wet out.wav --out DIR [--support-seconds S] [--model M]
         [--apply song.wav --apply-out song_fx.wav] [--tracking-uri URI | --no-mlflow] [--experiment capture]
+        [--wiener-units N]
     python launch/capture.py apply --model DIR/model.ts IN OUT  # process a file with an exported model
 
 --model: a checkpoint (best.pt / checkpoint.pt or its folder), a search folder (ray_results/<name>:
@@ -13,6 +14,11 @@ shipped in metafx/shipped/. Files of any rate and channel count (mixed to mono a
 the model's rate). DIR receives results.json, prediction.wav, plots/, audio/ and model.ts (runs
 with torch alone: see metafx/export.py). Each capture is an MLflow run in the experiment
 "capture" of the project store (or --tracking-uri). The logic is metafx/capture/.
+
+--wiener-units: an ARX meta-model's head is also offered a bank of N fixed random curves of the input
+and its low-passes (metafx/wiener.py: a filter before a clipper, which the meta-learned features cannot
+express); the capture keeps them only where a cross-validation on the support seconds prefers them
+(results.json: model.wiener_units). 0 offers none.
 """
 from __future__ import annotations
 

@@ -102,6 +102,7 @@ def test_results_of_a_capture(captured, pair):
     assert set(h) == {"esr", "mae", "stft", "mrstft"} and set(b) == {"lsfir", "arx", "identity"}
     assert h["esr"] < 0.1 * b["identity"]["esr"] and h["esr"] < b["lsfir"]["esr"], (h, b)
     assert r["export"]["kind"] == "arx" and r["export"]["streaming"] and r["export"]["rtf_block256_one_thread"] > 0
+    assert r["model"]["wiener_offered"] == WIENER_UNITS and r["model"]["wiener_units"] in (0, WIENER_UNITS)
     assert r["seconds"]["capture"] > 0 and r["cpu_seconds"]["capture"] > 0 and r["warnings"] == []
     wet = sf.read(pair / "wet.wav", dtype="float32")[0]
     pred, sr = sf.read(out / "prediction.wav", dtype="float32")

@@ -166,6 +166,14 @@ def train_scratch(mm: Any, dry: np.ndarray, wet: np.ndarray, n_support: int, ste
     return MetaModel(cfg, model, mm.engine, "scratch", mm.checkpoint, steps)
 
 
+def _repo_relative(path: Path, root: Path) -> str:
+    """``path`` relative to the repository (the report names the shipped file, not this checkout's folder)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _fmt(v: Any, nd: int = 4) -> str:
     if v is None:
         return "-"
@@ -265,7 +273,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     report = {"command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load,
                           "python": platform.python_version(), "torch": torch.__version__},
-              "model": {"source": mm.source, "checkpoint": str(mm.checkpoint), "study": mm.cfg.name,
+              "model": {"source": mm.source, "checkpoint": _repo_relative(mm.checkpoint, REPO_ROOT), "study": mm.cfg.name,
                         "arch": mm.cfg.model.arch, "method": mm.cfg.maml.method},
               "heldout_from_seconds": HELDOUT_FROM, "rtf_block256": rtf, "rtf_block256_bank": rtf_bank,
               "wiener_units_offered": WIENER_UNITS, "rows": rows}
@@ -282,7 +290,7 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
                          f"the meta-model `{rep['model']['source']}`") + " on a held-out setting of every family",
         "",
         f"Command: `{rep['command']}` ({rep['date']}; {rep['machine']['cpus']} CPU cores, load average "
-        f"{', '.join(f'{x:.1f}' for x in rep['machine']['load_average'])} at the end: the machine was shared).",
+        f"{', '.join(f'{x:.1f}' for x in rep['machine']['load_average'])} at the end).",
         "",
         f"Meta-model: `{rep['model']['checkpoint']}` ({rep['model']['study']}, {rep['model']['arch']}, "
         f"{rep['model']['method']}). The capture signal rendered through one test-split setting per family "
