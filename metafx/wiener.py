@@ -38,6 +38,12 @@ LOWPASS_HZ = (100.0, 6000.0)  # corner range of those low-passes, log-spaced
 GAIN_RANGE = (1.0, 100.0)  # unit input gains, log-spaced, alternating sign
 WIENER_RIDGE = 1e-2  # relative ridge of the bank's head coefficients (to the mean Gram diagonal), prior mean 0
 WIENER_SEED = 0  # the bank is the same for every capture
+# The bank is offered only where the support holds at least this many equations per coefficient of the head
+# with it (48 units x 8 taps + the model's 229: 613 coefficients -> 39k equations, 0.8 s at 48 kHz). Chosen on
+# the shipped study's validation settings (benchmarks/capture_bank_rule.md): at 0.5 s of support (39 per
+# coefficient) the cross-validation keeps the bank where it hurts as often as where it helps; from 1 s (78) on
+# it helps.
+WIENER_MIN_EQUATIONS = 64
 
 
 @dataclass(frozen=True)
@@ -108,5 +114,5 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     return np.tanh(bank.weights.numpy() @ np.stack(rows) + bank.biases.numpy()[:, None])
 
 
-__all__ = ["GAIN_RANGE", "LOWPASS_HZ", "WIENER_LOWPASSES", "WIENER_RIDGE", "WIENER_SEED", "WIENER_UNITS", "WienerBank",
-           "bank_channels", "make_bank"]
+__all__ = ["GAIN_RANGE", "LOWPASS_HZ", "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED",
+           "WIENER_UNITS", "WienerBank", "bank_channels", "make_bank"]

@@ -5,7 +5,9 @@
 * offered the bank, the fit keeps it for a filter before a nonlinearity (a Wiener system the
   classical ARX head cannot express) and the support's cross-validation error falls; it leaves it
   out for a linear filter, whose head is then the fit without the bank;
-* the bank is seeded (the same for every capture) and its sizes are checked.
+* it is not offered on a support with fewer than WIENER_MIN_EQUATIONS equations per coefficient;
+* the bank is seeded (the same for every capture) and its sizes are checked;
+* the bank-rule benchmark's report renders from its JSON.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import pytest
 import torch
 from scipy.signal import lfilter
 
-from metafx.capture.adapt import _normal_equations, _simulate, adapt_arx, ridge_fit_continuous
+from metafx.bench.bank_rule import report_markdown
+from metafx.capture.adapt import normal_equations, simulate_head, adapt_arx, ridge_fit_continuous
 from metafx.export import ARXStream
 from metafx.models.arx import MetaARX, lagged
-from metafx.wiener import WIENER_UNITS, bank_channels, make_bank
+from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_UNITS, bank_channels, make_bank
 
 SR = 48000
 
@@ -42,7 +45,7 @@ def test_normal_equations_equal_the_explicit_regressors(M, S, nb, na, s, e):
     phi[0] = 1.0
     y = torch.randn(S, generator=g, dtype=torch.float64)
     A = explicit_regressors(phi, y, s, e, nb, na)
-    G, r = _normal_equations(phi, y, s, e, nb, na)
+    G, r = normal_equations(phi, y, s, e, nb, na)
     assert G.shape == (A.shape[1], A.shape[1])
     assert torch.allclose(G, A.T @ A, rtol=1e-12, atol=1e-9)
     assert torch.allclose(r, A.T @ y[s:e], rtol=1e-12, atol=1e-9)
@@ -75,7 +78,7 @@ def test_the_bank_is_kept_for_a_filter_before_a_nonlinearity_and_left_out_for_a_
     without, _ = fit(model, x, wiener, 0)
     assert with_bank.bank and not without.bank
     assert with_bank.cv_esr < 0.5 * without.cv_esr, (with_bank.cv_esr, without.cv_esr)
-    pred = _simulate(phi, with_bank.b, with_bank.a)
+    pred = simulate_head(phi, with_bank.b, with_bank.a)
     esr = np.sum((wiener - pred) ** 2) / np.sum(wiener ** 2)
     assert esr < with_bank.cv_esr * 2  # the final fit is at least as good as its left-out folds said
 
@@ -86,9 +89,27 @@ def test_the_bank_is_kept_for_a_filter_before_a_nonlinearity_and_left_out_for_a_
     # the head is the fit without the bank at the scale chosen (the same model: this exact fit's coefficients are
     # ill-conditioned, so its outputs are compared)
     ref = ridge_fit_continuous(model, phi[:M], torch.from_numpy(linear), scales=(res.scale,))
-    got, want = _simulate(phi[:M], res.b[:M], res.a), _simulate(phi[:M], ref.b, ref.a)
+    got, want = simulate_head(phi[:M], res.b[:M], res.a), simulate_head(phi[:M], ref.b, ref.a)
     assert np.sum((got - want) ** 2) <= 1e-12 * np.sum(want ** 2)
     assert np.sum((got - linear) ** 2) <= 1e-10 * np.sum(linear ** 2)
+
+
+def test_the_bank_is_not_offered_on_a_support_too_short_for_it():
+    torch.manual_seed(0)
+    model = MetaARX(nb=8, na=4, features="none")
+    x = signal()
+    lp = lfilter([1 - 0.877], [1, -0.877], x)
+    y = np.tanh(8 * (4 * x - 3 * lp) + 0.3)
+    bank = make_bank(24)
+    st = ARXStream(model, bank=bank)
+    with torch.no_grad():
+        phi = st.features(torch.from_numpy(x))
+    P = model.n_coef + 24 * model.nb  # coefficients of the head with the bank
+    n = 40 * P  # below WIENER_MIN_EQUATIONS (64) equations per coefficient
+    assert n < WIENER_MIN_EQUATIONS * P
+    short = ridge_fit_continuous(model, phi[:, :n], torch.from_numpy(y[:n]), n_bank=24)
+    offered = ridge_fit_continuous(model, phi[:, :n], torch.from_numpy(y[:n]), n_bank=24, bank_min_equations=0)
+    assert not short.bank and offered.bank  # the same support: only the rule keeps the bank out
 
 
 def test_adapt_arx_exports_the_bank_only_when_kept():
@@ -116,3 +137,15 @@ def test_the_bank_is_seeded_and_checked():
     assert ch.shape == (WIENER_UNITS, int(0.1 * SR)) and np.all(np.abs(ch) <= 1)
     with pytest.raises(ValueError, match="n_units >= 1"):
         make_bank(0)
+
+
+def test_the_bank_rule_report_renders_from_its_json():
+    rows = [{"family": "f", "task_id": f"f:{i}", "support_seconds": S, "equations_per_coefficient": S * 78,
+             "bank_kept": i == 0, "esr_without": 0.1, "esr_offered": 0.005 if i == 0 else 0.1}
+            for S in (0.5, 1.0) for i in range(2)]
+    rep = {"command": "python launch/bench.py bank", "date": "2026-11-30T00:00:00", "seconds": 1.0,
+           "study": "metafx/shipped/capture_arx.yaml", "heldout_from_seconds": 10.0, "head_coefficients_with_bank": 613,
+           "wiener_units": 48, "wiener_min_equations": 64, "rows": rows}
+    md = report_markdown(rep)
+    assert "| 0.5 | 39 | 1 of 2 | -0.651 | 1 | 0 | 0 / 1 |" in md, md
+    assert "| 1 | 78 | 1 of 2 |" in md and "from 64 equations per coefficient" in md

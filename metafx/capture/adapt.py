@@ -20,7 +20,7 @@ from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
 from metafx.export import ARXStream, export_network
-from metafx.wiener import WIENER_RIDGE, WIENER_UNITS, make_bank
+from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, make_bank
 
 MAX_SUPPORT_SLICES = 64  # gradient engines: support slices per adaptation (memory and time)
 
@@ -44,7 +44,7 @@ def _head_from(w: Tensor, M: int, nb: int, n_b: int) -> tuple[Tensor, Tensor]:
     return b, torch.cat([torch.ones(1, dtype=torch.float64), w[n_b:]])
 
 
-def _simulate(phi: Tensor, b: Tensor, a: Tensor) -> np.ndarray:
+def simulate_head(phi: Tensor, b: Tensor, a: Tensor) -> np.ndarray:
     """The head on precomputed features from a zero state: FIR over the feature lags, then ``1 / A(z)``.
 
     Shape: phi (M, S), b (M, nb), a (na + 1,) -> (S,).
@@ -59,7 +59,7 @@ def _simulate(phi: Tensor, b: Tensor, a: Tensor) -> np.ndarray:
     return lfilter([1.0], a.numpy(), u.numpy()) if a.numel() > 1 else u.numpy()
 
 
-def _normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int) -> tuple[Tensor, Tensor]:
+def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int) -> tuple[Tensor, Tensor]:
     """``(A^T A, A^T y)`` of the equations ``s <= t < e``, without building the regressors ``A``.
 
     ``A``'s row ``t`` is ``[1, phi[1:, t - k] for k < nb (channel-major, lag-minor), -y[t - k] for
@@ -124,6 +124,16 @@ def _normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int) 
     return G, r
 
 
+def bank_offered(model: nn.Module, n_support: int, n_bank: int, bank_min_equations: float = WIENER_MIN_EQUATIONS) -> bool:
+    """Whether a support of ``n_support`` samples is long enough to offer ``n_bank`` Wiener units to the head.
+
+    The rule of :func:`ridge_fit_continuous`: at least ``bank_min_equations`` equations (samples
+    after the ``max(nb - 1, na)`` warm-up) per coefficient of the head with the bank.
+    """
+    n_coef = model.n_coef + n_bank * model.nb
+    return n_bank > 0 and n_support - max(model.nb - 1, model.na) >= bank_min_equations * n_coef
+
+
 @dataclass(frozen=True)
 class ContinuousFit:
     """The head :func:`ridge_fit_continuous` chose.
@@ -144,13 +154,14 @@ class ContinuousFit:
 
 
 def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple[float, ...] = RIDGE_SCALES,
-                         n_bank: int = 0, bank_ridge: float = WIENER_RIDGE) -> ContinuousFit:
+                         n_bank: int = 0, bank_ridge: float = WIENER_RIDGE,
+                         bank_min_equations: float = WIENER_MIN_EQUATIONS) -> ContinuousFit:
     """The equation-error ridge fit of :meth:`metafx.models.arx.MetaARX.fit_features` over one continuous stretch.
 
     The regressors, the meta-learned per-coefficient ridge and the prior mean of the meta-trained
     fit, with every sample ``n >= max(nb - 1, na)`` of the support as an equation (features computed
     continuously, ``phi`` from :meth:`ARXStream.features`), in float64 normal equations
-    (:func:`_normal_equations`).
+    (:func:`normal_equations`).
 
     The ridge's strength is chosen on the support itself: the meta-learned relative ridge was
     learned for ``k_support`` slices, and it stays relative to the mean Gram diagonal, so with the
@@ -165,7 +176,9 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     tried without them (the model's own channels, as with ``n_bank = 0``) and with them (their
     coefficients under a relative ridge ``bank_ridge``, prior mean 0), and the candidate with the
     smallest left-out ESR wins. The normal equations are accumulated once, with the bank; the
-    fits without it use their sub-block.
+    fits without it use their sub-block. The bank is offered only where the support holds
+    ``bank_min_equations`` equations per coefficient of the head with it (below that, the
+    cross-validation picks it where it hurts as often as where it helps: metafx/wiener.py).
 
     Args:
         model: the :class:`metafx.models.arx.MetaARX`.
@@ -174,6 +187,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         scales: candidate multipliers of the meta-learned ridge.
         n_bank: bank channels at the end of ``phi`` (0: none).
         bank_ridge: their relative ridge.
+        bank_min_equations: equations per coefficient below which the bank is not offered.
 
     Returns:
         The :class:`ContinuousFit`.
@@ -195,7 +209,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     Gs = torch.zeros(CV_SEGMENTS, P, P, dtype=torch.float64)
     rs = torch.zeros(CV_SEGMENTS, P, dtype=torch.float64)
     for g in range(CV_SEGMENTS):
-        Gs[g], rs[g] = _normal_equations(phi, y, int(edges[g]), int(edges[g + 1]), nb, na)
+        Gs[g], rs[g] = normal_equations(phi, y, int(edges[g]), int(edges[g + 1]), nb, na)
     G, r = Gs.sum(0), rs.sum(0)
     with torch.no_grad():
         lb, la = model.ridge_strengths()
@@ -205,8 +219,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         prior = torch.cat([p0[: model.n_b], torch.zeros(n_bank * nb, dtype=torch.float64), p0[model.n_b:]])
     # the coefficients of each candidate model: without the bank, the model's MA block and the AR part
     without = torch.cat([torch.arange(model.n_b), torch.arange(n_b, P)])
-    # the bank is offered only where the support holds two equations per coefficient with it too
-    variants = [(False, without)] + ([(True, torch.arange(P))] if n_bank and S - warm >= 2 * P else [])
+    variants = [(False, without)] + ([(True, torch.arange(P))] if bank_offered(model, S, n_bank, bank_min_equations) else [])
 
     def solve(Gm: Tensor, rm: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         Gi, ri = Gm[idx][:, idx], rm[idx]
@@ -234,7 +247,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
                 b, a = solve(G - Gs[segs].sum(0), r - rs[segs].sum(0), idx, scale)
                 m = M if v else M - n_bank  # without the bank its rows of b are zero: leave them out
                 stop = int(edges[max(segs) + 1])  # a zero-state simulation up to the last left-out sample
-                sim = _simulate(phi[:m, :stop], b[:m], a)
+                sim = simulate_head(phi[:m, :stop], b[:m], a)
                 for g in segs:
                     lo, hi = int(edges[g]), int(edges[g + 1])
                     err += float(np.sum((yn[lo:hi] - sim[lo:hi]) ** 2))
@@ -247,7 +260,8 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
 
 
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
-              cfg: Config | None = None, fit: str = "continuous", wiener_units: int = WIENER_UNITS) -> ARXStream:
+              cfg: Config | None = None, fit: str = "continuous", wiener_units: int = WIENER_UNITS,
+              bank_min_equations: float = WIENER_MIN_EQUATIONS) -> ARXStream:
     """Adapt a :class:`metafx.models.arx.MetaARX` to the support and return its streaming export.
 
     Args:
@@ -260,6 +274,7 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             ridge engine's fit on the support slices from zero state, as in meta-training).
         wiener_units: units of the Wiener bank (:mod:`metafx.wiener`) offered to a continuous fit,
             kept only where the support's cross-validation prefers them (0: none offered).
+        bank_min_equations: see :func:`ridge_fit_continuous`.
 
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the
@@ -281,13 +296,15 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         return stream
     if fit != "continuous":
         raise ValueError(f"unknown ARX fit {fit!r}; use 'continuous' or 'slices'")
-    bank = make_bank(wiener_units, sample_rate=sr) if wiener_units > 0 else None
+    # the bank's channels are computed only where the fit may keep them
+    bank = make_bank(wiener_units, sample_rate=sr) if bank_offered(model, n_support, wiener_units, bank_min_equations) \
+        else None
     offered = stream if bank is None else ARXStream(model, sample_rate=sr, latency_samples=latency, support=support,
                                                      bank=bank)
     with torch.no_grad():
         phi = offered.features(torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64)))
         res = ridge_fit_continuous(model, phi, torch.from_numpy(np.ascontiguousarray(wet[:n_support], dtype=np.float64)),
-                                   n_bank=offered.n_bank)
+                                   n_bank=offered.n_bank, bank_min_equations=bank_min_equations)
     if res.bank:
         stream = offered
         stream.set_head(res.b, res.a)
