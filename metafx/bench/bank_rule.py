@@ -43,6 +43,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
 
     from metafx.bench.capture import render_through
     from metafx.capture import SHIPPED_DIR, adapt_arx, load_meta_model, score
+    from metafx.capture.adapt import bank_equations_per_coefficient
     from metafx.config import REPO_ROOT, load_config
     from metafx.data.tasks import load_taskset
     from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_UNITS
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                         esr[name] = score(st.process(x).numpy()[h0:], wet[h0:])["esr"]
                         kept = kept or int(st.n_bank)
                 row = {"family": fam.name, "task_id": task["id"], "support_seconds": S,
-                       "equations_per_coefficient": (n - max(model.nb - 1, model.na)) / n_coef,
+                       "equations_per_coefficient": bank_equations_per_coefficient(model, n, WIENER_UNITS),
                        "bank_kept": bool(kept), "esr_without": esr["without"], "esr_offered": esr["offered"]}
                 rows.append(row)
                 print(f"{fam.name:13s} S={S:4g} kept={row['bank_kept']!s:5s} ESR without {esr['without']:.4g} "

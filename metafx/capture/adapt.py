@@ -20,7 +20,7 @@ from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
 from metafx.export import ARXStream, export_network
-from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, make_bank
+from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, make_bank
 
 MAX_SUPPORT_SLICES = 64  # gradient engines: support slices per adaptation (memory and time)
 
@@ -107,31 +107,31 @@ def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int) -
     DF = torch.stack([D.T @ f[:, s - k: e - k].T for k in range(nb)], 2)  # (1 + na, C, nb)
     G = torch.empty(P, P, dtype=phi.dtype)
     fi = slice(1, 1 + nF)
-    di = [0] + list(range(1 + nF, P))  # the direct columns' places
-    G[fi, fi] = FF.reshape(nF, nF)
-    DD = D.T @ D
+    di = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1 + nF, P)])  # the direct columns' places
     dfl = DF.reshape(1 + na, nF)
-    for i, c in enumerate(di):
-        G[c, fi] = dfl[i]
-        G[fi, c] = dfl[i]
-        for j, c2 in enumerate(di):
-            G[c, c2] = DD[i, j]
+    G[fi, fi] = FF.reshape(nF, nF)
+    G[di[:, None], di] = D.T @ D
+    G[di, fi] = dfl
+    G[fi, di] = dfl.T
     r = torch.empty(P, dtype=phi.dtype)
-    rd = D.T @ yy
     r[fi] = torch.stack([f[:, s - k: e - k] @ yy for k in range(nb)], 1).reshape(nF)
-    for i, c in enumerate(di):
-        r[c] = rd[i]
+    r[di] = D.T @ yy
     return G, r
+
+
+def bank_equations_per_coefficient(model: nn.Module, n_support: int, n_bank: int) -> float:
+    """Equations of a support of ``n_support`` samples (after the ``max(nb - 1, na)`` warm-up) per
+    coefficient of the head with ``n_bank`` Wiener units."""
+    return (n_support - max(model.nb - 1, model.na)) / (model.n_coef + n_bank * model.nb)
 
 
 def bank_offered(model: nn.Module, n_support: int, n_bank: int, bank_min_equations: float = WIENER_MIN_EQUATIONS) -> bool:
     """Whether a support of ``n_support`` samples is long enough to offer ``n_bank`` Wiener units to the head.
 
-    The rule of :func:`ridge_fit_continuous`: at least ``bank_min_equations`` equations (samples
-    after the ``max(nb - 1, na)`` warm-up) per coefficient of the head with the bank.
+    The rule of :func:`ridge_fit_continuous`: at least ``bank_min_equations`` equations per
+    coefficient of the head with the bank (:func:`bank_equations_per_coefficient`).
     """
-    n_coef = model.n_coef + n_bank * model.nb
-    return n_bank > 0 and n_support - max(model.nb - 1, model.na) >= bank_min_equations * n_coef
+    return n_bank > 0 and bank_equations_per_coefficient(model, n_support, n_bank) >= bank_min_equations
 
 
 @dataclass(frozen=True)
@@ -240,11 +240,12 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     best, best_err = (False, without, scales[0]), math.inf
     candidates = [(v, idx, sc) for v, idx in variants for sc in scales]
     if len(candidates) > 1:
+        folds = [[k, k + CV_FOLDS] for k in range(CV_FOLDS)]
+        left_in = [(G - Gs[segs].sum(0), r - rs[segs].sum(0)) for segs in folds]  # each fold's equations, once
         for v, idx, scale in candidates:
             err = tgt = 0.0
-            for k in range(CV_FOLDS):
-                segs = [k, k + CV_FOLDS]
-                b, a = solve(G - Gs[segs].sum(0), r - rs[segs].sum(0), idx, scale)
+            for segs, (Gk, rk) in zip(folds, left_in):
+                b, a = solve(Gk, rk, idx, scale)
                 m = M if v else M - n_bank  # without the bank its rows of b are zero: leave them out
                 stop = int(edges[max(segs) + 1])  # a zero-state simulation up to the last left-out sample
                 sim = simulate_head(phi[:m, :stop], b[:m], a)
@@ -282,7 +283,10 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         ``wiener_units``).
     """
     support = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32))
-    stream = ARXStream(model, sample_rate=sr, latency_samples=latency, support=support)
+
+    def build(bank: WienerBank | None = None) -> ARXStream:
+        return ARXStream(model, sample_rate=sr, latency_samples=latency, support=support, bank=bank)
+
     if fit == "slices":
         if cfg is None:
             raise ValueError("adapt_arx(fit='slices') needs the study config")
@@ -292,6 +296,7 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         with torch.no_grad():
             head = model.fit(sx, sy)
         a = stabilize(head.a.double()[None], model.rmax)[0][0] if model.na else head.a.double()
+        stream = build()
         stream.set_head(head.b.double(), a)
         return stream
     if fit != "continuous":
@@ -299,17 +304,13 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     # the bank's channels are computed only where the fit may keep them
     bank = make_bank(wiener_units, sample_rate=sr) if bank_offered(model, n_support, wiener_units, bank_min_equations) \
         else None
-    offered = stream if bank is None else ARXStream(model, sample_rate=sr, latency_samples=latency, support=support,
-                                                     bank=bank)
+    offered = build(bank)
     with torch.no_grad():
         phi = offered.features(torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64)))
         res = ridge_fit_continuous(model, phi, torch.from_numpy(np.ascontiguousarray(wet[:n_support], dtype=np.float64)),
                                    n_bank=offered.n_bank, bank_min_equations=bank_min_equations)
-    if res.bank:
-        stream = offered
-        stream.set_head(res.b, res.a)
-    else:
-        stream.set_head(res.b[: stream.channels], res.a)
+    stream = offered if res.bank or bank is None else build()  # the bank left out: a stream without it
+    stream.set_head(res.b[: stream.channels], res.a)
     stream.ridge_scale = res.scale  # recorded in results.json (an attribute of the export module too)
     return stream
 
