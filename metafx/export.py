@@ -36,7 +36,10 @@ Per model (how the state is carried and what is precomputed at export):
   the start, a sample counter in the state). A capture may add the Wiener bank's channels
   (:mod:`metafx.wiener`, ``tanh`` of fixed directions of x and its fixed one-pole low-passes,
   float32) after the model's; their low-passes join the one-pole bank, and the file carries the
-  bank's numbers. The head ``A(z) y = sum_m B_m(z) phi_m`` is fixed
+  bank's numbers. The bank's gain units (``x min(1, l / e)``) follow peak envelopes: instant-attack
+  peak followers ``p[n] = max(|x[n]|, r p[n-1])``, computed per block exactly as a max-plus scan
+  (a cumulative maximum in the log domain, :meth:`ARXStream._peaks`) from their carried last
+  value, then one-pole smoothed in the one-pole bank. The head ``A(z) y = sum_m B_m(z) phi_m`` is fixed
   after adaptation: its FIR part carries the last ``nb - 1`` feature frames; its recursive part
   carries the last ``na`` outputs. With a network trunk (``model.arx.features``) its projected
   hidden sequence is a feature too, streamed by :class:`_LSTMTrunk` (float64, carries ``(h, c)``)
@@ -155,7 +158,9 @@ class ARXStream(nn.Module):
       a second triangular product of powers ``a^(C (j - i))``, then the carried state's
       ``a^(t+1)`` response;
     * the Wiener bank (when given): ``tanh(W [x, lp_1, .., lp_B] + c)``, (R, T), in float32 (its
-      low-passes in the one-pole bank); the head is fitted on these same channels;
+      low-passes in the one-pole bank); its gain units ``x min(1, l / e)`` (float64) over the
+      smoothed peak envelopes (peak followers by :meth:`_peaks`, their smoothing in the one-pole
+      bank); the head is fitted on these same channels;
     * FIR part: one product of the (nb, M) taps with the feature frames (the last ``nb - 1``
       carried), summed along the diagonals;
     * recursive part ``1 / A(z)``: per chunk of :data:`IIR_CHUNK` samples, the (C, C) Toeplitz
@@ -168,8 +173,8 @@ class ARXStream(nn.Module):
         a: the head's AR polynomial ``[1, a_1, ..., a_na]`` (stable: pole-clamped already).
         sample_rate: Hz; latency_samples: the capture's latency (information only).
         support: the dry support audio (T,): the BatchNorm statistics of a TCN trunk (needed only then).
-        bank: a :class:`metafx.wiener.WienerBank` whose ``R`` channels follow the model's (``b`` then has
-            ``M + R`` rows), or None.
+        bank: a :class:`metafx.wiener.WienerBank` whose ``bank.n_units`` channels (curve units, then gain
+            units) follow the model's (``b`` then has that many more rows), or None.
 
     Shape:
         forward: block (T,), state -> (T,), state. process: (T,) -> (T,). features: (T,) -> (M, T).
@@ -195,8 +200,15 @@ class ARXStream(nn.Module):
         self.n_filter = int(phi.n_filter)
         self.n_trunk = int(phi.n_trunk)
         self.n_bank = 0 if bank is None else bank.n_units  # Wiener bank channels, after the model's (metafx/wiener.py)
+        self.n_curve = 0 if bank is None else bank.n_curves  # of them: curve units, then gain units
+        self.n_gain = 0 if bank is None else bank.n_gains
         self.n_bank_lp = 0 if bank is None else bank.n_lowpass
-        self.n_pole = self.n_env + self.n_filter + self.n_bank_lp  # one-pole rows: envelopes, input filters, bank low-passes
+        self.n_peak = 0 if bank is None or not self.n_gain else int(bank.release.numel())  # peak followers
+        self.n_attack = 0 if bank is None or not self.n_gain else int(bank.attack.numel())
+        self.n_att = self.n_peak * self.n_attack  # smoothed peak envelopes (one-pole rows), release-major
+        # one-pole rows: envelopes, input filters, bank low-passes, smoothed peak envelopes
+        self.n_pole = self.n_env + self.n_filter + self.n_bank_lp + self.n_att
+        self.gain_floor = 1e-9  # metafx.wiener.GAIN_FLOOR (repeated: the exported code must not import metafx)
         self.channels += self.n_bank
         self.max_block = MAX_BLOCK
         self.env_floor = ENV_FLOOR
@@ -229,6 +241,8 @@ class ARXStream(nn.Module):
                 poles.append(torch.sigmoid(phi.filt_logit.detach().to(dt)))  # (F,)
             if bank is not None and self.n_bank_lp:
                 poles.append(bank.poles.detach().to(dt))  # (B,)
+            if bank is not None and self.n_att:
+                poles.append(bank.attack.detach().to(dt).repeat(self.n_peak))  # (Nr Na,): release-major
             if poles:
                 alpha = torch.cat(poles)  # (E + F + B,): the envelopes, the input low-passes, the bank's low-passes
                 t = torch.arange(C, dtype=dt)
@@ -261,6 +275,9 @@ class ARXStream(nn.Module):
             # is fitted on these same float32 channels (features), so the fitted model is the model that runs.
             self.bank_W = torch.zeros(0, 0) if bank is None else bank.weights.detach().to(torch.float32).contiguous()
             self.bank_c = torch.zeros(0, 1) if bank is None else bank.biases.detach().to(torch.float32)[:, None].contiguous()
+            # the gain units: log of the peak followers' coefficients (Nr,), the levels (Nl,)
+            self.peak_logr = torch.log(bank.release.detach().to(dt)) if bank is not None and self.n_gain else empty
+            self.gain_levels = bank.levels.detach().to(dt) if bank is not None and self.n_gain else empty
         self.fir_W = torch.zeros(self.nb, self.channels, dtype=dt)
         self.iir_T = torch.zeros(IIR_CHUNK, IIR_CHUNK, dtype=dt)
         self.iir_O = torch.zeros(IIR_CHUNK, self.na, dtype=dt)
@@ -294,10 +311,10 @@ class ARXStream(nn.Module):
 
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
-        """Zero state: ``[one-poles (E + F + B,), samples so far (1,), last nb-1 feature frames (M, nb-1), last na
-        outputs (na,)]`` followed by the trunk's state (none without a trunk)."""
+        """Zero state: ``[one-poles then peak followers (n_pole + n_peak,), samples so far (1,), last nb-1 feature
+        frames (M, nb-1), last na outputs (na,)]`` followed by the trunk's state (none without a trunk)."""
         dt = torch.float64
-        return [torch.zeros(self.n_pole, dtype=dt), torch.zeros(1, dtype=dt),
+        return [torch.zeros(self.n_pole + self.n_peak, dtype=dt), torch.zeros(1, dtype=dt),
                 torch.zeros(self.channels, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt)] \
             + self.trunk.initial_state()
 
@@ -326,9 +343,25 @@ class ARXStream(nn.Module):
         env = Z + self.env_pw[:, None, :] * prev[:, :, None]
         return env.reshape(self.n_pole, nch * C)[:, :T]
 
+    def _peaks(self, x: Tensor, s: Tensor) -> Tensor:
+        """The peak followers ``p[n] = max(|x[n]|, r p[n-1])`` over a block from their carried values ``s`` (Nr,).
+
+        Exact as a max-plus scan: ``p[n] = max(r^(n+1) s, max_{k<=n} r^(n-k) |x[k]|)``, in the log
+        domain ``n log r + cummax_k(log|x[k]| - k log r)`` (no overflow); |x| and ``s`` are floored
+        at ``gain_floor``, far below any gain unit's level. Shape: x (T,), s (Nr,) -> (Nr, T).
+        """
+        T = x.shape[0]
+        n = torch.arange(T, dtype=x.dtype)[None]  # (1, T)
+        lr = self.peak_logr[:, None]  # (Nr, 1)
+        lx = torch.log(x.abs().clamp_min(self.gain_floor))[None]
+        run = torch.cummax(lx - n * lr, 1)[0] + n * lr
+        carried = torch.log(s.clamp_min(self.gain_floor))[:, None] + (n + 1) * lr
+        return torch.exp(torch.maximum(run, carried))
+
     def _features(self, x: Tensor, env_s: Tensor, t0: Tensor, trunk_s: List[Tensor]
                   ) -> Tuple[Tensor, Tensor, List[Tensor]]:
-        """Feature frames of one block (T <= MAX_BLOCK), float64; returns (phi (M, T), new one-pole state, trunk state)."""
+        """Feature frames of one block (T <= MAX_BLOCK), float64; returns (phi (M, T), new one-pole and peak state,
+        trunk state)."""
         T = x.shape[0]
         xi = x[None]  # (1, T)
         chans = [torch.ones_like(xi), xi]
@@ -336,12 +369,21 @@ class ARXStream(nn.Module):
         F = self.n_filter
         poles = env_s
         if self.n_pole:
-            if F + self.n_bank_lp:  # rows: |x| for the envelopes, x for the low-passes
-                u = torch.cat([x.abs()[None].expand(E, T), xi.expand(self.n_pole - E, T)], 0)
+            peak_s = env_s[self.n_pole:]
+            nx = self.n_pole - E - self.n_att  # rows driven by x: the input filters and the bank's low-passes
+            if nx + self.n_att:  # rows: |x| for the envelopes, x for the low-passes, the peak followers
+                rows = [x.abs()[None].expand(E, T)]
+                if nx:
+                    rows.append(xi.expand(nx, T))
+                if self.n_att:
+                    peak = self._peaks(x, peak_s)  # (Nr, T)
+                    peak_s = peak[:, T - 1].clone()
+                    rows.append(peak.repeat_interleave(self.n_attack, 0))  # (Nr Na, T), release-major
+                u = torch.cat(rows, 0)
             else:
                 u = x.abs()[None]
-            poles = self._onepoles(u, env_s)
-            env_s = poles[:, T - 1].clone()
+            poles = self._onepoles(u, env_s[: self.n_pole])
+            env_s = torch.cat([poles[:, T - 1], peak_s])
         if self.n_point:
             chans.append(self._pointwise(x, poles[E:E + F]))
         if E:
@@ -358,9 +400,14 @@ class ARXStream(nn.Module):
         if self.n_trunk:
             f, trunk_s = self.trunk(x, trunk_s)
             chans.append(f)  # (n_trunk, T)
-        if self.n_bank:
-            bin_ = (torch.cat([xi, poles[E + F:]], 0) if self.n_bank_lp else xi).to(torch.float32)  # (1 + B, T)
+        if self.n_curve:
+            lps = poles[E + F:E + F + self.n_bank_lp]
+            bin_ = (torch.cat([xi, lps], 0) if self.n_bank_lp else xi).to(torch.float32)  # (1 + B, T)
             chans.append(torch.tanh(torch.addmm(self.bank_c, self.bank_W, bin_)).to(torch.float64))  # (R, T)
+        if self.n_gain:
+            env = poles[self.n_pole - self.n_att:].clamp_min(self.gain_floor)  # (Nr Na, T): smoothed peaks
+            g = (self.gain_levels[None, :, None] / env[:, None, :]).clamp_max(1.0)  # (Nr Na, Nl, T)
+            chans.append(xi * g.reshape(self.n_gain, T))  # envelope-major, level-minor
         return torch.cat(chans, 0), env_s, trunk_s
 
     def _block(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:

@@ -20,13 +20,25 @@ meta-learned, and the capture keeps it only where a cross-validation on the supp
 (:func:`metafx.capture.adapt.ridge_fit_continuous`), so families the meta-features already fit are
 left as they were.
 
+With ``dynamics`` (the default) the bank also holds *gain units* for level-dependent effects
+(limiters, compressors), whose gain follows the input's level with memory, which no curve of the
+input's current value and no linear filter can follow: ``x[n] min(1, l / e[n])`` for levels ``l``
+log-spaced over :data:`GAIN_LEVELS_DB` and envelopes ``e`` that are instant-attack peak followers
+``p[n] = max(|x[n]|, r p[n - 1])`` (release times :data:`RELEASE_S`) smoothed by a one-pole
+(attack times :data:`ATTACK_S`): the gain law of a peak limiter, ``ceiling / envelope`` capped at
+1, and sums of them any falling gain curve. The peak follower is a max-plus recursion, so a block
+computes it exactly from the carried state: ``log p[n] = max(log p[-1] + (n + 1) log r,
+n log r + cummax_k(log|x[k]| - k log r))``. Gain units enter the head at lag 0 only (one
+coefficient each: a level detector's gain has no filter after it). Measured on the shipped study's
+validation settings (benchmarks/capture_bank_rule.md) and its test settings (benchmarks/capture.md).
+
 This module only defines the bank; :class:`metafx.export.ARXStream` computes its channels (the
 exported model carries the bank's numbers, not this code).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,6 +50,11 @@ LOWPASS_HZ = (100.0, 6000.0)  # corner range of those low-passes, log-spaced
 GAIN_RANGE = (1.0, 100.0)  # unit input gains, log-spaced, alternating sign
 WIENER_RIDGE = 1e-2  # relative ridge of the bank's head coefficients (to the mean Gram diagonal), prior mean 0
 WIENER_SEED = 0  # the bank is the same for every capture
+WIENER_DYNAMICS = True  # the bank also holds gain units (peak-envelope gains, for limiters and compressors)
+RELEASE_S = (0.005, 0.05, 0.5)  # release times of the gain units' peak followers, seconds
+ATTACK_S = (0.0002, 0.002, 0.02)  # attack times (one-pole smoothing of each peak follower), seconds
+GAIN_LEVELS_DB = (-50.0, 0.0, 6)  # the gain units' levels l: from, to (dBFS), count (log-spaced)
+GAIN_FLOOR = 1e-9  # envelopes are floored here before the division (silence: gain 1)
 # The bank is offered only where the support holds at least this many equations per coefficient of the head
 # with it (48 units x 8 taps + the model's 229: 613 coefficients -> 39k equations, 0.8 s at 48 kHz). Chosen on
 # the shipped study's validation settings (benchmarks/capture_bank_rule.md): at 0.5 s of support (39 per
@@ -52,18 +69,44 @@ class WienerBank:
 
     Attributes:
         poles: one-pole coefficients ``a`` of the low-passes, (F,), float64, in (0, 1).
-        weights: each unit's input weights over ``[x, lp_1, .., lp_F]`` (gain times direction), (R, 1 + F), float64.
-        biases: each unit's offset, (R,), float64.
+        weights: each curve unit's input weights over ``[x, lp_1, .., lp_F]`` (gain times direction), (R, 1 + F),
+            float64.
+        biases: each curve unit's offset, (R,), float64.
+        release: the gain units' peak-follower coefficients ``r`` (Nr,), float64, in (0, 1); empty: no gain units.
+        attack: the one-pole coefficients smoothing each follower (Na,), float64, in [0, 1).
+        levels: the gain units' levels ``l`` (linear), (Nl,), float64, > 0.
     """
 
     poles: Tensor
     weights: Tensor
     biases: Tensor
+    release: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    attack: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    levels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+
+    @property
+    def n_curves(self) -> int:
+        """R: curve units ``tanh(w . [x, lp..] + c)``."""
+        return int(self.weights.shape[0])
+
+    @property
+    def n_envelopes(self) -> int:
+        """Nr x Na: smoothed peak envelopes, release-major."""
+        return int(self.release.numel() * self.attack.numel())
+
+    @property
+    def n_gains(self) -> int:
+        """Nr x Na x Nl: gain units ``x min(1, l / e)``, envelope-major; 0 without dynamics."""
+        return self.n_envelopes * int(self.levels.numel())
 
     @property
     def n_units(self) -> int:
-        """R: channels the bank adds."""
-        return int(self.weights.shape[0])
+        """Channels the bank adds: the curve units, then the gain units."""
+        return self.n_curves + self.n_gains
+
+    def head_coefficients(self, nb: int) -> int:
+        """Coefficients the bank adds to a head of ``nb`` taps: ``nb`` per curve unit, one per gain unit."""
+        return self.n_curves * nb + self.n_gains
 
     @property
     def n_lowpass(self) -> int:
@@ -72,14 +115,15 @@ class WienerBank:
 
 
 def make_bank(n_units: int = WIENER_UNITS, n_lowpass: int = WIENER_LOWPASSES, sample_rate: int = 48000,
-              seed: int = WIENER_SEED) -> WienerBank:
+              seed: int = WIENER_SEED, dynamics: bool = WIENER_DYNAMICS) -> WienerBank:
     """The seeded bank (see the module docstring).
 
     Args:
-        n_units: R >= 1.
+        n_units: R >= 1 curve units.
         n_lowpass: F >= 0 (0: curves of x alone).
-        sample_rate: Hz, for the low-pass corners.
+        sample_rate: Hz, for the low-pass corners and the gain units' time constants.
         seed: the random directions and offsets.
+        dynamics: add the gain units (``len(RELEASE_S) x len(ATTACK_S) x GAIN_LEVELS_DB[2]`` of them).
 
     Returns:
         The :class:`WienerBank`.
@@ -98,21 +142,40 @@ def make_bank(n_units: int = WIENER_UNITS, n_lowpass: int = WIENER_LOWPASSES, sa
     g = np.logspace(math.log10(GAIN_RANGE[0]), math.log10(GAIN_RANGE[1]), n_units) \
         * np.where(np.arange(n_units) % 2 == 0, 1.0, -1.0)
     c = rng.uniform(-1.0, 1.0, n_units)
-    return WienerBank(torch.from_numpy(poles), torch.from_numpy(g[:, None] * d), torch.from_numpy(c))
+    if not dynamics:
+        return WienerBank(torch.from_numpy(poles), torch.from_numpy(g[:, None] * d), torch.from_numpy(c))
+    release = np.exp(-1.0 / (np.asarray(RELEASE_S) * sample_rate))
+    attack = np.exp(-1.0 / (np.asarray(ATTACK_S) * sample_rate))
+    levels = 10.0 ** (np.linspace(GAIN_LEVELS_DB[0], GAIN_LEVELS_DB[1], int(GAIN_LEVELS_DB[2])) / 20.0)
+    return WienerBank(torch.from_numpy(poles), torch.from_numpy(g[:, None] * d), torch.from_numpy(c),
+                      torch.from_numpy(release), torch.from_numpy(attack), torch.from_numpy(levels))
 
 
 def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
-    """The bank's channels of a whole signal from a zero state, float64, (R, T): a reference (scipy) computation.
+    """The bank's channels of a whole signal from a zero state, float64, (n_units, T): a reference computation.
 
-    The exported model computes the same channels block by block (:class:`metafx.export.ARXStream`);
-    tests compare the two.
+    Written as the recursions themselves (scipy's ``lfilter`` for the one-poles, a sample loop for the
+    peak followers); the exported model computes the same channels block by block
+    (:class:`metafx.export.ARXStream`) and tests compare the two.
     """
     from scipy.signal import lfilter
 
     x = np.asarray(x, dtype=np.float64)
     rows = [x] + [lfilter([1.0 - a], [1.0, -a], x) for a in bank.poles.tolist()]
-    return np.tanh(bank.weights.numpy() @ np.stack(rows) + bank.biases.numpy()[:, None])
+    out = [np.tanh(bank.weights.numpy() @ np.stack(rows) + bank.biases.numpy()[:, None])]
+    if bank.n_gains:
+        r = bank.release.numpy()
+        peak = np.zeros((r.size, x.size))
+        p = np.zeros(r.size)
+        for n, v in enumerate(np.abs(x)):
+            p = np.maximum(v, r * p)
+            peak[:, n] = p
+        env = [lfilter([1.0 - a], [1.0, -a], peak[i]) for i in range(r.size) for a in bank.attack.tolist()]
+        for e in env:
+            out.append(x[None] * np.minimum(1.0, bank.levels.numpy()[:, None] / np.maximum(e, GAIN_FLOOR)[None]))
+    return np.concatenate(out, 0)
 
 
-__all__ = ["GAIN_RANGE", "LOWPASS_HZ", "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED",
-           "WIENER_UNITS", "WienerBank", "bank_channels", "make_bank"]
+__all__ = ["ATTACK_S", "GAIN_FLOOR", "GAIN_LEVELS_DB", "GAIN_RANGE", "LOWPASS_HZ", "RELEASE_S", "WIENER_DYNAMICS",
+           "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED", "WIENER_UNITS", "WienerBank",
+           "bank_channels", "make_bank"]

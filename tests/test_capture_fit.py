@@ -5,6 +5,9 @@
 * offered the bank, the fit keeps it for a filter before a nonlinearity (a Wiener system the
   classical ARX head cannot express) and the support's cross-validation error falls; it leaves it
   out for a linear filter, whose head is then the fit without the bank;
+* offered the bank with its gain units, the fit keeps them for a peak limiter (a gain that follows
+  the level with memory) and the left-out error falls far below the bank without them; gain units
+  are fitted at lag 0 only;
 * it is not offered on a support with fewer than WIENER_MIN_EQUATIONS equations per coefficient;
 * the bank is seeded (the same for every capture) and its sizes are checked;
 * the bank-rule benchmark's report renders from its JSON.
@@ -59,12 +62,35 @@ def signal(seconds: float = 2.0, seed: int = 0) -> np.ndarray:
     return (rng.standard_normal(n) * level).astype(np.float64)
 
 
-def fit(model: MetaARX, x: np.ndarray, y: np.ndarray, units: int):
-    bank = make_bank(units) if units else None
+def fit(model: MetaARX, x: np.ndarray, y: np.ndarray, units: int, dynamics: bool = True):
+    bank = make_bank(units, dynamics=dynamics) if units else None
     st = ARXStream(model, bank=bank)
     with torch.no_grad():
         phi = st.features(torch.from_numpy(x))
-        return ridge_fit_continuous(model, phi, torch.from_numpy(y), n_bank=st.n_bank), phi
+        return ridge_fit_continuous(model, phi, torch.from_numpy(y), n_bank=st.n_bank, n_gain=st.n_gain), phi
+
+
+def peak_limiter(x: np.ndarray, ceiling: float, attack_s: float, release_s: float) -> np.ndarray:
+    """A feed-forward peak limiter unlike the bank's grid: a one-pole attack on the rise, release on the fall."""
+    ra, rr = np.exp(-1 / (attack_s * SR)), np.exp(-1 / (release_s * SR))
+    env, out = 0.0, np.empty_like(x)
+    for n, v in enumerate(np.abs(x)):
+        env = ra * env + (1 - ra) * v if v > env else rr * env
+        out[n] = x[n] * min(1.0, ceiling / max(env, 1e-9))
+    return out
+
+
+def test_the_gain_units_fit_a_peak_limiter():
+    torch.manual_seed(0)
+    model = MetaARX(nb=8, na=4, features="none")
+    x = signal(seed=2)
+    y = peak_limiter(x, 10 ** (-20 / 20), attack_s=0.001, release_s=0.1)
+    gains, phi = fit(model, x, y, 24)
+    curves, _ = fit(model, x, y, 24, dynamics=False)
+    assert gains.bank and gains.cv_esr < 0.25 * curves.cv_esr, (gains.cv_esr, curves.cv_esr)
+    n_gain = make_bank(24).n_gains
+    assert n_gain == 54 and torch.all(gains.b[-n_gain:, 1:] == 0)  # lag 0 only
+    assert torch.any(gains.b[-n_gain:, 0] != 0)
 
 
 def test_the_bank_is_kept_for_a_filter_before_a_nonlinearity_and_left_out_for_a_linear_filter():
@@ -104,11 +130,13 @@ def test_the_bank_is_not_offered_on_a_support_too_short_for_it():
     st = ARXStream(model, bank=bank)
     with torch.no_grad():
         phi = st.features(torch.from_numpy(x))
-    P = model.n_coef + 24 * model.nb  # coefficients of the head with the bank
+    P = model.n_coef + 24 * model.nb + bank.n_gains  # coefficients of the head with the bank (gain units: one each)
+    assert P == model.n_coef + bank.head_coefficients(model.nb)
     n = 40 * P  # below WIENER_MIN_EQUATIONS (64) equations per coefficient
     assert n < WIENER_MIN_EQUATIONS * P
-    short = ridge_fit_continuous(model, phi[:, :n], torch.from_numpy(y[:n]), n_bank=24)
-    offered = ridge_fit_continuous(model, phi[:, :n], torch.from_numpy(y[:n]), n_bank=24, bank_min_equations=0)
+    kw = {"n_bank": bank.n_units, "n_gain": bank.n_gains}
+    short = ridge_fit_continuous(model, phi[:, :n], torch.from_numpy(y[:n]), **kw)
+    offered = ridge_fit_continuous(model, phi[:, :n], torch.from_numpy(y[:n]), bank_min_equations=0, **kw)
     assert not short.bank and offered.bank  # the same support: only the rule keeps the bank out
 
 
@@ -119,22 +147,31 @@ def test_adapt_arx_exports_the_bank_only_when_kept():
     lp = lfilter([1 - 0.877], [1, -0.877], x)
     y = np.tanh(8 * (4 * x - 3 * lp)).astype(np.float32)
     kept = adapt_arx(model, x, y, x.size, SR, 0, wiener_units=24)
-    assert kept.n_bank == 24 and kept.channels == model.phi.channels + 24
+    n = make_bank(24).n_units  # 24 curve units and the gain units
+    assert kept.bank_offered and kept.n_bank == n and kept.n_curve == 24 and kept.channels == model.phi.channels + n
     left = adapt_arx(model, x, lfilter([0.3], [1, -0.5], x).astype(np.float32), x.size, SR, 0, wiener_units=24)
     assert left.n_bank == 0 and left.channels == model.phi.channels
     none = adapt_arx(model, x, y, x.size, SR, 0, wiener_units=0)
-    assert none.n_bank == 0
+    assert none.n_bank == 0 and not none.bank_offered
+    short = adapt_arx(model, x, y, 4000, SR, 0, wiener_units=24)  # too short for the bank: not offered
+    assert short.n_bank == 0 and not short.bank_offered
 
 
 def test_the_bank_is_seeded_and_checked():
     a, b = make_bank(), make_bank()
-    assert a.n_units == WIENER_UNITS and torch.equal(a.weights, b.weights) and torch.equal(a.biases, b.biases)
+    assert a.n_curves == WIENER_UNITS and torch.equal(a.weights, b.weights) and torch.equal(a.biases, b.biases)
     assert not torch.equal(make_bank(seed=1).weights, a.weights)
     # every unit sees x itself, along both signs of the gain (the curves and their mirror images)
     assert bool((a.weights[0::2, 0] > 0).all()) and bool((a.weights[1::2, 0] < 0).all())
     assert bool(((a.poles > 0) & (a.poles < 1)).all())
     ch = bank_channels(a, signal(0.1))
-    assert ch.shape == (WIENER_UNITS, int(0.1 * SR)) and np.all(np.abs(ch) <= 1)
+    assert ch.shape == (a.n_units, int(0.1 * SR)) and np.all(np.abs(ch[: a.n_curves]) <= 1)
+    assert a.n_units == WIENER_UNITS + a.n_gains and a.n_gains == 54
+    assert make_bank(dynamics=False).n_units == WIENER_UNITS
+    # a gain unit: x times a gain in (0, 1], the gain falling as the level rises over the unit's level
+    x = signal(0.1)
+    gain = ch[a.n_curves:] / np.where(x == 0, 1, x)[None]
+    assert np.all(gain <= 1 + 1e-12) and np.all(gain > 0)
     with pytest.raises(ValueError, match="n_units >= 1"):
         make_bank(0)
 
@@ -149,3 +186,4 @@ def test_the_bank_rule_report_renders_from_its_json():
     md = report_markdown(rep)
     assert "| 0.5 | 39 | 1 of 2 | -0.651 | 1 | 0 | 0 / 1 |" in md, md
     assert "| 1 | 78 | 1 of 2 |" in md and "from 64 equations per coefficient" in md
+    assert "| f | 2 | 1 | 0.1 | 0.0525 |" in md, md  # per family at the longest support

@@ -100,7 +100,8 @@ def arx_export(request):
     a = stabilize(head.a[None], m.rmax)[0][0]
     bank = None
     if request.param in BANKED:  # the bank's rows of the head: small random taps (the export computes any head)
-        bank = make_bank(5, 2)
+        # with its gain units (peak followers, their smoothing in the one-pole bank), except for the classical model
+        bank = make_bank(5, 2, dynamics=request.param != "classical + Wiener bank")
         extra = torch.randn(bank.n_units, m.nb, generator=torch.Generator().manual_seed(4)) * 0.05
         head = ARXHead(torch.cat([head.b, extra]), head.a)
     return m, head, x, ARXStream(m, head.b, a, sample_rate=48000, latency_samples=7, support=support, bank=bank)
@@ -117,7 +118,8 @@ def test_arx_export_computes_the_fitted_head(arx_export):
             ref_feats = m.feats(x[:1])[0].double()
             got = st.process(x[0, 0].double())
         assert (feats[:M] - ref_feats).abs().max().item() <= 1e-4
-        ref_bank = bank_channels(make_bank(5, 2), x[0, 0].double().numpy())
+        ref_bank = bank_channels(make_bank(5, 2, dynamics=bool(st.n_gain)), x[0, 0].double().numpy())
+        assert st.n_bank == 5 + (54 if st.n_gain else 0) and ref_bank.shape[0] == st.n_bank
         assert np.abs(feats[M:].numpy() - ref_bank).max() <= 1e-5
         want = lfilter([1.0], st.a.numpy(), sum(np.convolve(feats[c].numpy(), head.b[c].detach().double().numpy())[: x.shape[-1]]
                                                for c in range(feats.shape[0])))

@@ -46,7 +46,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     from metafx.capture.adapt import bank_equations_per_coefficient
     from metafx.config import REPO_ROOT, load_config
     from metafx.data.tasks import load_taskset
-    from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_UNITS
+    from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_UNITS, make_bank
 
     ap = argparse.ArgumentParser(prog="bench bank")
     ap.add_argument("--per-family", type=int, default=2, help="validation settings per family")
@@ -67,7 +67,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     ts = load_taskset(cfg.data, progress=False)
     cache = Path(opts.cache) if opts.cache else Path(tempfile.mkdtemp(prefix="metafx-bench-bank-"))
     h0 = int(HELDOUT_FROM * sr)
-    n_coef = model.n_coef + WIENER_UNITS * model.nb
+    bank = make_bank(WIENER_UNITS, sample_rate=sr)
+    n_coef = model.n_coef + bank.head_coefficients(model.nb)
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()
     for fam in cfg.data.families:
@@ -86,7 +87,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                         esr[name] = score(st.process(x).numpy()[h0:], wet[h0:])["esr"]
                         kept = kept or int(st.n_bank)
                 row = {"family": fam.name, "task_id": task["id"], "support_seconds": S,
-                       "equations_per_coefficient": bank_equations_per_coefficient(model, n, WIENER_UNITS),
+                       "equations_per_coefficient": bank_equations_per_coefficient(model, n, bank.n_units,
+                                                                                   bank.n_gains),
                        "bank_kept": bool(kept), "esr_without": esr["without"], "esr_offered": esr["offered"]}
                 rows.append(row)
                 print(f"{fam.name:13s} S={S:4g} kept={row['bank_kept']!s:5s} ESR without {esr['without']:.4g} "
@@ -94,7 +96,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     report = {"command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
               "seconds": time.perf_counter() - t_all, "load_average": os.getloadavg(),
               "study": str(study.relative_to(REPO_ROOT)), "split": "val", "heldout_from_seconds": HELDOUT_FROM,
-              "wiener_units": WIENER_UNITS, "head_coefficients_with_bank": n_coef,
+              "wiener_units": WIENER_UNITS, "wiener_gain_units": bank.n_gains, "head_coefficients_with_bank": n_coef,
               "wiener_min_equations": WIENER_MIN_EQUATIONS, "rows": rows}
     (out_dir / "capture_bank_rule.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
     (out_dir / "capture_bank_rule.md").write_text(report_markdown(report), encoding="utf-8")
@@ -109,7 +111,8 @@ def report_markdown(rep: dict[str, Any]) -> str:
              f"Command: `{rep['command']}` ({rep['date']}, {rep['seconds']:.0f} s, 2 CPU cores). "
              f"Settings: the validation split of `{rep['study']}` ({len({r['task_id'] for r in rows})} settings); "
              f"held-out ESR from {rep['heldout_from_seconds']:g} s to the end of the capture signal. The head with "
-             f"the bank has {rep['head_coefficients_with_bank']} coefficients ({rep['wiener_units']} units).", "",
+             f"the bank has {rep['head_coefficients_with_bank']} coefficients ({rep['wiener_units']} curve units, "
+             f"{rep.get('wiener_gain_units', 0)} gain units).", "",
              "| support s | equations / coefficient | bank kept | mean log10(ESR offered / without) | "
              f"better > {RATIO}x | worse > {RATIO}x | ESR <= 0.01 without / offered |", "|---|---|---|---|---|---|---|"]
     for S in sorted({r["support_seconds"] for r in rows}):
@@ -121,7 +124,14 @@ def report_markdown(rep: dict[str, Any]) -> str:
                      f"{sum(r['esr_offered'] <= 0.01 for r in rs)} |")
     lines += ["", f"The rule in use: the bank is offered from {rep['wiener_min_equations']} equations per coefficient "
               "(metafx/wiener.py `WIENER_MIN_EQUATIONS`).", ""]
-    return "\n".join(lines)
+    longest = max(r["support_seconds"] for r in rows)
+    lines += [f"Per family at {longest:g} s of support (held-out ESR, the mean over its settings):", "",
+              "| family | settings | bank kept | ESR without | ESR offered |", "|---|---|---|---|---|"]
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        rs = [r for r in rows if r["family"] == fam and r["support_seconds"] == longest]
+        lines.append(f"| {fam} | {len(rs)} | {sum(r['bank_kept'] for r in rs)} | "
+                     f"{np.mean([r['esr_without'] for r in rs]):.4g} | {np.mean([r['esr_offered'] for r in rs]):.4g} |")
+    return "\n".join(lines) + "\n"
 
 
 __all__ = ["main", "report_markdown"]

@@ -119,19 +119,22 @@ def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int) -
     return G, r
 
 
-def bank_equations_per_coefficient(model: nn.Module, n_support: int, n_bank: int) -> float:
+def bank_equations_per_coefficient(model: nn.Module, n_support: int, n_bank: int, n_gain: int = 0) -> float:
     """Equations of a support of ``n_support`` samples (after the ``max(nb - 1, na)`` warm-up) per
-    coefficient of the head with ``n_bank`` Wiener units."""
-    return (n_support - max(model.nb - 1, model.na)) / (model.n_coef + n_bank * model.nb)
+    coefficient of the head with ``n_bank`` Wiener bank channels, the last ``n_gain`` of them gain
+    units (one coefficient each; the others ``nb``)."""
+    return (n_support - max(model.nb - 1, model.na)) / (model.n_coef + (n_bank - n_gain) * model.nb + n_gain)
 
 
-def bank_offered(model: nn.Module, n_support: int, n_bank: int, bank_min_equations: float = WIENER_MIN_EQUATIONS) -> bool:
-    """Whether a support of ``n_support`` samples is long enough to offer ``n_bank`` Wiener units to the head.
+def bank_offered(model: nn.Module, n_support: int, n_bank: int, bank_min_equations: float = WIENER_MIN_EQUATIONS,
+                 n_gain: int = 0) -> bool:
+    """Whether a support of ``n_support`` samples is long enough to offer ``n_bank`` Wiener bank channels (the last
+    ``n_gain`` of them gain units) to the head.
 
     The rule of :func:`ridge_fit_continuous`: at least ``bank_min_equations`` equations per
     coefficient of the head with the bank (:func:`bank_equations_per_coefficient`).
     """
-    return n_bank > 0 and bank_equations_per_coefficient(model, n_support, n_bank) >= bank_min_equations
+    return n_bank > 0 and bank_equations_per_coefficient(model, n_support, n_bank, n_gain) >= bank_min_equations
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ class ContinuousFit:
 
 def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple[float, ...] = RIDGE_SCALES,
                          n_bank: int = 0, bank_ridge: float = WIENER_RIDGE,
-                         bank_min_equations: float = WIENER_MIN_EQUATIONS) -> ContinuousFit:
+                         bank_min_equations: float = WIENER_MIN_EQUATIONS, n_gain: int = 0) -> ContinuousFit:
     """The equation-error ridge fit of :meth:`metafx.models.arx.MetaARX.fit_features` over one continuous stretch.
 
     The regressors, the meta-learned per-coefficient ridge and the prior mean of the meta-trained
@@ -178,7 +181,9 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     smallest left-out ESR wins. The normal equations are accumulated once, with the bank; the
     fits without it use their sub-block. The bank is offered only where the support holds
     ``bank_min_equations`` equations per coefficient of the head with it (below that, the
-    cross-validation picks it where it hurts as often as where it helps: metafx/wiener.py).
+    cross-validation picks it where it hurts as often as where it helps: metafx/wiener.py). The
+    bank's last ``n_gain`` channels are gain units, fitted at lag 0 only (their other lags' rows
+    of ``b`` are zero).
 
     Args:
         model: the :class:`metafx.models.arx.MetaARX`.
@@ -188,6 +193,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         n_bank: bank channels at the end of ``phi`` (0: none).
         bank_ridge: their relative ridge.
         bank_min_equations: equations per coefficient below which the bank is not offered.
+        n_gain: of the ``n_bank`` channels, the last ``n_gain`` are gain units (lag 0 only).
 
     Returns:
         The :class:`ContinuousFit`.
@@ -219,7 +225,12 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         prior = torch.cat([p0[: model.n_b], torch.zeros(n_bank * nb, dtype=torch.float64), p0[model.n_b:]])
     # the coefficients of each candidate model: without the bank, the model's MA block and the AR part
     without = torch.cat([torch.arange(model.n_b), torch.arange(n_b, P)])
-    variants = [(False, without)] + ([(True, torch.arange(P))] if bank_offered(model, S, n_bank, bank_min_equations) else [])
+    # with the bank: every column but the gain units' lags >= 1 (channel c >= 1, lag k: column 1 + (c - 1) nb + k)
+    keep = torch.ones(P, dtype=torch.bool)
+    if n_gain:
+        keep[1 + (M - 1 - n_gain) * nb: 1 + (M - 1) * nb] = (torch.arange(n_gain * nb) % nb) == 0
+    variants = [(False, without)] + ([(True, torch.nonzero(keep).flatten())]
+                                     if bank_offered(model, S, n_bank, bank_min_equations, n_gain) else [])
 
     def solve(Gm: Tensor, rm: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         Gi, ri = Gm[idx][:, idx], rm[idx]
@@ -273,14 +284,16 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         cfg: the study (``maml`` section) for ``fit="slices"``.
         fit: ``"continuous"`` (:func:`ridge_fit_continuous`, the default) or ``"slices"`` (the
             ridge engine's fit on the support slices from zero state, as in meta-training).
-        wiener_units: units of the Wiener bank (:mod:`metafx.wiener`) offered to a continuous fit,
-            kept only where the support's cross-validation prefers them (0: none offered).
+        wiener_units: curve units of the Wiener bank (:mod:`metafx.wiener`, with its gain units)
+            offered to a continuous fit, kept only where the support's cross-validation prefers them
+            (0: no bank offered).
         bank_min_equations: see :func:`ridge_fit_continuous`.
 
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the
-        attributes ``ridge_scale`` (the chosen multiplier) and ``n_bank`` (bank channels kept, 0 or
-        ``wiener_units``).
+        attributes ``ridge_scale`` (the chosen multiplier), ``bank_offered`` (whether the support
+        was long enough to offer the bank) and ``n_bank`` (bank channels kept: 0, or the bank's
+        curve and gain units, ``n_curve`` and ``n_gain``).
     """
     support = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32))
 
@@ -302,16 +315,18 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     if fit != "continuous":
         raise ValueError(f"unknown ARX fit {fit!r}; use 'continuous' or 'slices'")
     # the bank's channels are computed only where the fit may keep them
-    bank = make_bank(wiener_units, sample_rate=sr) if bank_offered(model, n_support, wiener_units, bank_min_equations) \
-        else None
+    bank = make_bank(wiener_units, sample_rate=sr) if wiener_units > 0 else None
+    if bank is not None and not bank_offered(model, n_support, bank.n_units, bank_min_equations, bank.n_gains):
+        bank = None
     offered = build(bank)
     with torch.no_grad():
         phi = offered.features(torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64)))
         res = ridge_fit_continuous(model, phi, torch.from_numpy(np.ascontiguousarray(wet[:n_support], dtype=np.float64)),
-                                   n_bank=offered.n_bank, bank_min_equations=bank_min_equations)
+                                   n_bank=offered.n_bank, bank_min_equations=bank_min_equations, n_gain=offered.n_gain)
     stream = offered if res.bank or bank is None else build()  # the bank left out: a stream without it
     stream.set_head(res.b[: stream.channels], res.a)
     stream.ridge_scale = res.scale  # recorded in results.json (an attribute of the export module too)
+    stream.bank_offered = bank is not None
     return stream
 
 
