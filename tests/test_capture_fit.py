@@ -40,18 +40,26 @@ def explicit_regressors(phi: torch.Tensor, y: torch.Tensor, s: int, e: int, nb: 
     return torch.cat(cols, 1)
 
 
-@pytest.mark.parametrize("M, S, nb, na, s, e", [(5, 400, 4, 6, 6, 400), (5, 400, 8, 3, 100, 250), (3, 300, 1, 0, 0, 300),
-                                                (4, 300, 3, 0, 2, 150), (6, 500, 8, 12, 12, 499)])
-def test_normal_equations_equal_the_explicit_regressors(M, S, nb, na, s, e):
+@pytest.mark.parametrize("M, S, nb, na, s, e, n_lag0", [(5, 400, 4, 6, 6, 400, 0), (5, 400, 8, 3, 100, 250, 0),
+                                                        (3, 300, 1, 0, 0, 300, 0), (4, 300, 3, 0, 2, 150, 0),
+                                                        (6, 500, 8, 12, 12, 499, 0), (6, 500, 8, 12, 12, 499, 2),
+                                                        (5, 400, 4, 6, 6, 400, 4), (4, 300, 3, 0, 2, 150, 1)])
+def test_normal_equations_equal_the_explicit_regressors(M, S, nb, na, s, e, n_lag0):
     g = torch.Generator().manual_seed(M * S + nb)
     phi = torch.randn(M, S, generator=g, dtype=torch.float64)
     phi[0] = 1.0
     y = torch.randn(S, generator=g, dtype=torch.float64)
     A = explicit_regressors(phi, y, s, e, nb, na)
-    G, r = normal_equations(phi, y, s, e, nb, na)
+    G, r = normal_equations(phi, y, s, e, nb, na, n_lag0)
     assert G.shape == (A.shape[1], A.shape[1])
-    assert torch.allclose(G, A.T @ A, rtol=1e-12, atol=1e-9)
-    assert torch.allclose(r, A.T @ y[s:e], rtol=1e-12, atol=1e-9)
+    # the columns in use: every one but the lags >= 1 of the last n_lag0 channels (those are zero)
+    used = torch.ones(A.shape[1], dtype=torch.bool)
+    for c in range(M - 1 - n_lag0, M - 1):
+        used[1 + c * nb + 1: 1 + (c + 1) * nb] = False
+    want_G, want_r = A.T @ A, A.T @ y[s:e]
+    assert torch.allclose(G[used][:, used], want_G[used][:, used], rtol=1e-12, atol=1e-9)
+    assert torch.allclose(r[used], want_r[used], rtol=1e-12, atol=1e-9)
+    assert not G[~used].any() and not G[:, ~used].any() and not r[~used].any()
 
 
 def signal(seconds: float = 2.0, seed: int = 0) -> np.ndarray:

@@ -59,7 +59,8 @@ def simulate_head(phi: Tensor, b: Tensor, a: Tensor) -> np.ndarray:
     return lfilter([1.0], a.numpy(), u.numpy()) if a.numel() > 1 else u.numpy()
 
 
-def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int) -> tuple[Tensor, Tensor]:
+def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int, n_lag0: int = 0
+                     ) -> tuple[Tensor, Tensor]:
     """``(A^T A, A^T y)`` of the equations ``s <= t < e``, without building the regressors ``A``.
 
     ``A``'s row ``t`` is ``[1, phi[1:, t - k] for k < nb (channel-major, lag-minor), -y[t - k] for
@@ -72,39 +73,54 @@ def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int) -
     ``k`` boundary terms at each end give every block, ``nb`` times fewer products. The blocks
     with the DC column and the AR columns (``-y`` lags) are computed directly.
 
+    With ``n_lag0`` the last ``n_lag0`` channels are used at lag 0 only (the Wiener bank's gain
+    units): their columns of lags ``>= 1`` are left zero in ``G`` and ``r`` (the caller leaves them
+    out of the solve), and the correlations at lags ``>= 1`` are computed against the other
+    channels only.
+
     Args:
         phi: features (M, S), float64, channel 0 the constant.
         y: the wet (S,), float64.
         s, e: the equations' sample range, ``max(nb - 1, na) <= s < e <= S``.
         nb, na: MA taps per channel, AR order.
+        n_lag0: trailing channels used at lag 0 only.
 
     Returns:
         ``(G (P, P), r (P,))``, ``P = 1 + (M - 1) nb + na``.
     """
     M = phi.shape[0]
     C = M - 1
+    L = C - n_lag0  # the channels with every lag come first
     nF = C * nb
     P = 1 + nF + na
     f = phi[1:]  # (C, S): the lagged channels
+    fl = f[:L]
     # the directly built columns: DC, then -y lags 1..na, (rows, 1 + na)
     D = torch.empty(e - s, 1 + na, dtype=phi.dtype)
     D[:, 0] = phi[0, s:e]
     for k in range(1, na + 1):
         D[:, k] = -y[s - k: e - k]
     yy = y[s:e]
-    FF = torch.empty(C, nb, C, nb, dtype=phi.dtype)  # [m, k, m', k']
-    corr = [f[:, s:e] @ f[:, s - d: e - d].T for d in range(nb)]  # B_d = sum_{u=s}^{e-1} f[u] f[u-d]^T
-    for k in range(nb):
+    FF = torch.zeros(C, nb, C, nb, dtype=phi.dtype)  # [m, k, m', k']
+    # B_d = sum_{u=s}^{e-1} f[u] f[u-d]^T; at d >= 1 the lagged side is a channel with every lag, (C, L)
+    corr = [f[:, s:e] @ f[:, s:e].T] + [f[:, s:e] @ fl[:, s - d: e - d].T for d in range(1, nb)]
+    FF[:, 0, :, 0] = corr[0]
+    for d in range(1, nb):  # lag 0 against lag d
+        FF[:, 0, :L, d] = corr[d]
+        FF[:L, d, :, 0] = corr[d].T
+    for k in range(1, nb):  # both lags >= 1: channels with every lag only
         for k2 in range(k, nb):
             d = k2 - k
-            blk = corr[d].clone()
-            if k:  # u over [s-k, e-k) instead of [s, e)
-                blk += f[:, s - k: s] @ f[:, s - k - d: s - d].T
-                blk -= f[:, e - k: e] @ f[:, e - k - d: e - d].T
-            FF[:, k, :, k2] = blk
+            blk = corr[d][:L, :L].clone()  # u over [s-k, e-k) instead of [s, e)
+            blk += fl[:, s - k: s] @ fl[:, s - k - d: s - d].T
+            blk -= fl[:, e - k: e] @ fl[:, e - k - d: e - d].T
+            FF[:L, k, :L, k2] = blk
             if k2 != k:
-                FF[:, k2, :, k] = blk.T
-    DF = torch.stack([D.T @ f[:, s - k: e - k].T for k in range(nb)], 2)  # (1 + na, C, nb)
+                FF[:L, k2, :L, k] = blk.T
+    DF = torch.zeros(1 + na, C, nb, dtype=phi.dtype)
+    DF[:, :, 0] = D.T @ f[:, s:e].T
+    for k in range(1, nb):
+        DF[:, :L, k] = D.T @ fl[:, s - k: e - k].T
     G = torch.empty(P, P, dtype=phi.dtype)
     fi = slice(1, 1 + nF)
     di = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1 + nF, P)])  # the direct columns' places
@@ -114,7 +130,11 @@ def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int) -
     G[di, fi] = dfl
     G[fi, di] = dfl.T
     r = torch.empty(P, dtype=phi.dtype)
-    r[fi] = torch.stack([f[:, s - k: e - k] @ yy for k in range(nb)], 1).reshape(nF)
+    rf = torch.zeros(C, nb, dtype=phi.dtype)
+    rf[:, 0] = f[:, s:e] @ yy
+    for k in range(1, nb):
+        rf[:L, k] = fl[:, s - k: e - k] @ yy
+    r[fi] = rf.reshape(nF)
     r[di] = D.T @ yy
     return G, r
 
@@ -215,7 +235,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     Gs = torch.zeros(CV_SEGMENTS, P, P, dtype=torch.float64)
     rs = torch.zeros(CV_SEGMENTS, P, dtype=torch.float64)
     for g in range(CV_SEGMENTS):
-        Gs[g], rs[g] = normal_equations(phi, y, int(edges[g]), int(edges[g + 1]), nb, na)
+        Gs[g], rs[g] = normal_equations(phi, y, int(edges[g]), int(edges[g + 1]), nb, na, n_gain)
     G, r = Gs.sum(0), rs.sum(0)
     with torch.no_grad():
         lb, la = model.ridge_strengths()
