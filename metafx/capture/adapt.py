@@ -44,19 +44,32 @@ def _head_from(w: Tensor, M: int, nb: int, n_b: int) -> tuple[Tensor, Tensor]:
     return b, torch.cat([torch.ones(1, dtype=torch.float64), w[n_b:]])
 
 
-def simulate_head(phi: Tensor, b: Tensor, a: Tensor) -> np.ndarray:
-    """The head on precomputed features from a zero state: FIR over the feature lags, then ``1 / A(z)``.
+def simulate_heads(phi: Tensor, heads: list[tuple[Tensor, Tensor]]) -> list[np.ndarray]:
+    """Several heads on the same precomputed features from a zero state: FIR over the feature lags, then ``1 / A(z)``.
 
-    Shape: phi (M, S), b (M, nb), a (na + 1,) -> (S,).
+    The taps of every head are applied in one product (the features, hundreds of MB for seconds of
+    a banked head, are read once, not once per head: the cross-validation simulates a head per
+    ridge scale).
+
+    Shape: phi (M, S), each head ``(b (M, nb), a (na + 1,))`` -> a list of (S,).
     """
     from scipy.signal import lfilter
 
     M, S = phi.shape
-    Z = b.T @ phi  # (nb, S): tap j of every channel, one product
-    u = Z[0].clone()
-    for j in range(1, b.shape[1]):
-        u[j:] += Z[j, : S - j]
-    return lfilter([1.0], a.numpy(), u.numpy()) if a.numel() > 1 else u.numpy()
+    nb = heads[0][0].shape[1]
+    Z = torch.cat([b.T for b, _ in heads]) @ phi  # (K nb, S): tap j of every channel, for every head
+    out = []
+    for i, (_, a) in enumerate(heads):
+        u = Z[i * nb].clone()
+        for j in range(1, nb):
+            u[j:] += Z[i * nb + j, : S - j]
+        out.append(lfilter([1.0], a.numpy(), u.numpy()) if a.numel() > 1 else u.numpy())
+    return out
+
+
+def simulate_head(phi: Tensor, b: Tensor, a: Tensor) -> np.ndarray:
+    """One head on precomputed features from a zero state (:func:`simulate_heads`). Shape: phi (M, S) -> (S,)."""
+    return simulate_heads(phi, [(b, a)])[0]
 
 
 def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int, n_lag0: int = 0
@@ -273,20 +286,23 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     if len(candidates) > 1:
         folds = [[k, k + CV_FOLDS] for k in range(CV_FOLDS)]
         left_in = [(G - Gs[segs].sum(0), r - rs[segs].sum(0)) for segs in folds]  # each fold's equations, once
-        for v, idx, scale in candidates:
-            err = tgt = 0.0
+        cv: dict[tuple[bool, float], float] = {}
+        for v, idx in variants:  # every scale of a variant simulated together
+            err, tgt = np.zeros(len(scales)), 0.0
+            m = M if v else M - n_bank  # without the bank its rows of b are zero: leave them out
             for segs, (Gk, rk) in zip(folds, left_in):
-                b, a = solve(Gk, rk, idx, scale)
-                m = M if v else M - n_bank  # without the bank its rows of b are zero: leave them out
+                heads = [solve(Gk, rk, idx, scale) for scale in scales]
                 stop = int(edges[max(segs) + 1])  # a zero-state simulation up to the last left-out sample
-                sim = simulate_head(phi[:m, :stop], b[:m], a)
+                sims = simulate_heads(phi[:m, :stop], [(b[:m], a) for b, a in heads])
                 for g in segs:
                     lo, hi = int(edges[g]), int(edges[g + 1])
-                    err += float(np.sum((yn[lo:hi] - sim[lo:hi]) ** 2))
+                    err += [float(np.sum((yn[lo:hi] - sim[lo:hi]) ** 2)) for sim in sims]
                     tgt += float(np.sum(yn[lo:hi] ** 2))
-            esr = err / (tgt + 1e-12) if np.isfinite(err) else math.inf
-            if esr < best_err:
-                best, best_err = (v, idx, scale), esr
+            for scale, e in zip(scales, err):
+                cv[(v, scale)] = e / (tgt + 1e-12) if np.isfinite(e) else math.inf
+        for v, idx, scale in candidates:  # in the candidates' order: the first of equals wins, as before
+            if cv[(v, scale)] < best_err:
+                best, best_err = (v, idx, scale), cv[(v, scale)]
     b, a = solve(G, r, best[1], best[2])
     return ContinuousFit(b, a, float(best[2]), bool(best[0]), float(best_err) if len(candidates) > 1 else math.nan)
 
