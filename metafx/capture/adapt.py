@@ -265,20 +265,28 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     variants = [(False, without)] + ([(True, torch.nonzero(keep).flatten())]
                                      if bank_offered(model, S, n_bank, bank_min_equations, n_gain) else [])
 
-    def solve(Gm: Tensor, rm: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        Gi, ri = Gm[idx][:, idx], rm[idx]
-        D = torch.diagonal(Gi).mean() * lam[idx] * scale
-        try:
-            wi = torch.linalg.solve(Gi + torch.diag(D), ri + D * prior[idx])
-        except torch.linalg.LinAlgError as e:
-            raise CaptureError(f"the ridge fit of the support is singular ({e}): the support may be silent or "
-                               f"constant; record the whole probe") from e
-        w = torch.zeros(P, dtype=torch.float64)
-        w[idx] = wi
-        b, a = _head_from(w, M, nb, n_b)
-        if na:
-            a = stabilize(a[None], model.rmax)[0][0]
-        return b, a
+    def solve_all(Gm: Tensor, rm: Tensor, idx: Tensor, at: tuple[float, ...]) -> list[tuple[Tensor, Tensor]]:
+        """The heads at each ridge scale of ``at``: the candidate's sub-system is taken out once for all of them.
+
+        (One solve per scale: a batched ``torch.linalg.solve`` of these sizes fails inside MKL's LU, DLASWP.)
+        """
+        Gi, ri, pi = Gm[idx][:, idx], rm[idx], prior[idx]
+        base = torch.diagonal(Gi).mean() * lam[idx]
+        heads = []
+        for scale in at:
+            D = base * scale
+            try:
+                wi = torch.linalg.solve(Gi + torch.diag(D), ri + D * pi)
+            except torch.linalg.LinAlgError as e:
+                raise CaptureError(f"the ridge fit of the support is singular ({e}): the support may be silent or "
+                                   f"constant; record the whole probe") from e
+            w = torch.zeros(P, dtype=torch.float64)
+            w[idx] = wi
+            b, a = _head_from(w, M, nb, n_b)
+            if na:
+                a = stabilize(a[None], model.rmax)[0][0]
+            heads.append((b, a))
+        return heads
 
     yn = y.numpy()
     best, best_err = (False, without, scales[0]), math.inf
@@ -291,7 +299,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
             err, tgt = np.zeros(len(scales)), 0.0
             m = M if v else M - n_bank  # without the bank its rows of b are zero: leave them out
             for segs, (Gk, rk) in zip(folds, left_in):
-                heads = [solve(Gk, rk, idx, scale) for scale in scales]
+                heads = solve_all(Gk, rk, idx, scales)
                 stop = int(edges[max(segs) + 1])  # a zero-state simulation up to the last left-out sample
                 sims = simulate_heads(phi[:m, :stop], [(b[:m], a) for b, a in heads])
                 for g in segs:
@@ -303,7 +311,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         for v, idx, scale in candidates:  # in the candidates' order: the first of equals wins, as before
             if cv[(v, scale)] < best_err:
                 best, best_err = (v, idx, scale), cv[(v, scale)]
-    b, a = solve(G, r, best[1], best[2])
+    b, a = solve_all(G, r, best[1], (best[2],))[0]
     return ContinuousFit(b, a, float(best[2]), bool(best[0]), float(best_err) if len(candidates) > 1 else math.nan)
 
 
