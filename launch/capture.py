@@ -17,8 +17,9 @@ with torch alone: see metafx/export.py). Each capture is an MLflow run in the ex
 
 --wiener-units: an ARX meta-model's head is also offered a bank of N fixed random curves of the input
 and its low-passes (metafx/wiener.py: a filter before a clipper, which the meta-learned features cannot
-express); the capture keeps them only where a cross-validation on the support seconds prefers them
-(results.json: model.wiener_units). 0 offers none.
+express) and 54 gain units that follow the input's peak level (a limiter's or compressor's gain); the
+capture keeps the bank only where a cross-validation on the support seconds prefers it (results.json:
+model.wiener_offered, model.wiener_units, model.wiener_gain_units). 0 offers no bank.
 """
 from __future__ import annotations
 
@@ -88,8 +89,8 @@ def _capture(argv: list[str]) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ap.add_argument("--threads", type=int, default=1, help="torch threads during the capture (default 1)")
     ap.add_argument("--wiener-units", type=int, default=None,
-                    help="units of the Wiener bank offered to an ARX head, kept where the support's cross-validation "
-                         "prefers them (default: metafx.wiener.WIENER_UNITS; 0: none)")
+                    help="curve units of the Wiener bank (with its gain units) offered to an ARX head, kept where the "
+                         "support's cross-validation prefers them (default: metafx.wiener.WIENER_UNITS; 0: no bank)")
     args = ap.parse_args(argv)
     from metafx.capture import CaptureError, run_capture
     from metafx.wiener import WIENER_UNITS

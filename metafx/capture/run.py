@@ -97,7 +97,8 @@ def run_capture(
         max_latency_seconds: bound of the latency search and of the length difference.
         overwrite: replace a non-empty ``out``.
         ridge_fit: ``"continuous"`` or ``"slices"`` (ARX meta-models; :func:`adapt_arx`).
-        wiener_units: Wiener bank units offered to a continuous ARX fit (:mod:`metafx.wiener`; 0: none).
+        wiener_units: curve units of the Wiener bank (with its gain units) offered to a continuous ARX fit
+            (:mod:`metafx.wiener`; 0: no bank).
         heldout_from_seconds: score from here instead of from the end of the support (a fixed
             held-out part for comparisons across support lengths; >= ``support_seconds``).
         measure_rtf: time the exported model (blocks of 256, one thread).
