@@ -336,9 +336,10 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
     banked = [r for r in rows if r["fit"] == fit and "no_bank" in r]
     if banked:
         lines += ["", f"## The Wiener bank at {TARGET_SUPPORT:g} s of support (held-out ESR)", "",
-                  f"The capture offers the head {rep.get('wiener_units_offered', '-')} random Wiener units "
-                  "(metafx/wiener.py) and keeps them where the support's cross-validation prefers them; the same "
-                  "capture without the offer (`--wiener-units 0`) beside it.", "",
+                  f"The capture offers the head the Wiener bank (metafx/wiener.py: {rep.get('wiener_units_offered', '-')} "
+                  "random curve units and the gain units, which follow the input's peak level) and keeps it where the "
+                  "support's cross-validation prefers it; the same capture without the offer (`--wiener-units 0`) "
+                  "beside it.", "",
                   "| family | bank kept | with the offer | without (`--wiener-units 0`) | classical ARX | "
                   "capture s with / without |", "|---|---|---|---|---|---|"]
         for r in banked:
@@ -358,6 +359,7 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
                 lines.append(f"| {r['family']} | {r['support_seconds']:g} | {_fmt(c['model']['esr'])} | "
                              f"{_fmt(r['model']['esr'])} |")
     caps = [r["capture_seconds"] for r in rows if r["fit"] == fit]
+    caps3 = [r["capture_seconds"] for r in rows if r["fit"] == fit and r["support_seconds"] == TARGET_SUPPORT]
     cpus = [r["capture_cpu_seconds"] for r in rows if r["fit"] == fit and "capture_cpu_seconds" in r]
     rtf = rep.get("rtf_block256") or {}
     rtf_b = rep.get("rtf_block256_bank")
@@ -368,12 +370,14 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
                  if met["floor"] else "") + ".",
               f"* Capture (load, align, adapt, export, predict, baselines, score; in-process, one torch thread): "
               f"median {np.median(caps):.2f} s wall, max {max(caps):.2f} s"
+              + (f" (at {TARGET_SUPPORT:g} s of support: median {np.median(caps3):.2f} s, max {max(caps3):.2f} s)"
+                 if caps3 else "")
               + (f"; median {np.median(cpus):.2f} s CPU, max {max(cpus):.2f} s" if cpus else "")
               + f" (target <= {TARGET_CAPTURE_SECONDS:g} s; wall time on a shared machine counts other processes).",
               f"* Exported model ({rtf.get('kind', '-')}), one thread, 48 kHz, blocks of 256: "
               f"{_fmt(rtf.get('rtf_cpu'), 3)}x real time in CPU time, {_fmt(rtf.get('rtf_wall'), 3)}x in wall time "
               f"(target >= {TARGET_RTF:g}x)"
-              + (f"; with the Wiener bank kept ({rtf_b['family']}, {rtf_b['bank_units']} units): "
+              + (f"; with the Wiener bank kept ({rtf_b['family']}, {rtf_b['bank_units']} channels): "
                  f"{_fmt(rtf_b['rtf_cpu'], 3)}x in CPU time, {_fmt(rtf_b['rtf_wall'], 3)}x in wall time" if rtf_b else "")
               + ".", ""]
     return "\n".join(lines)
