@@ -162,7 +162,8 @@ class ARXStream(nn.Module):
       smoothed peak envelopes (peak followers by :meth:`_peaks`, their smoothing in the one-pole
       bank); the head is fitted on these same channels;
     * FIR part: one product of the (nb, M) taps with the feature frames (the last ``nb - 1``
-      carried), summed along the diagonals;
+      carried), summed along the diagonals; the gain units have one tap (lag 0), so they are not
+      framed: their weighted sum is one product with the block's gains, times x;
     * recursive part ``1 / A(z)``: per chunk of :data:`IIR_CHUNK` samples, the (C, C) Toeplitz
       matrix of its impulse response (zero-state) plus the (C, na) zero-input responses to the
       carried last ``na`` outputs.
@@ -278,7 +279,9 @@ class ARXStream(nn.Module):
             # the gain units: log of the peak followers' coefficients (Nr,), the levels (Nl,)
             self.peak_logr = torch.log(bank.release.detach().to(dt)) if bank is not None and self.n_gain else empty
             self.gain_levels = bank.levels.detach().to(dt) if bank is not None and self.n_gain else empty
-        self.fir_W = torch.zeros(self.nb, self.channels, dtype=dt)
+        self.n_framed = self.channels - self.n_gain  # channels with nb taps (the gain units have one: lag 0)
+        self.fir_W = torch.zeros(self.nb, self.n_framed, dtype=dt)
+        self.gain_w = torch.zeros(self.n_gain, dtype=dt)  # the gain units' lag-0 coefficients
         self.iir_T = torch.zeros(IIR_CHUNK, IIR_CHUNK, dtype=dt)
         self.iir_O = torch.zeros(IIR_CHUNK, self.na, dtype=dt)
         self.a = torch.zeros(self.na + 1, dtype=dt)
@@ -291,7 +294,8 @@ class ARXStream(nn.Module):
         """Install a fitted head: ``b`` (M, nb), ``a`` (na + 1,) with ``a[0] = 1`` (already stable).
 
         Raises:
-            ExportError: wrong sizes, ``a[0] != 1`` or non-finite coefficients.
+            ExportError: wrong sizes, ``a[0] != 1``, non-finite coefficients, or a gain unit's row of ``b``
+                with a tap after lag 0 (the fit gives them lag 0 only, and the export computes only that).
         """
         b = b.detach().to(torch.float64).cpu()
         a = a.detach().to(torch.float64).cpu().reshape(-1)
@@ -300,7 +304,12 @@ class ARXStream(nn.Module):
                               f"(b ({self.channels}, {self.nb}), a ({self.na + 1},))")
         if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())) or abs(float(a[0]) - 1.0) > 1e-12:
             raise ExportError("ARX head has non-finite coefficients or a[0] != 1")
-        self.fir_W = b.flip(-1).T.contiguous()  # (nb, M): row k multiplies X[:, t + k], i.e. lag nb - 1 - k
+        if self.n_gain and bool((b[self.n_framed:, 1:] != 0).any()):
+            raise ExportError("ARX head gives a Wiener gain unit taps after lag 0; fit it with "
+                              "metafx.capture.adapt.ridge_fit_continuous(n_gain=...)")
+        # (nb, M): row k multiplies X[:, t + k], i.e. lag nb - 1 - k
+        self.fir_W = b[: self.n_framed].flip(-1).T.contiguous()
+        self.gain_w = b[self.n_framed:, 0].contiguous()
         self.a = a.clone()
         if self.na:
             h, O = _iir_tables(a.numpy(), IIR_CHUNK)
@@ -312,10 +321,11 @@ class ARXStream(nn.Module):
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
         """Zero state: ``[one-poles then peak followers (n_pole + n_peak,), samples so far (1,), last nb-1 feature
-        frames (M, nb-1), last na outputs (na,)]`` followed by the trunk's state (none without a trunk)."""
+        frames of the framed channels (M - n_gain, nb-1), last na outputs (na,)]`` followed by the trunk's state (none
+        without a trunk)."""
         dt = torch.float64
         return [torch.zeros(self.n_pole + self.n_peak, dtype=dt), torch.zeros(1, dtype=dt),
-                torch.zeros(self.channels, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt)] \
+                torch.zeros(self.n_framed, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt)] \
             + self.trunk.initial_state()
 
     def _pointwise(self, x: Tensor, lp: Tensor) -> Tensor:
@@ -359,9 +369,10 @@ class ARXStream(nn.Module):
         return torch.exp(torch.maximum(run, carried))
 
     def _features(self, x: Tensor, env_s: Tensor, t0: Tensor, trunk_s: List[Tensor]
-                  ) -> Tuple[Tensor, Tensor, List[Tensor]]:
-        """Feature frames of one block (T <= MAX_BLOCK), float64; returns (phi (M, T), new one-pole and peak state,
-        trunk state)."""
+                  ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
+        """Feature frames of one block (T <= MAX_BLOCK), float64; returns (the framed channels (M - n_gain, T), the
+        gain units' gains ``min(1, l / e)`` (n_gain, T) (the channels are these times x), new one-pole and peak
+        state, trunk state)."""
         T = x.shape[0]
         xi = x[None]  # (1, T)
         chans = [torch.ones_like(xi), xi]
@@ -404,19 +415,21 @@ class ARXStream(nn.Module):
             lps = poles[E + F:E + F + self.n_bank_lp]
             bin_ = (torch.cat([xi, lps], 0) if self.n_bank_lp else xi).to(torch.float32)  # (1 + B, T)
             chans.append(torch.tanh(torch.addmm(self.bank_c, self.bank_W, bin_)).to(torch.float64))  # (R, T)
+        gains = x.new_zeros(0, T)
         if self.n_gain:
             env = poles[self.n_pole - self.n_att:].clamp_min(self.gain_floor)  # (Nr Na, T): smoothed peaks
-            g = (self.gain_levels[None, :, None] / env[:, None, :]).clamp_max(1.0)  # (Nr Na, Nl, T)
-            chans.append(xi * g.reshape(self.n_gain, T))  # envelope-major, level-minor
-        return torch.cat(chans, 0), env_s, trunk_s
+            gains = (self.gain_levels[None, :, None] / env[:, None, :]).clamp_max(1.0).reshape(self.n_gain, T)
+        return torch.cat(chans, 0), gains, env_s, trunk_s  # the gains envelope-major, level-minor
 
     def _block(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         T = x.shape[0]
         nb = self.nb
-        phi, env_s, trunk_s = self._features(x, state[0], state[1], state[4:])
-        X = torch.cat([state[2], phi], 1)  # (M, nb - 1 + T)
+        phi, gains, env_s, trunk_s = self._features(x, state[0], state[1], state[4:])
+        X = torch.cat([state[2], phi], 1)  # (M - n_gain, nb - 1 + T)
         Zf = torch.mm(self.fir_W, X)  # (nb, nb - 1 + T): tap k applied to every frame
         u = Zf.as_strided([nb, T], [T + nb, 1]).sum(0)  # u[t] = sum_k Zf[k, t + k]
+        if self.n_gain:  # the gain units at lag 0: x times their weighted gains
+            u = u + x * torch.mv(gains.t(), self.gain_w)
         hist = X[:, X.shape[1] - (nb - 1):]
         past = state[3]
         if self.na:
@@ -473,9 +486,9 @@ class ARXStream(nn.Module):
         start = 0
         while start < xd.shape[0]:
             stop = min(xd.shape[0], start + self.max_block)
-            phi, env_s, trunk_s = self._features(xd[start:stop], env_s, t, trunk_s)
+            phi, gains, env_s, trunk_s = self._features(xd[start:stop], env_s, t, trunk_s)
             t = t + (stop - start)
-            outs.append(phi)
+            outs.append(torch.cat([phi, xd[start:stop][None] * gains], 0) if self.n_gain else phi)
             start = stop
         return torch.cat(outs, 1)
 

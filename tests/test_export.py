@@ -103,6 +103,7 @@ def arx_export(request):
         # with its gain units (peak followers, their smoothing in the one-pole bank), except for the classical model
         bank = make_bank(5, 2, dynamics=request.param != "classical + Wiener bank")
         extra = torch.randn(bank.n_units, m.nb, generator=torch.Generator().manual_seed(4)) * 0.05
+        extra[bank.n_curves:, 1:] = 0  # the gain units have lag 0 only (ridge_fit_continuous(n_gain=...))
         head = ARXHead(torch.cat([head.b, extra]), head.a)
     return m, head, x, ARXStream(m, head.b, a, sample_rate=48000, latency_samples=7, support=support, bank=bank)
 
@@ -124,6 +125,11 @@ def test_arx_export_computes_the_fitted_head(arx_export):
         want = lfilter([1.0], st.a.numpy(), sum(np.convolve(feats[c].numpy(), head.b[c].detach().double().numpy())[: x.shape[-1]]
                                                for c in range(feats.shape[0])))
         assert np.abs(got.numpy() - want).max() <= 1e-6 * np.abs(want).max()
+        if st.n_gain:  # a gain unit with a tap after lag 0 is refused (the export computes lag 0 only)
+            bad = head.b.detach().clone()
+            bad[-1, 1] = 0.1
+            with pytest.raises(ExportError, match="gain unit taps after lag 0"):
+                st.set_head(bad, st.a)
         return
     if m.phi.n_trunk and not isinstance(m.phi.trunk, LSTMModel):
         # A TCN trunk's export freezes BatchNorm at the support audio's statistics, the model uses each batch's own:
