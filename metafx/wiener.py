@@ -56,10 +56,10 @@ ATTACK_S = (0.0002, 0.002, 0.02)  # attack times (one-pole smoothing of each pea
 GAIN_LEVELS_DB = (-50.0, 0.0, 6)  # the gain units' levels l: from, to (dBFS), count (log-spaced)
 GAIN_FLOOR = 1e-9  # envelopes are floored here before the division (silence: gain 1)
 # The bank is offered only where the support holds at least this many equations per coefficient of the head
-# with it (48 units x 8 taps + the model's 229: 613 coefficients -> 39k equations, 0.8 s at 48 kHz). Chosen on
-# the shipped study's validation settings (benchmarks/capture_bank_rule.md): at 0.5 s of support (39 per
-# coefficient) the cross-validation keeps the bank where it hurts as often as where it helps; from 1 s (78) on
-# it helps.
+# with it (48 curve units x 8 taps + 54 gain units x 1 tap + the model's 229: 667 coefficients -> 43k equations,
+# 0.9 s at 48 kHz). Chosen on the shipped study's validation settings (benchmarks/capture_bank_rule.md): at 0.5 s
+# of support (36 per coefficient) the cross-validation keeps the bank where it hurts about as often as where it
+# helps; from 1 s (72) on it helps.
 WIENER_MIN_EQUATIONS = 64
 
 
