@@ -85,7 +85,7 @@ from scipy.signal import lfilter, lfiltic
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from metafx.wiener import WienerBank
+from metafx.wiener import GAIN_FLOOR, WienerBank
 
 EXPORT_VERSION = 1
 MAX_BLOCK = 4096  # longest block computed in one piece (tables cover this many samples)
@@ -209,7 +209,7 @@ class ARXStream(nn.Module):
         self.n_att = self.n_peak * self.n_attack  # smoothed peak envelopes (one-pole rows), release-major
         # one-pole rows: envelopes, input filters, bank low-passes, smoothed peak envelopes
         self.n_pole = self.n_env + self.n_filter + self.n_bank_lp + self.n_att
-        self.gain_floor = 1e-9  # metafx.wiener.GAIN_FLOOR (repeated: the exported code must not import metafx)
+        self.gain_floor = GAIN_FLOOR  # an attribute of the file: the exported code does not import metafx
         self.channels += self.n_bank
         self.max_block = MAX_BLOCK
         self.env_floor = ENV_FLOOR
@@ -245,7 +245,7 @@ class ARXStream(nn.Module):
             if bank is not None and self.n_att:
                 poles.append(bank.attack.detach().to(dt).repeat(self.n_peak))  # (Nr Na,): release-major
             if poles:
-                alpha = torch.cat(poles)  # (E + F + B,): the envelopes, the input low-passes, the bank's low-passes
+                alpha = torch.cat(poles)  # (n_pole,): envelopes, input low-passes, the bank's low-passes and attacks
                 t = torch.arange(C, dtype=dt)
                 lag = t[:, None] - t[None, :]  # (C, C): t - k
                 Tm = torch.where(lag >= 0, (1 - alpha)[:, None, None] * alpha[:, None, None] ** lag.clamp_min(0), 0.0)
