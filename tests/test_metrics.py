@@ -132,6 +132,23 @@ def test_stft_scale_matches_design_notes():
     assert float(mrstft(y, lp)) > 6.0
 
 
+def test_stft_losses_equal_stock_auraloss():
+    """metafx skips auraloss's unused phase spectrum; values and gradients stay auraloss's own."""
+    import auraloss
+
+    torch.manual_seed(3)
+    y = _noise(T=8192)
+    pred = (0.7 * y + 0.05 * torch.randn_like(y)).requires_grad_(True)
+    ref = pred.detach().clone().requires_grad_(True)
+    for ours, stock in ((stft, auraloss.freq.STFTLoss()), (mrstft, auraloss.freq.MultiResolutionSTFTLoss())):
+        a, b = ours(pred, y), stock(ref, y)
+        assert float(a) == pytest.approx(float(b), rel=1e-6)
+        a.backward()
+        b.backward()
+        assert torch.allclose(pred.grad, ref.grad, rtol=1e-5, atol=1e-9)
+        pred.grad = ref.grad = None
+
+
 def test_short_slices_fall_back_to_fitting_resolutions():
     assert stft_resolution(2048) == (1024, 256, 1024)
     assert stft_resolution(700) == (512, 128, 512)
