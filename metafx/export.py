@@ -152,6 +152,8 @@ class ARXStream(nn.Module):
       the range: +6 dBFS); the head is fitted on these tabled features (:meth:`features`), so the
       model that is fitted is the model that runs. With ``n_filter`` input low-passes the MLP has
       several inputs and is computed directly (float64), no table;
+    * the gates ``x sigmoid(MLP(log envelopes))``: the MLP in float32 (a float64 ``tanh`` was the
+      costliest op of a block), the head fitted on these same channels;
     * one-poles, the envelopes ``e[n] = (1 - a) |x[n]| + a e[n-1]`` and the input low-passes
       ``l[n] = (1 - a) x[n] + a l[n-1]`` in one bank: a two-level exact scan, sub-chunks of
       :data:`ENV_CHUNK` samples by a (C, C) lower-triangular Toeplitz product, their end states by
@@ -164,9 +166,9 @@ class ARXStream(nn.Module):
     * FIR part: one product of the (nb, M) taps with the feature frames (the last ``nb - 1``
       carried), summed along the diagonals; the gain units have one tap (lag 0), so they are not
       framed: their weighted sum is one product with the block's gains, times x;
-    * recursive part ``1 / A(z)``: per chunk of :data:`IIR_CHUNK` samples, the (C, C) Toeplitz
-      matrix of its impulse response (zero-state) plus the (C, na) zero-input responses to the
-      carried last ``na`` outputs.
+    * recursive part ``1 / A(z)``: per chunk of :data:`IIR_CHUNK` samples (a block of 256 is one
+      chunk: one product and one update), the (C, C) Toeplitz matrix of its impulse response
+      (zero-state) plus the (C, na) zero-input responses to the carried last ``na`` outputs.
 
     Args:
         model: the meta-model (its feature network is copied, float64).
@@ -259,13 +261,15 @@ class ARXStream(nn.Module):
             else:
                 self.env_TT, self.env_pw = empty.reshape(0, 0, 0), empty.reshape(0, 0)
                 self.env_L, self.env_Apow = empty.reshape(0, 0, 0), empty.reshape(0, 0)
-            if self.n_gate:
-                self.G1 = phi.g1.weight.detach()[:, :, 0].to(dt)
-                self.g1b = phi.g1.bias.detach().to(dt)
-                self.G2 = phi.g2.weight.detach()[:, :, 0].to(dt)
-                self.g2b = phi.g2.bias.detach().to(dt)
+            if self.n_gate:  # float32 (see _features)
+                f32 = torch.float32
+                self.G1 = phi.g1.weight.detach()[:, :, 0].to(f32).contiguous()
+                self.g1b = phi.g1.bias.detach().to(f32)[:, None].contiguous()
+                self.G2 = phi.g2.weight.detach()[:, :, 0].to(f32).contiguous()
+                self.g2b = phi.g2.bias.detach().to(f32)[:, None].contiguous()
             else:
-                self.G1, self.g1b, self.G2, self.g2b = empty.reshape(0, 0), empty, empty.reshape(0, 0), empty
+                self.G1, self.g1b = torch.zeros(0, 0), torch.zeros(0, 1)
+                self.G2, self.g2b = torch.zeros(0, 0), torch.zeros(0, 1)
             if self.n_start:
                 from metafx.models.arx import SAMPLE_RATE, START_TAU_MS
                 self.start_tau = torch.logspace(math.log10(START_TAU_MS[0]), math.log10(START_TAU_MS[1]), self.n_start,
@@ -346,7 +350,9 @@ class ARXStream(nn.Module):
         T = u.shape[1]
         C = self.env_chunk
         nch = (T + C - 1) // C
-        U = torch.cat([u, u.new_zeros(u.shape[0], nch * C - T)], 1).reshape(u.shape[0], nch, C)
+        if nch * C != T:
+            u = torch.cat([u, u.new_zeros(u.shape[0], nch * C - T)], 1)
+        U = u.reshape(u.shape[0], nch, C)
         Z = torch.matmul(U, self.env_TT)  # (E + F + B, nch, C): zero-state response of each sub-chunk
         S = torch.bmm(self.env_L[:, :nch, :nch], Z[:, :, C - 1:]).squeeze(2) + self.env_Apow[:, :nch] * env_s[:, None]
         prev = torch.cat([env_s[:, None], S[:, : nch - 1]], 1)  # state before each sub-chunk, (E + F + B, nch)
@@ -400,13 +406,14 @@ class ARXStream(nn.Module):
         if E:
             env = poles[:E]
             le = torch.log10(env.clamp_min(0) + self.env_floor) + 2
-            if self.n_gate:
+            if self.n_gate:  # the gate MLP in float32: tanh of float64 is the costliest op of a block
                 gin = le
                 if self.n_start:
                     tt = t0 + torch.arange(T, dtype=x.dtype)
                     gin = torch.cat([le, torch.exp(-tt[None] / self.start_tau[:, None])], 0)
-                g = torch.addmm(self.g2b[:, None], self.G2, torch.tanh(torch.addmm(self.g1b[:, None], self.G1, gin)))
-                chans.append(xi * torch.sigmoid(2 * g))  # (n_gate, T)
+                h = torch.tanh(torch.addmm(self.g1b, self.G1, gin.to(torch.float32)))
+                g = torch.sigmoid(torch.addmm(self.g2b, self.G2, h, beta=2.0, alpha=2.0))
+                chans.append(xi * g.to(torch.float64))  # (n_gate, T)
             chans.append(0.25 * le)
         if self.n_trunk:
             f, trunk_s = self.trunk(x, trunk_s)
@@ -432,7 +439,10 @@ class ARXStream(nn.Module):
             u = u + x * torch.mv(gains.t(), self.gain_w)
         hist = X[:, X.shape[1] - (nb - 1):]
         past = state[3]
-        if self.na:
+        if self.na and T <= self.iir_chunk:  # one chunk: zero-state Toeplitz product plus the carried outputs' response
+            y = torch.addmv(torch.mv(self.iir_O[:T], past), self.iir_T[:T, :T], u)
+            past = y[T - self.na:] if T >= self.na else torch.cat([past, y])[T:]
+        elif self.na:
             ys: List[Tensor] = []
             start = 0
             while start < T:
