@@ -6,7 +6,7 @@ import pytest
 import scipy.signal
 import torch
 
-from metafx.baselines import identity_predict, lsfir_fit, lsfir_predict
+from metafx.baselines import fir_normal_equations, identity_predict, lsfir_fit, lsfir_predict
 
 
 def _slices(signal: np.ndarray, K: int, L: int) -> torch.Tensor:
@@ -24,6 +24,20 @@ def test_recovers_a_known_fir_exactly():
         h = lsfir_fit(sx, sy, taps=24, ridge=ridge)
         assert h.dtype == torch.float64 and h.shape == (24,)
         np.testing.assert_allclose(h.numpy(), h0, atol=1e-8)
+
+
+@pytest.mark.parametrize("K,L,taps", [(3, 300, 24), (2, 64, 64), (1, 10, 1), (4, 2048, 256)])
+def test_normal_equations_equal_the_explicit_product(K, L, taps):
+    """The FFT-and-edges normal equations are X^T X and X^T t of the explicit regressor matrix."""
+    g = torch.Generator().manual_seed(K * L + taps)
+    x = torch.randn(K, L, generator=g, dtype=torch.float64)
+    y = torch.randn(K, L, generator=g, dtype=torch.float64)
+    X = x.unfold(-1, taps, 1).flip(-1).reshape(-1, taps)  # rows (x[n], .., x[n-taps+1]), n >= taps-1
+    t = y[:, taps - 1:].reshape(-1)
+    A, r = fir_normal_equations(x, y, taps)
+    scale = float((X.T @ X).abs().max())
+    assert torch.allclose(A, X.T @ X, rtol=0, atol=1e-12 * scale)
+    assert torch.allclose(r, X.T @ t, rtol=0, atol=1e-12 * scale)
 
 
 def test_predict_is_causal_convolution_from_zero_state():
