@@ -95,6 +95,7 @@ ENV_CHUNK = 32  # sub-chunk of the one-pole (envelope and input filter) two-leve
 IIR_CHUNK = 256  # Toeplitz size of the recursive part's zero-state response
 TABLE_RANGE = 2.0  # the pointwise MLP is tabulated over [-2, 2] (+6 dBFS); inputs beyond are clamped for it
 TABLE_SIZE = 1 << 16  # intervals of that table (step 6.1e-5)
+INV_LN10 = 1.0 / math.log(10.0)  # log10(v) = log(v) / ln 10 (torch's log10 is 4x slower than its log on CPU)
 
 
 class ExportError(RuntimeError):
@@ -152,14 +153,16 @@ class ARXStream(nn.Module):
       the range: +6 dBFS); the head is fitted on these tabled features (:meth:`features`), so the
       model that is fitted is the model that runs. With ``n_filter`` input low-passes the MLP has
       several inputs and is computed directly (float64), no table;
-    * the gates ``x sigmoid(MLP(log envelopes))``: the MLP in float32 (a float64 ``tanh`` was the
-      costliest op of a block), the head fitted on these same channels;
+    * the gates ``x sigmoid(MLP(log envelopes))``: the MLP in float32 with its ``tanh`` folded into
+      sigmoids (``tanh z = 2 sigmoid(2 z) - 1``, the factors in its weights; a float64 ``tanh`` was
+      the costliest op of a block), the head fitted on these same channels;
     * one-poles, the envelopes ``e[n] = (1 - a) |x[n]| + a e[n-1]`` and the input low-passes
       ``l[n] = (1 - a) x[n] + a l[n-1]`` in one bank: a two-level exact scan, sub-chunks of
       :data:`ENV_CHUNK` samples by a (C, C) lower-triangular Toeplitz product, their end states by
       a second triangular product of powers ``a^(C (j - i))``, then the carried state's
       ``a^(t+1)`` response;
-    * the Wiener bank (when given): ``tanh(W [x, lp_1, .., lp_B] + c)``, (R, T), in float32 (its
+    * the Wiener bank (when given): ``tanh(W [x, lp_1, .., lp_B] + c)``, (R, T), in float32 as
+      ``2 sigmoid(2 .) - 1`` (its
       low-passes in the one-pole bank); its gain units ``x min(1, l / e)`` (float64) over the
       smoothed peak envelopes (peak followers by :meth:`_peaks`, their smoothing in the one-pole
       bank); the head is fitted on these same channels;
@@ -215,6 +218,7 @@ class ARXStream(nn.Module):
         self.channels += self.n_bank
         self.max_block = MAX_BLOCK
         self.env_floor = ENV_FLOOR
+        self.inv_ln10 = INV_LN10
         self.env_chunk = ENV_CHUNK
         self.iir_chunk = IIR_CHUNK
         self.table_lo = -TABLE_RANGE
@@ -261,12 +265,16 @@ class ARXStream(nn.Module):
             else:
                 self.env_TT, self.env_pw = empty.reshape(0, 0, 0), empty.reshape(0, 0)
                 self.env_L, self.env_Apow = empty.reshape(0, 0, 0), empty.reshape(0, 0)
-            if self.n_gate:  # float32 (see _features)
+            if self.n_gate:  # float32, tanh folded into sigmoids (see _features)
                 f32 = torch.float32
-                self.G1 = phi.g1.weight.detach()[:, :, 0].to(f32).contiguous()
-                self.g1b = phi.g1.bias.detach().to(f32)[:, None].contiguous()
-                self.G2 = phi.g2.weight.detach()[:, :, 0].to(f32).contiguous()
-                self.g2b = phi.g2.bias.detach().to(f32)[:, None].contiguous()
+                W1, b1 = phi.g1.weight.detach()[:, :, 0].to(dt), phi.g1.bias.detach().to(dt)
+                W2, b2 = phi.g2.weight.detach()[:, :, 0].to(dt), phi.g2.bias.detach().to(dt)
+                # sigmoid(2 (W2 tanh(W1 g + b1) + b2)), tanh(z) = 2 sigmoid(2 z) - 1:
+                # = sigmoid(G2 sigmoid(G1 g + g1b) + g2b), G1 = 2 W1, g1b = 2 b1, G2 = 4 W2, g2b = 2 (b2 - W2 1)
+                self.G1 = (2 * W1).to(f32).contiguous()
+                self.g1b = (2 * b1).to(f32)[:, None].contiguous()
+                self.G2 = (4 * W2).to(f32).contiguous()
+                self.g2b = (2 * (b2 - W2.sum(1))).to(f32)[:, None].contiguous()
             else:
                 self.G1, self.g1b = torch.zeros(0, 0), torch.zeros(0, 1)
                 self.G2, self.g2b = torch.zeros(0, 0), torch.zeros(0, 1)
@@ -278,8 +286,11 @@ class ARXStream(nn.Module):
                 self.start_tau = empty
             # The bank in float32 (tanh of R x T values is the costliest step of a block in float64); the head
             # is fitted on these same float32 channels (features), so the fitted model is the model that runs.
-            self.bank_W = torch.zeros(0, 0) if bank is None else bank.weights.detach().to(torch.float32).contiguous()
-            self.bank_c = torch.zeros(0, 1) if bank is None else bank.biases.detach().to(torch.float32)[:, None].contiguous()
+            # tanh(z) = 2 sigmoid(2 z) - 1: the directions and offsets doubled here (a float32 sigmoid costs a
+            # sixth of a tanh on CPU)
+            self.bank_W = torch.zeros(0, 0) if bank is None else (2 * bank.weights.detach()).to(torch.float32).contiguous()
+            self.bank_c = torch.zeros(0, 1) if bank is None else \
+                (2 * bank.biases.detach()).to(torch.float32)[:, None].contiguous()
             # the gain units: log of the peak followers' coefficients (Nr,), the levels (Nl,)
             self.peak_logr = torch.log(bank.release.detach().to(dt)) if bank is not None and self.n_gain else empty
             self.gain_levels = bank.levels.detach().to(dt) if bank is not None and self.n_gain else empty
@@ -405,14 +416,14 @@ class ARXStream(nn.Module):
             chans.append(self._pointwise(x, poles[E:E + F]))
         if E:
             env = poles[:E]
-            le = torch.log10(env.clamp_min(0) + self.env_floor) + 2
-            if self.n_gate:  # the gate MLP in float32: tanh of float64 is the costliest op of a block
+            le = torch.log(env.clamp_min(0) + self.env_floor) * self.inv_ln10 + 2  # log10, by the faster natural log
+            if self.n_gate:  # the gate MLP in float32, its tanh as sigmoids (folded into G1, g1b, G2, g2b)
                 gin = le
                 if self.n_start:
                     tt = t0 + torch.arange(T, dtype=x.dtype)
                     gin = torch.cat([le, torch.exp(-tt[None] / self.start_tau[:, None])], 0)
-                h = torch.tanh(torch.addmm(self.g1b, self.G1, gin.to(torch.float32)))
-                g = torch.sigmoid(torch.addmm(self.g2b, self.G2, h, beta=2.0, alpha=2.0))
+                h = torch.sigmoid(torch.addmm(self.g1b, self.G1, gin.to(torch.float32)))
+                g = torch.sigmoid(torch.addmm(self.g2b, self.G2, h))
                 chans.append(xi * g.to(torch.float64))  # (n_gate, T)
             chans.append(0.25 * le)
         if self.n_trunk:
@@ -421,7 +432,8 @@ class ARXStream(nn.Module):
         if self.n_curve:
             lps = poles[E + F:E + F + self.n_bank_lp]
             bin_ = (torch.cat([xi, lps], 0) if self.n_bank_lp else xi).to(torch.float32)  # (1 + B, T)
-            chans.append(torch.tanh(torch.addmm(self.bank_c, self.bank_W, bin_)).to(torch.float64))  # (R, T)
+            curves = torch.sigmoid(torch.addmm(self.bank_c, self.bank_W, bin_)).mul_(2.0).sub_(1.0)  # tanh
+            chans.append(curves.to(torch.float64))  # (R, T)
         gains = x.new_zeros(0, T)
         if self.n_gain:
             env = poles[self.n_pole - self.n_att:].clamp_min(self.gain_floor)  # (Nr Na, T): smoothed peaks
