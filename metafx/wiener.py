@@ -105,13 +105,21 @@ class WienerBank:
         return self.n_curves + self.n_gains
 
     def head_coefficients(self, nb: int) -> int:
-        """Coefficients the bank adds to a head of ``nb`` taps: ``nb`` per curve unit, one per gain unit."""
-        return self.n_curves * nb + self.n_gains
+        """Coefficients the bank adds to a head of ``nb`` taps (:func:`head_coefficients`)."""
+        return head_coefficients(self.n_curves, self.n_gains, nb)
 
     @property
     def n_lowpass(self) -> int:
         """F: input low-passes."""
         return int(self.poles.numel())
+
+
+def head_coefficients(n_curves: int, n_gains: int, nb: int) -> int:
+    """Coefficients a bank of ``n_curves`` curve units and ``n_gains`` gain units adds to a head of ``nb`` taps.
+
+    ``nb`` per curve unit (framed like the model's channels), one per gain unit (lag 0 only).
+    """
+    return n_curves * nb + n_gains
 
 
 def make_bank(n_units: int = WIENER_UNITS, n_lowpass: int = WIENER_LOWPASSES, sample_rate: int = 48000,
@@ -178,4 +186,4 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
 
 __all__ = ["ATTACK_S", "GAIN_FLOOR", "GAIN_LEVELS_DB", "GAIN_RANGE", "LOWPASS_HZ", "RELEASE_S", "WIENER_DYNAMICS",
            "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED", "WIENER_UNITS", "WienerBank",
-           "bank_channels", "make_bank"]
+           "bank_channels", "head_coefficients", "make_bank"]

@@ -20,7 +20,7 @@ from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
 from metafx.export import ARXStream, export_network
-from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, make_bank
+from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, head_coefficients, make_bank
 
 MAX_SUPPORT_SLICES = 64  # gradient engines: support slices per adaptation (memory and time)
 
@@ -156,7 +156,7 @@ def bank_equations_per_coefficient(model: nn.Module, n_support: int, n_bank: int
     """Equations of a support of ``n_support`` samples (after the ``max(nb - 1, na)`` warm-up) per
     coefficient of the head with ``n_bank`` Wiener bank channels, the last ``n_gain`` of them gain
     units (one coefficient each; the others ``nb``)."""
-    return (n_support - max(model.nb - 1, model.na)) / (model.n_coef + (n_bank - n_gain) * model.nb + n_gain)
+    return (n_support - max(model.nb - 1, model.na)) / (model.n_coef + head_coefficients(n_bank - n_gain, n_gain, model.nb))
 
 
 def bank_offered(model: nn.Module, n_support: int, n_bank: int, bank_min_equations: float = WIENER_MIN_EQUATIONS,
