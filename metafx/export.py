@@ -453,7 +453,8 @@ class ARXStream(nn.Module):
         past = state[3]
         if self.na and T <= self.iir_chunk:  # one chunk: zero-state Toeplitz product plus the carried outputs' response
             y = torch.addmv(torch.mv(self.iir_O[:T], past), self.iir_T[:T, :T], u)
-            past = y[T - self.na:] if T >= self.na else torch.cat([past, y])[T:]
+            # a copy, not a view of y: the host owns y (and may scale it in place)
+            past = y[T - self.na:].clone() if T >= self.na else torch.cat([past, y])[T:]
         elif self.na:
             ys: List[Tensor] = []
             start = 0
