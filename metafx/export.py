@@ -222,7 +222,7 @@ class ARXStream(nn.Module):
         self.env_chunk = ENV_CHUNK
         self.iir_chunk = IIR_CHUNK
         self.table_lo = -TABLE_RANGE
-        self.table_step = 2 * TABLE_RANGE / TABLE_SIZE
+        self.table_inv_step = TABLE_SIZE / (2 * TABLE_RANGE)
         self.table_size = TABLE_SIZE
         self.ridge_scale = 1.0  # multiplier of the meta-learned ridge the head was fitted with (information)
         empty = torch.zeros(0, dtype=dt)
@@ -239,7 +239,10 @@ class ARXStream(nn.Module):
                     grid = torch.linspace(-TABLE_RANGE, TABLE_RANGE, TABLE_SIZE + 1, dtype=dt)
                     w1, b1 = phi.p1.weight.detach().reshape(-1).to(dt), phi.p1.bias.detach().to(dt)
                     tab = torch.tanh(grid[:, None] * w1[None] + b1[None]) @ W2.T + b2[None]  # (S + 1, n_point)
-                    self.table = torch.cat([tab, tab[-1:]]).to(torch.float32).contiguous()  # one extra row: i + 1 at the top
+                    # (2 n_point, S + 1): each grid point's values, then the slopes to the next (0 at the top), one
+                    # gather per block; channel-major, so the gather gives the (n_point, T) channels contiguous
+                    slope = torch.cat([tab[1:] - tab[:-1], torch.zeros_like(tab[:1])])
+                    self.table = torch.cat([tab, slope], 1).T.to(torch.float32).contiguous()
             C = ENV_CHUNK
             poles: List[Tensor] = []
             if self.n_env:
@@ -348,13 +351,11 @@ class ARXStream(nn.Module):
         if self.n_filter:
             h = torch.tanh(torch.addmm(self.p1b[:, None], self.P1, torch.cat([x[None], lp], 0)))
             return torch.addmm(self.p2b[:, None], self.P2, h)
-        pos = (x.clamp(self.table_lo, -self.table_lo) - self.table_lo) / self.table_step
-        i = pos.floor().clamp(0, self.table_size - 1)
-        f = (pos - i).to(torch.float32)[:, None]
-        il = i.to(torch.long)
-        v0 = self.table.index_select(0, il)
-        v1 = self.table.index_select(0, il + 1)
-        return (v0 + f * (v1 - v0)).t().to(torch.float64)
+        pos = (x.clamp(self.table_lo, -self.table_lo) - self.table_lo) * self.table_inv_step  # >= 0
+        il = pos.to(torch.long).clamp_(0, self.table_size - 1)  # floor (pos >= 0)
+        f = (pos - il).to(torch.float32)
+        v = self.table.index_select(1, il)  # (2 n_point, T): values, slopes
+        return torch.addcmul(v[: self.n_point], v[self.n_point:], f[None]).to(torch.float64)
 
     def _onepoles(self, u: Tensor, env_s: Tensor) -> Tensor:
         """The one-pole bank over ``u`` (1 or E + F + B, T) from the carried state (E + F + B,), exact two-level scan."""
@@ -444,12 +445,16 @@ class ARXStream(nn.Module):
         T = x.shape[0]
         nb = self.nb
         phi, gains, env_s, trunk_s = self._features(x, state[0], state[1], state[4:])
-        X = torch.cat([state[2], phi], 1)  # (M - n_gain, nb - 1 + T)
-        Zf = torch.mm(self.fir_W, X)  # (nb, nb - 1 + T): tap k applied to every frame
+        # tap k applied to every frame, the carried nb - 1 frames and this block's apart (the frames are not copied
+        # together), (nb, nb - 1 + T)
+        Zf = torch.cat([torch.mm(self.fir_W, state[2]), torch.mm(self.fir_W, phi)], 1)
         u = Zf.as_strided([nb, T], [T + nb, 1]).sum(0)  # u[t] = sum_k Zf[k, t + k]
         if self.n_gain:  # the gain units at lag 0: x times their weighted gains
             u = u + x * torch.mv(gains.t(), self.gain_w)
-        hist = X[:, X.shape[1] - (nb - 1):]
+        if T >= nb - 1:
+            hist = phi[:, T - (nb - 1):]
+        else:
+            hist = torch.cat([state[2], phi], 1)[:, T:]
         past = state[3]
         if self.na and T <= self.iir_chunk:  # one chunk: zero-state Toeplitz product plus the carried outputs' response
             y = torch.addmv(torch.mv(self.iir_O[:T], past), self.iir_T[:T, :T], u)

@@ -5,7 +5,7 @@
 * for the gradient methods, the weights baked by :func:`metafx.capture.adapted_network` give the
   engine's own adapted prediction, and the exported LSTM / TCN / SSM / windowed transformer
   reproduce it (the TCN on the support slices, whose statistics its BatchNorm is frozen at);
-* every streaming export gives the whole-signal output block by block (32, 256, 2048 and ragged
+* every streaming export gives the whole-signal output block by block (32, 256, 2048, ragged, and tiny
   blocks; the ARX also 1-sample blocks and one block above MAX_BLOCK) with the state carried, to 1e-5;
 * saved files load and reproduce their outputs in a fresh interpreter that never imports metafx.
 """
@@ -32,7 +32,8 @@ from metafx.models.lstm import LSTMModel
 from metafx.models.tcn import TCN
 from metafx.wiener import bank_channels, make_bank
 
-BLOCKS = (32, 256, 2048, None)  # None: ragged sizes 1..3000
+BLOCKS = (32, 256, 2048, None, 0)  # None: ragged sizes 1..3000; 0: 100 blocks of 1..12 samples (shorter than the
+# ARX's FIR history and AR order), then 512
 
 
 def one_pole_task(K: int, L: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +49,13 @@ def one_pole_task(K: int, L: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
 def streamed(m, x: torch.Tensor, block: int | None) -> torch.Tensor:
     state, outs, i = m.initial_state(), [], 0
     rng = np.random.default_rng(0)
+    n = 0
     while i < x.numel():
-        b = block or int(rng.integers(1, 3000))
+        if block == 0:
+            b = int(rng.integers(1, 13)) if n < 100 else 512
+        else:
+            b = block or int(rng.integers(1, 3000))
+        n += 1
         y, state = m(x[i:i + b], state)
         outs.append(y)
         i += b
