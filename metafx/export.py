@@ -239,10 +239,9 @@ class ARXStream(nn.Module):
                     grid = torch.linspace(-TABLE_RANGE, TABLE_RANGE, TABLE_SIZE + 1, dtype=dt)
                     w1, b1 = phi.p1.weight.detach().reshape(-1).to(dt), phi.p1.bias.detach().to(dt)
                     tab = torch.tanh(grid[:, None] * w1[None] + b1[None]) @ W2.T + b2[None]  # (S + 1, n_point)
-                    # (2 n_point, S + 1): each grid point's values, then the slopes to the next (0 at the top), one
-                    # gather per block; channel-major, so the gather gives the (n_point, T) channels contiguous
-                    slope = torch.cat([tab[1:] - tab[:-1], torch.zeros_like(tab[:1])])
-                    self.table = torch.cat([tab, slope], 1).T.to(torch.float32).contiguous()
+                    # (n_point, S + 2), one extra column (i + 1 at the top); channel-major, so a gather gives the
+                    # (n_point, T) channels contiguous
+                    self.table = torch.cat([tab, tab[-1:]]).T.to(torch.float32).contiguous()
             C = ENV_CHUNK
             poles: List[Tensor] = []
             if self.n_env:
@@ -354,8 +353,8 @@ class ARXStream(nn.Module):
         pos = (x.clamp(self.table_lo, -self.table_lo) - self.table_lo) * self.table_inv_step  # >= 0
         il = pos.to(torch.long).clamp_(0, self.table_size - 1)  # floor (pos >= 0)
         f = (pos - il).to(torch.float32)
-        v = self.table.index_select(1, il)  # (2 n_point, T): values, slopes
-        return torch.addcmul(v[: self.n_point], v[self.n_point:], f[None]).to(torch.float64)
+        v0 = self.table.index_select(1, il)  # (n_point, T)
+        return torch.lerp(v0, self.table.index_select(1, il + 1), f[None]).to(torch.float64)
 
     def _onepoles(self, u: Tensor, env_s: Tensor) -> Tensor:
         """The one-pole bank over ``u`` (1 or E + F + B, T) from the carried state (E + F + B,), exact two-level scan."""
