@@ -29,7 +29,8 @@ is a list of tensors the host passes back unchanged; it is never modified in pla
 Per model (how the state is carried and what is precomputed at export):
 
 * ``arx`` (:class:`ARXStream`, the ridge ARX head on meta-learned features, metafx/models/arx.py):
-  float64 inside. The features run continuously: the pointwise MLP is a memoryless function of x
+  float64 inside, but for the pointwise table, the gate MLP and the Wiener bank's curves (float32;
+  the head is fitted on these same channels). The features run continuously: the pointwise MLP is a memoryless function of x
   (tabulated), or with ``n_filter`` of x and its one-pole low-passes (computed directly); the
   one-pole envelopes ``e[n] = (1 - a) |x[n]| + a e[n-1]`` and those low-passes carry their last value;
   the gates are memoryless functions of the envelopes (and, with ``n_start``, of the time since
