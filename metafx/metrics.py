@@ -156,7 +156,8 @@ class _STFTLoss(auraloss.freq.STFTLoss):
 
     auraloss 0.4 computes ``torch.angle`` of every STFT in ``stft`` and uses it only when
     ``w_phs`` is non-zero (its default is 0): over half the time of a whole-file MR-STFT on CPU.
-    The magnitudes, and so every loss value, are auraloss's own (tested against the stock class).
+    The magnitudes, and so every loss value, are auraloss's own (tested against the stock class: an
+    auraloss release that changes its ``stft`` fails tests/test_metrics.py before it changes a metric).
     """
 
     def stft(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
