@@ -20,16 +20,6 @@ meta-learned, and the capture keeps it only where a cross-validation on the supp
 (:func:`metafx.capture.adapt.ridge_fit_continuous`), so families the meta-features already fit are
 left as they were.
 
-With ``shelves`` (the default) the bank also holds *shelf units* in fixed directions: ``tanh(g (x +
-s (x - lp_k)) / (1 + s) + c)`` for every low-pass ``lp_k``, shelf boosts ``s`` in :data:`SHELF_BOOSTS`,
-drives ``g`` in :data:`SHELF_DRIVES` and offsets ``c`` in :data:`SHELF_OFFSETS`. ``x + s (x - lp_k)`` is a
-first-order high shelf (unit gain below the corner, ``1 + s`` above it): the pre-emphasis before a
-tube stage's curve, the input stage of a fuzz. Random directions rarely land on it; on the shipped
-study's validation settings at 3 s of support these 36 units cut the tube clipper's held-out ESR
-from 0.055 / 0.082 to 0.035 / 0.057 and the fuzz's from 0.048 / 0.062 to 0.030 / 0.033, where 36
-more random units gave 0.040 / 0.084 and 0.036 / 0.085 (Korg 35 and Oberheim also gained, the
-limiter lost 7 % on one setting).
-
 With ``dynamics`` (the default) the bank also holds *gain units* for level-dependent effects
 (limiters, compressors), whose gain follows the input's level with memory, which no curve of the
 input's current value and no linear filter can follow: ``x[n] min(1, l / e[n])`` for levels ``l``
@@ -61,20 +51,15 @@ GAIN_RANGE = (1.0, 100.0)  # unit input gains, log-spaced, alternating sign
 WIENER_RIDGE = 1e-2  # relative ridge of the bank's head coefficients (to the mean Gram diagonal), prior mean 0
 WIENER_SEED = 0  # the bank is the same for every capture
 WIENER_DYNAMICS = True  # the bank also holds gain units (peak-envelope gains, for limiters and compressors)
-WIENER_SHELVES = True  # the bank also holds shelf units (curves of first-order high shelves of x)
-SHELF_BOOSTS = (1.0, 4.0)  # the shelf units' high-frequency boosts s (+6 and +14 dB above the corner)
-SHELF_DRIVES = (3.0, 12.0, 40.0)  # their input gains g
-SHELF_OFFSETS = (0.0, 0.6)  # their offsets c (0.6: an asymmetric curve)
 RELEASE_S = (0.005, 0.05, 0.5)  # release times of the gain units' peak followers, seconds
 ATTACK_S = (0.0002, 0.002, 0.02)  # attack times (one-pole smoothing of each peak follower), seconds
 GAIN_LEVELS_DB = (-50.0, 0.0, 6)  # the gain units' levels l: from, to (dBFS), count (log-spaced)
 GAIN_FLOOR = 1e-9  # envelopes are floored here before the division (silence: gain 1)
 # The bank is offered only where the support holds at least this many equations per coefficient of the head
-# with it ((48 random + 36 shelf curve units) x 8 taps + 54 gain units x 1 tap + the model's 229: 955
-# coefficients -> 61k equations, 1.3 s at 48 kHz). Chosen on the shipped study's validation settings with the
-# bank before its shelf units (667 coefficients; benchmarks/capture_bank_rule.md): at 0.5 s of support (36 per
-# coefficient) the cross-validation kept the bank where it hurt about as often as where it helped; from 1 s (72)
-# on it helped.
+# with it (48 curve units x 8 taps + 54 gain units x 1 tap + the model's 229: 667 coefficients -> 43k equations,
+# 0.9 s at 48 kHz). Chosen on the shipped study's validation settings (benchmarks/capture_bank_rule.md): at 0.5 s
+# of support (36 per coefficient) the cross-validation keeps the bank where it hurts about as often as where it
+# helps; from 1 s (72) on it helps.
 WIENER_MIN_EQUATIONS = 64
 
 
@@ -138,17 +123,15 @@ def head_coefficients(n_curves: int, n_gains: int, nb: int) -> int:
 
 
 def make_bank(n_units: int = WIENER_UNITS, n_lowpass: int = WIENER_LOWPASSES, sample_rate: int = 48000,
-              seed: int = WIENER_SEED, dynamics: bool = WIENER_DYNAMICS, shelves: bool = WIENER_SHELVES) -> WienerBank:
+              seed: int = WIENER_SEED, dynamics: bool = WIENER_DYNAMICS) -> WienerBank:
     """The seeded bank (see the module docstring).
 
     Args:
-        n_units: R >= 1 random curve units.
+        n_units: R >= 1 curve units.
         n_lowpass: F >= 0 (0: curves of x alone).
         sample_rate: Hz, for the low-pass corners and the gain units' time constants.
         seed: the random directions and offsets.
         dynamics: add the gain units (``len(RELEASE_S) x len(ATTACK_S) x GAIN_LEVELS_DB[2]`` of them).
-        shelves: add the shelf units after the random ones (``F x len(SHELF_BOOSTS) x len(SHELF_DRIVES) x
-            len(SHELF_OFFSETS)`` curve units; none with F = 0).
 
     Returns:
         The :class:`WienerBank`.
@@ -167,24 +150,12 @@ def make_bank(n_units: int = WIENER_UNITS, n_lowpass: int = WIENER_LOWPASSES, sa
     g = np.logspace(math.log10(GAIN_RANGE[0]), math.log10(GAIN_RANGE[1]), n_units) \
         * np.where(np.arange(n_units) % 2 == 0, 1.0, -1.0)
     c = rng.uniform(-1.0, 1.0, n_units)
-    w = g[:, None] * d
-    if shelves and n_lowpass:
-        rows, offs = [], []
-        for k in range(n_lowpass):
-            for s in SHELF_BOOSTS:
-                for gain in SHELF_DRIVES:
-                    for off in SHELF_OFFSETS:
-                        r = np.zeros(1 + n_lowpass)
-                        r[0], r[1 + k] = gain, -gain * s / (1.0 + s)  # g (x + s (x - lp_k)) / (1 + s)
-                        rows.append(r)
-                        offs.append(off)
-        w, c = np.concatenate([w, np.array(rows)]), np.concatenate([c, np.array(offs)])
     if not dynamics:
-        return WienerBank(torch.from_numpy(poles), torch.from_numpy(w), torch.from_numpy(c))
+        return WienerBank(torch.from_numpy(poles), torch.from_numpy(g[:, None] * d), torch.from_numpy(c))
     release = np.exp(-1.0 / (np.asarray(RELEASE_S) * sample_rate))
     attack = np.exp(-1.0 / (np.asarray(ATTACK_S) * sample_rate))
     levels = 10.0 ** (np.linspace(GAIN_LEVELS_DB[0], GAIN_LEVELS_DB[1], int(GAIN_LEVELS_DB[2])) / 20.0)
-    return WienerBank(torch.from_numpy(poles), torch.from_numpy(w), torch.from_numpy(c),
+    return WienerBank(torch.from_numpy(poles), torch.from_numpy(g[:, None] * d), torch.from_numpy(c),
                       torch.from_numpy(release), torch.from_numpy(attack), torch.from_numpy(levels))
 
 
@@ -214,6 +185,5 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["ATTACK_S", "GAIN_FLOOR", "GAIN_LEVELS_DB", "GAIN_RANGE", "LOWPASS_HZ", "RELEASE_S", "WIENER_DYNAMICS",
-           "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED", "WIENER_SHELVES", "WIENER_UNITS",
-           "SHELF_BOOSTS", "SHELF_DRIVES", "SHELF_OFFSETS", "WienerBank",
+           "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED", "WIENER_UNITS", "WienerBank",
            "bank_channels", "head_coefficients", "make_bank"]

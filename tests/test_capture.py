@@ -104,7 +104,7 @@ def test_results_of_a_capture(captured, pair):
     assert set(h) == {"esr", "mae", "stft", "mrstft"} and set(b) == {"lsfir", "arx", "identity"}
     assert h["esr"] < 0.1 * b["identity"]["esr"] and h["esr"] < b["lsfir"]["esr"], (h, b)
     assert r["export"]["kind"] == "arx" and r["export"]["streaming"] and r["export"]["rtf_block256_one_thread"] > 0
-    assert r["model"]["wiener_offered"] is True and r["model"]["wiener_units"] in (0, make_bank().n_curves)
+    assert r["model"]["wiener_offered"] is True and r["model"]["wiener_units"] in (0, WIENER_UNITS)
     assert r["model"]["wiener_gain_units"] in (0, make_bank().n_gains)
     assert r["seconds"]["capture"] > 0 and r["cpu_seconds"]["capture"] > 0 and r["warnings"] == []
     wet = sf.read(pair / "wet.wav", dtype="float32")[0]
@@ -155,7 +155,7 @@ def test_the_wiener_bank_is_kept_where_it_lowers_the_error(tmp_path, family, set
         assert rc == 0
         res[units] = json.loads((out / "results.json").read_text())
     kept, plain = res[WIENER_UNITS], res[0]
-    assert kept["model"]["wiener_offered"] is True and kept["model"]["wiener_units"] == make_bank().n_curves
+    assert kept["model"]["wiener_offered"] is True and kept["model"]["wiener_units"] == WIENER_UNITS
     assert kept["model"]["wiener_gain_units"] == make_bank().n_gains
     assert plain["model"]["wiener_offered"] is False and plain["model"]["wiener_units"] == 0
     assert kept["heldout"]["esr"] < factor * plain["heldout"]["esr"], (kept["heldout"], plain["heldout"])

@@ -23,18 +23,7 @@ from metafx.bench.bank_rule import report_markdown
 from metafx.capture.adapt import normal_equations, simulate_head, adapt_arx, ridge_fit_continuous
 from metafx.export import ARXStream
 from metafx.models.arx import MetaARX, lagged
-from metafx.wiener import (
-    SHELF_BOOSTS,
-    SHELF_DRIVES,
-    SHELF_OFFSETS,
-    WIENER_LOWPASSES,
-    WIENER_MIN_EQUATIONS,
-    WIENER_UNITS,
-    bank_channels,
-    make_bank,
-)
-
-N_SHELF = WIENER_LOWPASSES * len(SHELF_BOOSTS) * len(SHELF_DRIVES) * len(SHELF_OFFSETS)  # 36
+from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_UNITS, bank_channels, make_bank
 
 SR = 48000
 
@@ -149,7 +138,7 @@ def test_the_bank_is_not_offered_on_a_support_too_short_for_it():
     st = ARXStream(model, bank=bank)
     with torch.no_grad():
         phi = st.features(torch.from_numpy(x))
-    P = model.n_coef + bank.n_curves * model.nb + bank.n_gains  # the head with the bank (gain units: one each)
+    P = model.n_coef + 24 * model.nb + bank.n_gains  # coefficients of the head with the bank (gain units: one each)
     assert P == model.n_coef + bank.head_coefficients(model.nb)
     n = 40 * P  # below WIENER_MIN_EQUATIONS (64) equations per coefficient
     assert n < WIENER_MIN_EQUATIONS * P
@@ -166,10 +155,8 @@ def test_adapt_arx_exports_the_bank_only_when_kept():
     lp = lfilter([1 - 0.877], [1, -0.877], x)
     y = np.tanh(8 * (4 * x - 3 * lp)).astype(np.float32)
     kept = adapt_arx(model, x, y, x.size, SR, 0, wiener_units=24)
-    bank = make_bank(24)  # 24 random curve units, the shelf units and the gain units
-    n = bank.n_units
-    assert kept.bank_offered and kept.n_bank == n and kept.n_curve == bank.n_curves == 24 + N_SHELF
-    assert kept.channels == model.phi.channels + n
+    n = make_bank(24).n_units  # 24 curve units and the gain units
+    assert kept.bank_offered and kept.n_bank == n and kept.n_curve == 24 and kept.channels == model.phi.channels + n
     left = adapt_arx(model, x, lfilter([0.3], [1, -0.5], x).astype(np.float32), x.size, SR, 0, wiener_units=24)
     assert left.n_bank == 0 and left.channels == model.phi.channels
     none = adapt_arx(model, x, y, x.size, SR, 0, wiener_units=0)
@@ -180,23 +167,15 @@ def test_adapt_arx_exports_the_bank_only_when_kept():
 
 def test_the_bank_is_seeded_and_checked():
     a, b = make_bank(), make_bank()
-    assert a.n_curves == WIENER_UNITS + N_SHELF and torch.equal(a.weights, b.weights) and torch.equal(a.biases, b.biases)
+    assert a.n_curves == WIENER_UNITS and torch.equal(a.weights, b.weights) and torch.equal(a.biases, b.biases)
     assert not torch.equal(make_bank(seed=1).weights, a.weights)
-    # every random unit sees x itself, along both signs of the gain (the curves and their mirror images)
-    rnd = a.weights[:WIENER_UNITS]
-    assert bool((rnd[0::2, 0] > 0).all()) and bool((rnd[1::2, 0] < 0).all())
-    # the shelf units: g (x + s (x - lp_k)) / (1 + s), gain g above the corner, g / (1 + s) at DC
-    sh = a.weights[WIENER_UNITS:]
-    assert make_bank(shelves=False).n_curves == WIENER_UNITS and make_bank(n_lowpass=0).n_curves == WIENER_UNITS
-    assert sorted(set(sh[:, 0].tolist())) == sorted(SHELF_DRIVES) and bool(((sh[:, 1:] != 0).sum(1) == 1).all())
-    dc = sh.sum(1) / sh[:, 0]  # the direction's gain at DC relative to the high frequencies
-    assert sorted(set(round(v, 9) for v in dc.tolist())) == sorted(round(1 / (1 + s), 9) for s in SHELF_BOOSTS)
-    assert sorted(set(a.biases[WIENER_UNITS:].tolist())) == sorted(SHELF_OFFSETS)
+    # every unit sees x itself, along both signs of the gain (the curves and their mirror images)
+    assert bool((a.weights[0::2, 0] > 0).all()) and bool((a.weights[1::2, 0] < 0).all())
     assert bool(((a.poles > 0) & (a.poles < 1)).all())
     ch = bank_channels(a, signal(0.1))
     assert ch.shape == (a.n_units, int(0.1 * SR)) and np.all(np.abs(ch[: a.n_curves]) <= 1)
-    assert a.n_units == WIENER_UNITS + N_SHELF + a.n_gains and a.n_gains == 54
-    assert make_bank(dynamics=False).n_units == WIENER_UNITS + N_SHELF
+    assert a.n_units == WIENER_UNITS + a.n_gains and a.n_gains == 54
+    assert make_bank(dynamics=False).n_units == WIENER_UNITS
     # a gain unit: x times a gain in (0, 1], the gain falling as the level rises over the unit's level
     x = signal(0.1)
     gain = ch[a.n_curves:] / np.where(x == 0, 1, x)[None]
