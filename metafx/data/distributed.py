@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENV_MODE = "METAFX_DISTRIBUTED_RENDER"  # auto (default) | 1 | 0
+CANCEL_DRAIN_S = 10.0  # seconds an interrupted render waits for its cancelled parts to report back
 
 
 # --------------------------------------------------------------------------- does every node see a directory?
@@ -270,6 +271,13 @@ def render_on_ray(cfg: "Config", *, cpus_per_part: int = 1, tasks_per_part: int 
     except BaseException:
         for ref in pending:  # interrupted or failed: stop the parts still running (finished ones stay for reuse)
             ray.cancel(ref, force=True)
+        # Let the cancelled tasks' replies arrive before Ray shuts down: a reply that comes in after the driver's
+        # task table is torn down fails a Ray-internal check (task_manager.cc, "Tried to complete task that was
+        # not pending") that ends the driver with status 1 instead of its own (seen once under load in CI).
+        try:
+            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_DRAIN_S)
+        except BaseException:  # a second Ctrl-C / SIGTERM, or Ray already gone: leave as asked
+            pass
         raise
     t_render = time.perf_counter() - t0
 
