@@ -456,17 +456,15 @@ class ARXStream(nn.Module):
         else:
             hist = torch.cat([state[2], phi], 1)[:, T:]
         past = state[3]
-        if self.na and T <= self.iir_chunk:  # one chunk: zero-state Toeplitz product plus the carried outputs' response
-            y = torch.addmv(torch.mv(self.iir_O[:T], past), self.iir_T[:T, :T], u)
-            # a copy, not a view of y: the host owns y (and may scale it in place)
-            past = y[T - self.na:].clone() if T >= self.na else torch.cat([past, y])[T:]
-        elif self.na:
+        if self.na:
             ys: List[Tensor] = []
             start = 0
-            while start < T:
+            while start < T:  # a block of up to IIR_CHUNK samples is one chunk
                 c = min(self.iir_chunk, T - start)
-                yc = torch.mv(self.iir_T[:c, :c], u[start:start + c]) + torch.mv(self.iir_O[:c], past)
-                past = torch.cat([past, yc])[c:]  # the last na outputs, oldest first
+                # zero-state Toeplitz product plus the carried outputs' response
+                yc = torch.addmv(torch.mv(self.iir_O[:c], past), self.iir_T[:c, :c], u[start:start + c])
+                # the last na outputs, oldest first: a new tensor, not a view of the output the host owns
+                past = torch.cat([past, yc])[c:]
                 ys.append(yc)
                 start += c
             y = torch.cat(ys) if len(ys) > 1 else ys[0]
