@@ -37,7 +37,8 @@ Per model (how the state is carried and what is precomputed at export):
   the start, a sample counter in the state). A capture may add the Wiener bank's channels
   (:mod:`metafx.wiener`, ``tanh`` of fixed directions of x and its fixed one-pole low-passes,
   float32) after the model's; their low-passes join the one-pole bank, and the file carries the
-  bank's numbers. The bank's gain units (``x min(1, l / e)``) follow peak envelopes: instant-attack
+  bank's numbers. A capture's tuned units (anti-aliased ``tanh``, :func:`metafx.wiener.adaa_tanh`, float64)
+  carry their last input in the state. The bank's gain units (``x min(1, l / e)``) follow peak envelopes: instant-attack
   peak followers ``p[n] = max(|x[n]|, r p[n-1])``, computed per block exactly as a max-plus scan
   (a cumulative maximum in the log domain, :meth:`ARXStream._peaks`) from their carried last
   value, then one-pole smoothed in the one-pole bank. The head ``A(z) y = sum_m B_m(z) phi_m`` is fixed
@@ -86,7 +87,7 @@ from scipy.signal import lfilter, lfiltic
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from metafx.wiener import GAIN_FLOOR, WienerBank
+from metafx.wiener import ADAA_EPS, GAIN_FLOOR, WienerBank
 
 EXPORT_VERSION = 1
 MAX_BLOCK = 4096  # longest block computed in one piece (tables cover this many samples)
@@ -207,7 +208,8 @@ class ARXStream(nn.Module):
         self.n_filter = int(phi.n_filter)
         self.n_trunk = int(phi.n_trunk)
         self.n_bank = 0 if bank is None else bank.n_units  # Wiener bank channels, after the model's (metafx/wiener.py)
-        self.n_curve = 0 if bank is None else bank.n_curves  # of them: curve units, then gain units
+        self.n_curve = 0 if bank is None else bank.n_curves  # of them: curve units, anti-aliased units, gain units
+        self.n_aa = 0 if bank is None else bank.n_aa
         self.n_gain = 0 if bank is None else bank.n_gains
         self.n_bank_lp = 0 if bank is None else bank.n_lowpass
         self.n_peak = 0 if bank is None or not self.n_gain else int(bank.release.numel())  # peak followers
@@ -294,6 +296,10 @@ class ARXStream(nn.Module):
             self.bank_W = torch.zeros(0, 0) if bank is None else (2 * bank.weights.detach()).to(torch.float32).contiguous()
             self.bank_c = torch.zeros(0, 1) if bank is None else \
                 (2 * bank.biases.detach()).to(torch.float32)[:, None].contiguous()
+            # the anti-aliased units, float64 (their difference quotient needs the digits)
+            self.aa_W = bank.aa_weights.detach().to(dt).contiguous() if self.n_aa else torch.zeros(0, 0, dtype=dt)
+            self.aa_c = bank.aa_biases.detach().to(dt)[:, None].contiguous() if self.n_aa else torch.zeros(0, 1, dtype=dt)
+            self.adaa_eps = ADAA_EPS
             # the gain units: log of the peak followers' coefficients (Nr,), the levels (Nl,)
             self.peak_logr = torch.log(bank.release.detach().to(dt)) if bank is not None and self.n_gain else empty
             self.gain_levels = bank.levels.detach().to(dt) if bank is not None and self.n_gain else empty
@@ -338,11 +344,13 @@ class ARXStream(nn.Module):
 
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
-        """Zero state: ``[one-poles then peak followers (n_pole + n_peak,), samples so far (1,), last nb-1 feature
-        frames of the framed channels (M - n_gain, nb-1), last na outputs (na,)]`` followed by the trunk's state (none
-        without a trunk)."""
+        """Zero state: ``[one-poles, peak followers, the anti-aliased units' last inputs (n_pole + n_peak + n_aa,),
+        samples so far (1,), last nb-1 feature frames of the framed channels (M - n_gain, nb-1), last na outputs
+        (na,)]`` followed by the trunk's state (none without a trunk). The anti-aliased units' input before the
+        first sample is their offset (x and its low-passes are 0 there)."""
         dt = torch.float64
-        return [torch.zeros(self.n_pole + self.n_peak, dtype=dt), torch.zeros(1, dtype=dt),
+        return [torch.cat([torch.zeros(self.n_pole + self.n_peak, dtype=dt), self.aa_c.reshape(-1)]),
+                torch.zeros(1, dtype=dt),
                 torch.zeros(self.n_framed, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt)] \
             + self.trunk.initial_state()
 
@@ -386,6 +394,19 @@ class ARXStream(nn.Module):
         carried = torch.log(s.clamp_min(self.gain_floor))[:, None] + (n + 1) * lr
         return torch.exp(torch.maximum(run, carried))
 
+    def _adaa(self, z: Tensor, z_before: Tensor) -> Tuple[Tensor, Tensor]:
+        """Anti-aliased tanh of each row of ``z`` (K, T) after ``z_before`` (K,) (metafx.wiener.adaa_tanh, float64):
+        ``(log cosh z[n] - log cosh z[n-1]) / (z[n] - z[n-1])``, the midpoint's tanh for steps below
+        ``adaa_eps``. Returns the (K, T) outputs and the last inputs (K,)."""
+        zz = torch.cat([z_before[:, None], z], 1)  # (K, T + 1)
+        a = zz.abs()
+        lc = a + torch.log1p(torch.exp(-2.0 * a))  # log cosh less log 2
+        zp = zz[:, :-1]
+        dz = z - zp
+        small = dz.abs() < self.adaa_eps
+        q = (lc[:, 1:] - lc[:, :-1]) / torch.where(small, torch.ones_like(dz), dz)
+        return torch.where(small, torch.tanh(0.5 * (z + zp)), q), z[:, -1].clone()
+
     def _features(self, x: Tensor, env_s: Tensor, t0: Tensor, trunk_s: List[Tensor]
                   ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
         """Feature frames of one block (T <= MAX_BLOCK), float64; returns (the framed channels (M - n_gain, T), the
@@ -397,8 +418,9 @@ class ARXStream(nn.Module):
         E = self.n_env
         F = self.n_filter
         poles = env_s
+        aa_s = env_s[self.n_pole + self.n_peak:]
         if self.n_pole:
-            peak_s = env_s[self.n_pole:]
+            peak_s = env_s[self.n_pole:self.n_pole + self.n_peak]
             nx = self.n_pole - E - self.n_att  # rows driven by x: the input filters and the bank's low-passes
             if nx + self.n_att:  # rows: |x| for the envelopes, x for the low-passes, the peak followers
                 rows = [x.abs()[None].expand(E, T)]
@@ -412,7 +434,7 @@ class ARXStream(nn.Module):
             else:
                 u = x.abs()[None]
             poles = self._onepoles(u, env_s[: self.n_pole])
-            env_s = torch.cat([poles[:, T - 1], peak_s])
+            env_s = torch.cat([poles[:, T - 1], peak_s])  # the anti-aliased units' part is added below
         if self.n_point:
             chans.append(self._pointwise(x, poles[E:E + F]))
         if E:
@@ -432,9 +454,13 @@ class ARXStream(nn.Module):
             chans.append(f)  # (n_trunk, T)
         if self.n_curve:
             lps = poles[E + F:E + F + self.n_bank_lp]
-            bin_ = (torch.cat([xi, lps], 0) if self.n_bank_lp else xi).to(torch.float32)  # (1 + B, T)
-            curves = torch.sigmoid(torch.addmm(self.bank_c, self.bank_W, bin_)).mul_(2.0).sub_(1.0)  # tanh
-            chans.append(curves.to(torch.float64))  # (R, T)
+            bin64 = torch.cat([xi, lps], 0) if self.n_bank_lp else xi  # (1 + B, T)
+            curves = torch.sigmoid(torch.addmm(self.bank_c, self.bank_W, bin64.to(torch.float32))).mul_(2.0).sub_(1.0)
+            chans.append(curves.to(torch.float64))  # (R, T): tanh as 2 sigmoid(2 z) - 1
+            if self.n_aa:
+                aa, aa_s = self._adaa(torch.addmm(self.aa_c, self.aa_W, bin64), aa_s)
+                chans.append(aa)  # (K, T)
+                env_s = torch.cat([env_s, aa_s])
         gains = x.new_zeros(0, T)
         if self.n_gain:
             env = poles[self.n_pole - self.n_att:].clamp_min(self.gain_floor)  # (Nr Na, T): smoothed peaks

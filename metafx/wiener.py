@@ -32,13 +32,18 @@ n log r + cummax_k(log|x[k]| - k log r))``. Gain units enter the head at lag 0 o
 coefficient each: a level detector's gain has no filter after it). Measured on the shipped study's
 validation settings (benchmarks/capture_bank_rule.md) and its test settings (benchmarks/capture.md).
 
+A capture adds *tuned units* to the bank (:meth:`WienerBank.with_tuned_units`, fitted by
+:mod:`metafx.capture.tuned_units`): anti-aliased curves (:func:`adaa_tanh`) along one direction of x
+and one more low-pass, both fitted to the support; they are channels of the bank like the others
+(after the curve units, before the gain units), kept or left out with it.
+
 This module only defines the bank; :class:`metafx.export.ARXStream` computes its channels (the
 exported model carries the bank's numbers, not this code).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -54,6 +59,7 @@ WIENER_DYNAMICS = True  # the bank also holds gain units (peak-envelope gains, f
 RELEASE_S = (0.005, 0.05, 0.5)  # release times of the gain units' peak followers, seconds
 ATTACK_S = (0.0002, 0.002, 0.02)  # attack times (one-pole smoothing of each peak follower), seconds
 GAIN_LEVELS_DB = (-50.0, 0.0, 6)  # the gain units' levels l: from, to (dBFS), count (log-spaced)
+ADAA_EPS = 1e-4  # steps of an anti-aliased unit's input below this use the midpoint tanh (see adaa_tanh)
 GAIN_FLOOR = 1e-9  # envelopes are floored here before the division (silence: gain 1)
 # The bank is offered only where the support holds at least this many equations per coefficient of the head
 # with it (48 curve units x 8 taps + 54 gain units x 1 tap + the model's 229: 667 coefficients -> 43k equations,
@@ -83,11 +89,24 @@ class WienerBank:
     release: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     attack: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     levels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    aa_weights: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
+    aa_biases: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
 
     @property
     def n_curves(self) -> int:
         """R: curve units ``tanh(w . [x, lp..] + c)``."""
         return int(self.weights.shape[0])
+
+    @property
+    def n_aa(self) -> int:
+        """K: anti-aliased curve units ``ADAA tanh(w . [x, lp..] + c)`` (:func:`adaa_tanh`), fitted to a capture
+        (:mod:`metafx.capture.tuned_units`); 0 in the seeded bank."""
+        return int(self.aa_weights.shape[0])
+
+    @property
+    def n_framed(self) -> int:
+        """Units with the head's ``nb`` taps: the curve units and the anti-aliased units."""
+        return self.n_curves + self.n_aa
 
     @property
     def n_envelopes(self) -> int:
@@ -101,12 +120,33 @@ class WienerBank:
 
     @property
     def n_units(self) -> int:
-        """Channels the bank adds: the curve units, then the gain units."""
-        return self.n_curves + self.n_gains
+        """Channels the bank adds: the curve units, the anti-aliased units, then the gain units."""
+        return self.n_framed + self.n_gains
 
     def head_coefficients(self, nb: int) -> int:
         """Coefficients the bank adds to a head of ``nb`` taps (:func:`head_coefficients`)."""
-        return head_coefficients(self.n_curves, self.n_gains, nb)
+        return head_coefficients(self.n_framed, self.n_gains, nb)
+
+    def with_tuned_units(self, pole: float, weights: np.ndarray, biases: np.ndarray) -> "WienerBank":
+        """This bank plus anti-aliased units over a new low-pass (a capture's fitted units).
+
+        Args:
+            pole: the new one-pole low-pass coefficient, in [0, 1), appended to ``poles``.
+            weights: the new units' weights over ``[x, lp_1, .., lp_F, lp_new]`` (K, F + 2).
+            biases: their offsets (K,).
+
+        Returns:
+            A new :class:`WienerBank` (the curve units get a zero weight on the new low-pass).
+        """
+        F = self.n_lowpass
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        if tuple(w.shape) != (w.shape[0], F + 2) or not 0.0 <= pole < 1.0:
+            raise ValueError(f"tuned units need weights (K, {F + 2}) and a pole in [0, 1), got {tuple(w.shape)}, {pole}")
+        old = self.aa_weights if self.n_aa else torch.zeros(0, F + 1, dtype=torch.float64)
+        pad = lambda m: torch.cat([m, torch.zeros(m.shape[0], 1, dtype=torch.float64)], 1)  # noqa: E731
+        return replace(self, poles=torch.cat([self.poles, torch.tensor([float(pole)], dtype=torch.float64)]),
+                       weights=pad(self.weights), aa_weights=torch.cat([pad(old), w]),
+                       aa_biases=torch.cat([self.aa_biases, torch.as_tensor(np.asarray(biases, dtype=np.float64))]))
 
     @property
     def n_lowpass(self) -> int:
@@ -159,6 +199,38 @@ def make_bank(n_units: int = WIENER_UNITS, n_lowpass: int = WIENER_LOWPASSES, sa
                       torch.from_numpy(release), torch.from_numpy(attack), torch.from_numpy(levels))
 
 
+def adaa_tanh(z: np.ndarray, z_before: np.ndarray) -> np.ndarray:
+    """First-order antiderivative anti-aliased tanh along the last axis: the mean of tanh over each step.
+
+    ``y[n] = (F(z[n]) - F(z[n-1])) / (z[n] - z[n-1])`` with ``F = log cosh`` (Parker, Zavalishin and Le
+    Bivic 2016; Faust's ``aa.tanh1``), ``tanh((z[n] + z[n-1]) / 2)`` where the step is below
+    :data:`ADAA_EPS` (the quotient loses its digits there; the midpoint's error is ``dz^2 / 24``).
+    A curve driven hard by a pre-emphasized input aliases at 48 kHz; a device (analog, or a plugin
+    with anti-aliasing) does not, and no linear combination of aliased curves cancels that: units of
+    this form are what let a capture reach the tube clipper's and the fuzz's output
+    (metafx/capture/tuned_units.py). :class:`metafx.export.ARXStream` computes the same in torch.
+
+    Args:
+        z: the unit inputs, (..., T), float64.
+        z_before: each row's input before the first sample, (..., 1).
+
+    Returns:
+        (..., T), float64.
+    """
+    zp = np.concatenate([z_before, z[..., :-1]], -1)
+    dz = z - zp
+    small = np.abs(dz) < ADAA_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = (_logcosh(z) - _logcosh(zp)) / np.where(small, 1.0, dz)
+    return np.where(small, np.tanh(0.5 * (z + zp)), q)
+
+
+def _logcosh(z: np.ndarray) -> np.ndarray:
+    """``log cosh z`` without overflow, less its constant ``log 2`` (it cancels in :func:`adaa_tanh`)."""
+    a = np.abs(z)
+    return a + np.log1p(np.exp(-2.0 * a))
+
+
 def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     """The bank's channels of a whole signal from a zero state, float64, (n_units, T): a reference computation.
 
@@ -169,8 +241,11 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     from scipy.signal import lfilter
 
     x = np.asarray(x, dtype=np.float64)
-    rows = [x] + [lfilter([1.0 - a], [1.0, -a], x) for a in bank.poles.tolist()]
-    out = [np.tanh(bank.weights.numpy() @ np.stack(rows) + bank.biases.numpy()[:, None])]
+    rows = np.stack([x] + [lfilter([1.0 - a], [1.0, -a], x) for a in bank.poles.tolist()])
+    out = [np.tanh(bank.weights.numpy() @ rows + bank.biases.numpy()[:, None])]
+    if bank.n_aa:
+        z = bank.aa_weights.numpy() @ rows + bank.aa_biases.numpy()[:, None]
+        out.append(adaa_tanh(z, z[:, :1] * 0 + bank.aa_biases.numpy()[:, None]))  # zero state: x[-1] = lp[-1] = 0
     if bank.n_gains:
         r = bank.release.numpy()
         peak = np.zeros((r.size, x.size))
@@ -184,6 +259,6 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     return np.concatenate(out, 0)
 
 
-__all__ = ["ATTACK_S", "GAIN_FLOOR", "GAIN_LEVELS_DB", "GAIN_RANGE", "LOWPASS_HZ", "RELEASE_S", "WIENER_DYNAMICS",
+__all__ = ["ADAA_EPS", "ATTACK_S", "GAIN_FLOOR", "GAIN_LEVELS_DB", "GAIN_RANGE", "LOWPASS_HZ", "RELEASE_S", "WIENER_DYNAMICS",
            "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED", "WIENER_UNITS", "WienerBank",
-           "bank_channels", "head_coefficients", "make_bank"]
+           "adaa_tanh", "bank_channels", "head_coefficients", "make_bank"]

@@ -19,6 +19,7 @@ from metafx import metrics as M
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
+from metafx.capture.tuned_units import TUNED_OFFSETS, TUNED_SCALES, fit_prefilter, tuned_bank
 from metafx.export import ARXStream, export_network
 from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, head_coefficients, make_bank
 
@@ -317,7 +318,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
 
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
               cfg: Config | None = None, fit: str = "continuous", wiener_units: int = WIENER_UNITS,
-              bank_min_equations: float = WIENER_MIN_EQUATIONS) -> ARXStream:
+              bank_min_equations: float = WIENER_MIN_EQUATIONS, tuned_units: bool = True) -> ARXStream:
     """Adapt a :class:`metafx.models.arx.MetaARX` to the support and return its streaming export.
 
     Args:
@@ -332,12 +333,15 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             offered to a continuous fit, kept only where the support's cross-validation prefers them
             (0: no bank offered).
         bank_min_equations: see :func:`ridge_fit_continuous`.
+        tuned_units: where the bank is offered, add the units of a pre-filter fitted to the support
+            (:mod:`metafx.capture.tuned_units`); they enter the head with the bank or not at all.
 
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the
         attributes ``ridge_scale`` (the chosen multiplier), ``bank_offered`` (whether the support
-        was long enough to offer the bank) and ``n_bank`` (bank channels kept: 0, or the bank's
-        curve and gain units, ``n_curve`` and ``n_gain``).
+        was long enough to offer the bank), ``n_bank`` (bank channels kept: 0, or the bank's
+        curve, tuned and gain units, ``n_curve``, ``n_aa`` and ``n_gain``) and ``prefilter`` (the
+        fitted :class:`metafx.capture.tuned_units.PreFilter`, or None where none was fitted).
     """
     support = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32))
 
@@ -360,17 +364,29 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         raise ValueError(f"unknown ARX fit {fit!r}; use 'continuous' or 'slices'")
     # the bank's channels are computed only where the fit may keep them
     bank = make_bank(wiener_units, sample_rate=sr) if wiener_units > 0 else None
+    prefilter = None
+    if bank is not None and tuned_units:  # the tuned units count in the offer rule
+        n_tuned = len(TUNED_SCALES) * len(TUNED_OFFSETS)
+        if not bank_offered(model, n_support, bank.n_units + n_tuned, bank_min_equations, bank.n_gains):
+            tuned_units = False
     if bank is not None and not bank_offered(model, n_support, bank.n_units, bank_min_equations, bank.n_gains):
         bank = None
-    offered = build(bank)
+    xs = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64))
+    ys = torch.from_numpy(np.ascontiguousarray(wet[:n_support], dtype=np.float64))
     with torch.no_grad():
-        phi = offered.features(torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64)))
-        res = ridge_fit_continuous(model, phi, torch.from_numpy(np.ascontiguousarray(wet[:n_support], dtype=np.float64)),
-                                   n_bank=offered.n_bank, bank_min_equations=bank_min_equations, n_gain=offered.n_gain)
+        if bank is not None and tuned_units:
+            plain = build()
+            prefilter = fit_prefilter(xs.numpy(), ys.numpy(), plain.features(xs).numpy(), model.nb, model.na, sr)
+            bank = tuned_bank(bank, prefilter, sr)
+        offered = build(bank)
+        phi = offered.features(xs)
+        res = ridge_fit_continuous(model, phi, ys, n_bank=offered.n_bank, bank_min_equations=bank_min_equations,
+                                   n_gain=offered.n_gain)
     stream = offered if res.bank or bank is None else build()  # the bank left out: a stream without it
     stream.set_head(res.b[: stream.channels], res.a)
     stream.ridge_scale = res.scale  # recorded in results.json (an attribute of the export module too)
     stream.bank_offered = bank is not None
+    stream.prefilter = prefilter
     return stream
 
 

@@ -1,0 +1,170 @@
+"""Tuned units: anti-aliased curves of a pre-filtered input, fitted to one capture's support.
+
+The Wiener bank's curve units (:mod:`metafx.wiener`) look along fixed random directions of x and
+three fixed low-passes, through a plain ``tanh``. For an effect whose curve is driven hard through
+a pre-filter (the tube clipper's +18 dB pre-emphasis shelf, the fuzz's input high-pass), two
+things keep them from its output, measured on the shipped study's validation settings at 3 s of
+support: the direction (units along the exact pre-filter, plain tanh: tube clipper 0.055 ->
+0.036, fuzz 0.048 -> 0.026) and aliasing (the same units anti-aliased as the effects are, by the
+first-order antiderivative method: 0.0036 and 0.0083). A plugin with anti-aliasing or an analog
+device does not alias, and no linear combination of aliased curves cancels aliasing.
+
+So a capture fits a pre-filter to its support: ``u = g (x - r lp_p(x))`` with a one-pole low-pass
+``lp_p`` of corner ``fc`` (r = 0: no filter; 0 < r < 1: a first-order high shelf of ``1 / (1 - r)``;
+r = 1: a high-pass), and offers :data:`TUNED_SCALES` x :data:`TUNED_OFFSETS` units
+``ADAA tanh(s u + c + o)`` (:func:`metafx.wiener.adaa_tanh`) to the head beside the bank. The four
+numbers ``(g, r, fc, c)`` are found by Nelder-Mead on a variable-projection criterion: the
+equation error left after the head's model channels (all their taps) and the output's
+autoregressive lags are projected out, reduced by these units' taps; on :data:`TUNED_RUNS` runs of
+:data:`TUNED_RUN_LEN` samples drawn from the first :data:`TUNED_SPAN_S` seconds of the support
+(seeded), so the search costs the same for any longer support. The criterion is the head's own least-squares problem restricted to these
+rows, so units that do not help leave it near 1 and the capture's cross-validation (which decides
+whether the bank, tuned units included, enters the head) leaves them out.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.linalg import solve_triangular
+from scipy.optimize import minimize
+from scipy.signal import lfilter
+
+from metafx.wiener import WienerBank, adaa_tanh
+
+TUNED_SCALES = (0.7, 1.0, 1.4)  # unit gains relative to the fitted g
+TUNED_OFFSETS = (-0.3, 0.0, 0.3)  # unit offsets relative to the fitted c
+TUNED_SPAN_S = 3.0  # rows of the criterion: from the first seconds of the support ...
+TUNED_RUNS = 24  # ... runs ...
+TUNED_RUN_LEN = 256  # ... of this many samples
+TUNED_STARTS = 2  # Nelder-Mead runs, from the best points of the start grid
+TUNED_EVALS = 50  # criterion evaluations per Nelder-Mead run
+TUNED_SEED = 0  # the runs' positions
+FC_RANGE_HZ = (20.0, 20000.0)  # the pre-filter's corner is kept in this range
+_STEP = np.array([0.5, 1.0, 0.5, 0.3])  # Nelder-Mead's first simplex: log g, logit r, log fc, c
+
+
+@dataclass(frozen=True)
+class PreFilter:
+    """The fitted pre-filter and curve of the tuned units.
+
+    Attributes:
+        gain: g, the input gain.
+        ratio: r in (0, 1): the low-pass share taken off (shelf of ``1 / (1 - r)``; 1: high-pass).
+        fc: the low-pass corner, Hz.
+        offset: c, the curve's offset (asymmetry).
+        criterion: the equation error left after the units (1 = no better than without them).
+        evaluations: criterion evaluations made.
+        seconds: wall time of the fit.
+    """
+
+    gain: float
+    ratio: float
+    fc: float
+    offset: float
+    criterion: float
+    evaluations: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as plain numbers (results.json)."""
+        return {"gain": self.gain, "ratio": self.ratio, "fc_hz": self.fc, "offset": self.offset,
+                "criterion": self.criterion, "evaluations": self.evaluations, "seconds": self.seconds}
+
+
+def _pole(fc: float, sr: int) -> float:
+    """The one-pole low-pass coefficient of corner ``fc`` (as :func:`metafx.wiener.make_bank`'s low-passes)."""
+    return math.exp(-2 * math.pi * fc / sr)
+
+
+def _decode(th: np.ndarray) -> tuple[float, float, float, float]:
+    """``(log g, logit r, log fc, c)`` -> ``(g, r, fc, c)`` with fc clamped to :data:`FC_RANGE_HZ`."""
+    fc = min(max(math.exp(float(th[2])), FC_RANGE_HZ[0]), FC_RANGE_HZ[1])
+    return math.exp(float(th[0])), 1.0 / (1.0 + math.exp(-float(th[1]))), fc, float(th[3])
+
+
+def fit_prefilter(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int, sr: int) -> PreFilter:
+    """Fit the tuned units' pre-filter and curve to a support (see the module docstring).
+
+    Args:
+        x: the dry support, (S,), float64.
+        y: the aligned wet support, (S,), float64.
+        phi: the model's own channels over the support (as the head sees them), (M, S), float64.
+        nb: the head's taps per channel; na: its autoregressive order.
+        sr: sample rate, Hz.
+
+    Returns:
+        The :class:`PreFilter`.
+
+    Raises:
+        ValueError: a support shorter than one run plus the head's lags.
+    """
+    t0 = time.perf_counter()
+    S = min(x.shape[0], int(TUNED_SPAN_S * sr))  # the criterion's rows come from here (its cost: the pre-filter)
+    x, y, phi = x[:S], y[:S], phi[:, :S]
+    lead = max(nb, na, 1)
+    n_runs = min(TUNED_RUNS, (S - lead) // TUNED_RUN_LEN)
+    if n_runs < 1:
+        raise ValueError(f"a support of {S} samples is too short for the tuned units (needs {lead + TUNED_RUN_LEN})")
+    rng = np.random.default_rng(TUNED_SEED)
+    starts = np.sort(rng.choice(np.arange(lead, S - TUNED_RUN_LEN + 1, TUNED_RUN_LEN), size=n_runs, replace=False))
+    rows = (starts[:, None] + np.arange(TUNED_RUN_LEN)[None]).reshape(-1)
+    win = starts[:, None] + np.arange(-nb, TUNED_RUN_LEN)[None]  # (runs, nb + L): the units' lags and previous input
+    target = y[rows]
+    # the model's channels at every tap and the output's AR lags, projected out once (Cholesky whitening)
+    Xm = np.concatenate([phi[:, rows - k] for k in range(nb)] + [y[None, rows - k] for k in range(1, na + 1)], 0).T
+    G = Xm.T @ Xm
+    G[np.diag_indices_from(G)] += 1e-9 * np.trace(G) / G.shape[0] + 1e-300
+    Q = solve_triangular(np.linalg.cholesky(G), Xm.T, lower=True).T  # (rows, P): Xm's column space, orthonormal
+    resid = target - Q @ (Q.T @ target)
+    e0 = float(resid @ resid) + 1e-300
+    n_u = len(TUNED_SCALES) * len(TUNED_OFFSETS)
+    evals = [0]
+
+    def criterion(th: np.ndarray) -> float:
+        evals[0] += 1
+        g, r, fc, c = _decode(th)
+        p = _pole(fc, sr)
+        u = g * (x - r * lfilter([1.0 - p], [1.0, -p], x))
+        uw = u[win].reshape(-1)
+        z = np.stack([s * uw + c + o for s in TUNED_SCALES for o in TUNED_OFFSETS]).reshape(n_u, n_runs, -1)
+        a = adaa_tanh(z[:, :, 1:], z[:, :, :1])  # (K, runs, nb - 1 + L)
+        L = np.concatenate([a[:, :, nb - 1 - k: nb - 1 - k + TUNED_RUN_LEN].reshape(n_u, -1) for k in range(nb)], 0).T
+        # the units' columns less their part in the model's span, formed explicitly: they are nearly in it (the
+        # pointwise channels), and L^T L - (Q^T L)^T (Q^T L) would lose the digits the search steers by
+        Lp = L - Q @ (Q.T @ L)
+        Gu = Lp.T @ Lp
+        Gu[np.diag_indices_from(Gu)] += 1e-6 * np.trace(Gu) / Gu.shape[0] + 1e-300
+        e = resid - Lp @ np.linalg.solve(Gu, Lp.T @ resid)
+        return float(e @ e) / e0
+
+    grid = [np.array([math.log(g), rho, math.log(fc), c]) for g in (3.0, 20.0) for rho in (0.0, 3.0)
+            for fc in (80.0, 700.0) for c in (0.0, 0.5)]
+    vals = [criterion(th) for th in grid]
+    best = None
+    for i in np.argsort(vals)[:TUNED_STARTS]:
+        th0 = grid[int(i)]
+        simplex = np.stack([th0] + [th0 + np.eye(4)[j] * _STEP[j] for j in range(4)])
+        res = minimize(criterion, th0, method="Nelder-Mead",
+                       options={"maxfev": TUNED_EVALS, "xatol": 1e-2, "fatol": 1e-4, "initial_simplex": simplex})
+        if best is None or res.fun < best.fun:
+            best = res
+    g, r, fc, c = _decode(best.x)
+    return PreFilter(g, r, fc, c, float(best.fun), evals[0], time.perf_counter() - t0)
+
+
+def tuned_bank(bank: WienerBank, pf: PreFilter, sr: int) -> WienerBank:
+    """``bank`` plus the tuned units of ``pf``: a low-pass at ``pf.fc`` and :data:`TUNED_SCALES` x
+    :data:`TUNED_OFFSETS` anti-aliased units ``ADAA tanh(s g (x - r lp) + c + o)``."""
+    F = bank.n_lowpass
+    d = np.zeros(F + 2)
+    d[0], d[F + 1] = 1.0, -pf.ratio
+    w = np.stack([s * pf.gain * d for s in TUNED_SCALES for _ in TUNED_OFFSETS])
+    b = np.array([pf.offset + o for _ in TUNED_SCALES for o in TUNED_OFFSETS])
+    return bank.with_tuned_units(_pole(pf.fc, sr), w, b)
+
+
+__all__ = ["FC_RANGE_HZ", "PreFilter", "TUNED_EVALS", "TUNED_OFFSETS", "TUNED_RUNS", "TUNED_RUN_LEN", "TUNED_SCALES",
+           "TUNED_SPAN_S", "TUNED_STARTS", "fit_prefilter", "tuned_bank"]
