@@ -376,8 +376,12 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     with torch.no_grad():
         if bank is not None and tuned_units:
             plain = build()
-            prefilter = fit_prefilter(xs.numpy(), ys.numpy(), plain.features(xs).numpy(), model.nb, model.na, sr)
-            bank = tuned_bank(bank, prefilter, sr)
+            try:
+                prefilter = fit_prefilter(xs.numpy(), ys.numpy(), plain.features(xs).numpy(), model.nb, model.na, sr)
+            except np.linalg.LinAlgError:  # degenerate rows (a support silent where the search looked): no units
+                prefilter = None
+            if prefilter is not None:
+                bank = tuned_bank(bank, prefilter, sr)
         offered = build(bank)
         phi = offered.features(xs)
         res = ridge_fit_continuous(model, phi, ys, n_bank=offered.n_bank, bank_min_equations=bank_min_equations,
