@@ -199,3 +199,22 @@ def test_the_bank_rule_report_renders_from_its_json():
     assert "| 0.5 | 39 | 1 of 2 | -0.651 | 1 | 0 | 0 / 1 |" in md, md
     assert "| 1 | 78 | 1 of 2 |" in md and "from 64 equations per coefficient" in md
     assert "| f | 2 | 1 | 0.1 | 0.0525 |" in md, md  # per family at the longest support
+
+
+def test_units_that_do_not_help_cannot_cost_the_bank():
+    """With ``n_tuned`` the bank is also tried without its tuned units: noise channels in their place leave the
+    bank kept and their rows zero."""
+    torch.manual_seed(0)
+    model = MetaARX(nb=8, na=4, features="none")
+    x = signal()
+    lp = lfilter([1 - 0.877], [1, -0.877], x)
+    y = lfilter([0.5], [1, -0.5], np.tanh(8 * (4 * x - 3 * lp) + 0.3) - np.tanh(0.3))
+    bank = make_bank(24)
+    with torch.no_grad():
+        phi = ARXStream(model, bank=bank).features(torch.from_numpy(x))
+    noise = torch.from_numpy(np.random.default_rng(5).standard_normal((6, x.size)))
+    M0 = phi.shape[0] - bank.n_gains
+    ph = torch.cat([phi[:M0], noise, phi[M0:]])
+    res = ridge_fit_continuous(model, ph, torch.from_numpy(y), n_bank=bank.n_units + 6, n_gain=bank.n_gains, n_tuned=6)
+    assert res.bank and not res.tuned
+    assert torch.all(res.b[M0:M0 + 6] == 0)

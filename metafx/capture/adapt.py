@@ -181,6 +181,7 @@ class ContinuousFit:
         scale: the chosen multiplier of the meta-learned ridge.
         bank: True when the Wiener bank's channels are in the head.
         cv_esr: the pooled left-out ESR of the chosen candidate (NaN with a single candidate: no cross-validation).
+        tuned: True when the bank's tuned units are in the head too (their rows of ``b`` are zero otherwise).
     """
 
     b: Tensor
@@ -188,11 +189,13 @@ class ContinuousFit:
     scale: float
     bank: bool
     cv_esr: float
+    tuned: bool = False
 
 
 def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple[float, ...] = RIDGE_SCALES,
                          n_bank: int = 0, bank_ridge: float = WIENER_RIDGE,
-                         bank_min_equations: float = WIENER_MIN_EQUATIONS, n_gain: int = 0) -> ContinuousFit:
+                         bank_min_equations: float = WIENER_MIN_EQUATIONS, n_gain: int = 0,
+                         n_tuned: int = 0) -> ContinuousFit:
     """The equation-error ridge fit of :meth:`metafx.models.arx.MetaARX.fit_features` over one continuous stretch.
 
     The regressors, the meta-learned per-coefficient ridge and the prior mean of the meta-trained
@@ -228,6 +231,9 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         bank_ridge: their relative ridge.
         bank_min_equations: equations per coefficient below which the bank is not offered.
         n_gain: of the ``n_bank`` channels, the last ``n_gain`` are gain units (lag 0 only).
+        n_tuned: of the ``n_bank`` channels, the ``n_tuned`` before the gain units are a capture's tuned units
+            (:mod:`metafx.capture.tuned_units`): the bank is then also tried without them (a third candidate), so
+            units that do not help cannot cost the bank.
 
     Returns:
         The :class:`ContinuousFit`.
@@ -265,6 +271,11 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         keep[1 + (M - 1 - n_gain) * nb: 1 + (M - 1) * nb] = (torch.arange(n_gain * nb) % nb) == 0
     variants = [(False, without)] + ([(True, torch.nonzero(keep).flatten())]
                                      if bank_offered(model, S, n_bank, bank_min_equations, n_gain) else [])
+    if n_tuned and len(variants) > 1:  # the bank without its tuned units (their columns: before the gain units')
+        plain = keep.clone()
+        lo = 1 + (M - 1 - n_gain - n_tuned) * nb
+        plain[lo: lo + n_tuned * nb] = False
+        variants.insert(1, (True, torch.nonzero(plain).flatten()))
 
     def solve_all(Gm: Tensor, rm: Tensor, idx: Tensor, at: tuple[float, ...]) -> list[tuple[Tensor, Tensor]]:
         """The heads at each ridge scale of ``at``: the candidate's sub-system is taken out once for all of them.
@@ -295,8 +306,8 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     if len(candidates) > 1:
         folds = [[k, k + CV_FOLDS] for k in range(CV_FOLDS)]
         left_in = [(G - Gs[segs].sum(0), r - rs[segs].sum(0)) for segs in folds]  # each fold's equations, once
-        cv: dict[tuple[bool, float], float] = {}
-        for v, idx in variants:  # every scale of a variant simulated together
+        cv: dict[tuple[int, float], float] = {}  # (variant, scale) -> left-out ESR
+        for vi, (v, idx) in enumerate(variants):  # every scale of a variant simulated together
             err, tgt = np.zeros(len(scales)), 0.0
             m = M if v else M - n_bank  # without the bank its rows of b are zero: leave them out
             for segs, (Gk, rk) in zip(folds, left_in):
@@ -308,12 +319,15 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
                     err += [float(np.sum((yn[lo:hi] - sim[lo:hi]) ** 2)) for sim in sims]
                     tgt += float(np.sum(yn[lo:hi] ** 2))
             for scale, e in zip(scales, err):
-                cv[(v, scale)] = e / (tgt + 1e-12) if np.isfinite(e) else math.inf
-        for v, idx, scale in candidates:  # in the candidates' order: the first of equals wins, as before
-            if cv[(v, scale)] < best_err:
-                best, best_err = (v, idx, scale), cv[(v, scale)]
+                cv[(vi, scale)] = e / (tgt + 1e-12) if np.isfinite(e) else math.inf
+        for vi, (v, idx) in enumerate(variants):  # in the candidates' order: the first of equals wins, as before
+            for scale in scales:
+                if cv[(vi, scale)] < best_err:
+                    best, best_err = (v, idx, scale), cv[(vi, scale)]
     b, a = solve_all(G, r, best[1], (best[2],))[0]
-    return ContinuousFit(b, a, float(best[2]), bool(best[0]), float(best_err) if len(candidates) > 1 else math.nan)
+    tuned = bool(best[0]) and n_tuned > 0 and bool(torch.any(b[M - n_gain - n_tuned: M - n_gain] != 0))
+    return ContinuousFit(b, a, float(best[2]), bool(best[0]), float(best_err) if len(candidates) > 1 else math.nan,
+                         tuned)
 
 
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
@@ -365,6 +379,7 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     # the bank's channels are computed only where the fit may keep them
     bank = make_bank(wiener_units, sample_rate=sr) if wiener_units > 0 else None
     prefilter = None
+    untuned = bank  # the bank without tuned units (the cross-validation may keep it so)
     if bank is not None and tuned_units:  # the tuned units count in the offer rule
         n_tuned = len(TUNED_SCALES) * len(TUNED_OFFSETS)
         if not bank_offered(model, n_support, bank.n_units + n_tuned, bank_min_equations, bank.n_gains):
@@ -385,12 +400,18 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         offered = build(bank)
         phi = offered.features(xs)
         res = ridge_fit_continuous(model, phi, ys, n_bank=offered.n_bank, bank_min_equations=bank_min_equations,
-                                   n_gain=offered.n_gain)
-    stream = offered if res.bank or bank is None else build()  # the bank left out: a stream without it
-    stream.set_head(res.b[: stream.channels], res.a)
+                                   n_gain=offered.n_gain, n_tuned=offered.n_aa)
+    b = res.b
+    if res.bank and offered.n_aa and not res.tuned:  # the bank kept without its tuned units: a stream without them
+        lo = offered.channels - offered.n_gain - offered.n_aa
+        b = torch.cat([b[:lo], b[lo + offered.n_aa:]])
+        stream = build(untuned)
+    else:
+        stream = offered if res.bank or bank is None else build()  # the bank left out: a stream without it
+    stream.set_head(b[: stream.channels], res.a)
     stream.ridge_scale = res.scale  # recorded in results.json (an attribute of the export module too)
     stream.bank_offered = bank is not None
-    stream.prefilter = prefilter
+    stream.prefilter = prefilter if stream.n_aa else None
     return stream
 
 
