@@ -231,6 +231,24 @@ def _logcosh(z: np.ndarray) -> np.ndarray:
     return a + np.log1p(np.exp(-2.0 * a))
 
 
+def tuned_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
+    """The bank's anti-aliased (tuned) units over a whole signal from a zero state, float64, (n_aa, T).
+
+    What a capture adds to the channels it has already computed without them (the low-passes the
+    units do not look along are skipped); :func:`bank_channels` and :class:`metafx.export.ARXStream`
+    compute the same (tests compare them to 1e-10).
+    """
+    from scipy.signal import lfilter
+
+    x = np.asarray(x, dtype=np.float64)
+    W = bank.aa_weights.numpy()
+    z = W[:, :1] * x[None] + bank.aa_biases.numpy()[:, None]
+    for k, a in enumerate(bank.poles.tolist()):
+        if np.any(W[:, 1 + k] != 0):
+            z += W[:, 1 + k: 2 + k] * lfilter([1.0 - a], [1.0, -a], x)[None]
+    return adaa_tanh(z, bank.aa_biases.numpy()[:, None])  # zero state: x[-1] = lp[-1] = 0
+
+
 def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     """The bank's channels of a whole signal from a zero state, float64, (n_units, T): a reference computation.
 
@@ -244,8 +262,7 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     rows = np.stack([x] + [lfilter([1.0 - a], [1.0, -a], x) for a in bank.poles.tolist()])
     out = [np.tanh(bank.weights.numpy() @ rows + bank.biases.numpy()[:, None])]
     if bank.n_aa:
-        z = bank.aa_weights.numpy() @ rows + bank.aa_biases.numpy()[:, None]
-        out.append(adaa_tanh(z, z[:, :1] * 0 + bank.aa_biases.numpy()[:, None]))  # zero state: x[-1] = lp[-1] = 0
+        out.append(tuned_channels(bank, x))
     if bank.n_gains:
         r = bank.release.numpy()
         peak = np.zeros((r.size, x.size))
@@ -261,4 +278,5 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
 
 __all__ = ["ADAA_EPS", "ATTACK_S", "GAIN_FLOOR", "GAIN_LEVELS_DB", "GAIN_RANGE", "LOWPASS_HZ", "RELEASE_S", "WIENER_DYNAMICS",
            "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED", "WIENER_UNITS", "WienerBank",
-           "adaa_tanh", "bank_channels", "head_coefficients", "make_bank"]
+           "adaa_tanh", "bank_channels", "head_coefficients", "make_bank",
+           "tuned_channels"]

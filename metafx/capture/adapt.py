@@ -21,7 +21,8 @@ from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
 from metafx.capture.tuned_units import TUNED_OFFSETS, TUNED_SCALES, fit_prefilter, tuned_bank
 from metafx.export import ARXStream, export_network
-from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, head_coefficients, make_bank
+from metafx.wiener import (WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, head_coefficients, make_bank,
+                           tuned_channels)
 
 MAX_SUPPORT_SLICES = 64  # gradient engines: support slices per adaptation (memory and time)
 
@@ -389,16 +390,19 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     xs = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64))
     ys = torch.from_numpy(np.ascontiguousarray(wet[:n_support], dtype=np.float64))
     with torch.no_grad():
-        if bank is not None and tuned_units:
-            plain = build()
-            try:
-                prefilter = fit_prefilter(xs.numpy(), ys.numpy(), plain.features(xs).numpy(), model.nb, model.na, sr)
-            except np.linalg.LinAlgError:  # degenerate rows (a support silent where the search looked): no units
-                prefilter = None
-            if prefilter is not None:
-                bank = tuned_bank(bank, prefilter, sr)
         offered = build(bank)
         phi = offered.features(xs)
+        if bank is not None and tuned_units:
+            try:  # the search sees the model's own channels (the rows before the bank's)
+                prefilter = fit_prefilter(xs.numpy(), ys.numpy(), phi[: offered.channels - offered.n_bank].numpy(),
+                                          model.nb, model.na, sr)
+            except np.linalg.LinAlgError:  # degenerate rows (a support silent where the search looked): no units
+                prefilter = None
+            if prefilter is not None:  # the tuned units' channels go before the gain units (the stream's order)
+                bank = tuned_bank(bank, prefilter, sr)
+                lo = offered.channels - offered.n_gain
+                phi = torch.cat([phi[:lo], torch.from_numpy(tuned_channels(bank, xs.numpy())), phi[lo:]])
+                offered = build(bank)
         res = ridge_fit_continuous(model, phi, ys, n_bank=offered.n_bank, bank_min_equations=bank_min_equations,
                                    n_gain=offered.n_gain, n_tuned=offered.n_aa)
     b = res.b

@@ -42,6 +42,7 @@ TUNED_RUN_LEN = 256  # ... of this many samples
 TUNED_STARTS = 2  # Nelder-Mead runs, from the best points of the start grid
 TUNED_EVALS = 50  # criterion evaluations per Nelder-Mead run
 TUNED_SEED = 0  # the runs' positions
+TUNED_GRID_OFFSETS = (0.0, 0.5)  # the start grid's curve offsets (with g 3 / 20, r 0.5 / 0.95, fc 80 / 700 Hz)
 FC_RANGE_HZ = (20.0, 20000.0)  # the pre-filter's corner is kept in this range
 _STEP = np.array([0.5, 1.0, 0.5, 0.3])  # Nelder-Mead's first simplex: log g, logit r, log fc, c
 
@@ -141,7 +142,7 @@ def fit_prefilter(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: in
         return float(e @ e) / e0
 
     grid = [np.array([math.log(g), rho, math.log(fc), c]) for g in (3.0, 20.0) for rho in (0.0, 3.0)
-            for fc in (80.0, 700.0) for c in (0.0, 0.5)]
+            for fc in (80.0, 700.0) for c in TUNED_GRID_OFFSETS]
     vals = [criterion(th) for th in grid]
     best = None
     for i in np.argsort(vals)[:TUNED_STARTS]:
