@@ -87,12 +87,14 @@ def _capture(argv: list[str]) -> int:
     ap.add_argument("--no-mlflow", action="store_true", help="do not record the capture in MLflow")
     ap.add_argument("--max-latency-ms", type=float, default=1000.0, help="longest latency searched (default 1000)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads during the capture (default 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads during the capture (default: 2, or 1 on a one-core machine; 1 on a busy one)")
     ap.add_argument("--wiener-units", type=int, default=None,
                     help="curve units of the Wiener bank (with its gain units) offered to an ARX head, kept where the "
                          "support's cross-validation prefers them (default: metafx.wiener.WIENER_UNITS; 0: no bank)")
     args = ap.parse_args(argv)
     from metafx.capture import CaptureError, run_capture
+    from metafx.capture.run import CAPTURE_THREADS
     from metafx.wiener import WIENER_UNITS
 
     try:
@@ -100,7 +102,7 @@ def _capture(argv: list[str]) -> int:
                           tracking_uri=args.tracking_uri, experiment=args.experiment, mlflow=not args.no_mlflow,
                           run_name=args.run_name, apply=args.apply, apply_out=args.apply_out,
                           max_latency_seconds=args.max_latency_ms / 1000.0, overwrite=args.overwrite,
-                          threads=args.threads,
+                          threads=CAPTURE_THREADS if args.threads is None else args.threads,
                           wiener_units=WIENER_UNITS if args.wiener_units is None else args.wiener_units, command="python launch/capture.py " + shlex.join(argv))
     except CaptureError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
