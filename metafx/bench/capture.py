@@ -29,7 +29,7 @@ cross-validation prefers it); at the 3 s support the same capture also runs with
 offered the bank too (the same capture procedure; only the meta-learning differs).
 
 Also: the capture's wall time (load, align, adapt, export, score; in this process, models and
-imports already loaded, 2 cores), and the exported model's real-time factor on one thread at
+imports already loaded, 2 cores, the capture's default torch threads), and the exported model's real-time factor on one thread at
 48 kHz, blocks of 256, measured in a fresh interpreter that loads the saved file (as a host
 would; :func:`metafx.export.real_time_factors`), in its CPU time (the machine is shared: wall
 time would count other processes) and in wall time.
@@ -189,6 +189,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
 
     from metafx.capture import SHIPPED_DIR, load_meta_model, run_capture
+    from metafx.capture.run import CAPTURE_THREADS
     from metafx.config import REPO_ROOT
     from metafx.wiener import WIENER_UNITS
 
@@ -270,7 +271,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
             rtf = _fresh_rtf(work / f"{st['family']}-{fits[0]}-{supports[0]:g}" / "model.ts")
     load = os.getloadavg()
     report = {"command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load,
+              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "capture_threads": CAPTURE_THREADS, "load_average": load,
                           "python": platform.python_version(), "torch": torch.__version__},
               "model": {"source": mm.source, "checkpoint": _repo_relative(mm.checkpoint, REPO_ROOT), "study": mm.cfg.name,
                         "arch": mm.cfg.model.arch, "method": mm.cfg.maml.method},
@@ -389,7 +391,8 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
               f"below classical ARX on {met['below_arx']} of {met['n']}"
               + (f" ({met['floor']} more where both are below {PRECISION_FLOOR:g}, float64 rounding: a tie)"
                  if met["floor"] else "") + ".",
-              f"* Capture (load, align, adapt, export, predict, baselines, score; in-process, one torch thread): "
+              f"* Capture (load, align, adapt, export, predict, baselines, score; in-process, "
+              f"{rep.get('machine', {}).get('capture_threads', 1)} torch thread(s)): "
               f"median {np.median(caps):.2f} s wall, max {max(caps):.2f} s"
               + (f" (at {TARGET_SUPPORT:g} s of support: median {np.median(caps3):.2f} s, max {max(caps3):.2f} s)"
                  if caps3 else "")
