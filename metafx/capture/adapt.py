@@ -349,7 +349,8 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             (0: no bank offered).
         bank_min_equations: see :func:`ridge_fit_continuous`.
         tuned_units: where the bank is offered, add the units of a pre-filter fitted to the support
-            (:mod:`metafx.capture.tuned_units`); they enter the head with the bank or not at all.
+            (:mod:`metafx.capture.tuned_units`); the cross-validation keeps the bank with them, without them, or
+            neither.
 
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the

@@ -11,16 +11,17 @@ device does not alias, and no linear combination of aliased curves cancels alias
 
 So a capture fits a pre-filter to its support: ``u = g (x - r lp_p(x))`` with a one-pole low-pass
 ``lp_p`` of corner ``fc`` (r = 0: no filter; 0 < r < 1: a first-order high shelf of ``1 / (1 - r)``;
-r = 1: a high-pass), and offers :data:`TUNED_SCALES` x :data:`TUNED_OFFSETS` units
-``ADAA tanh(s u + c + o)`` (:func:`metafx.wiener.adaa_tanh`) to the head beside the bank. The four
-numbers ``(g, r, fc, c)`` are found by Nelder-Mead on a variable-projection criterion: the
-equation error left after the head's model channels (all their taps) and the output's
-autoregressive lags are projected out, reduced by these units' first :data:`TUNED_SEARCH_LAGS` taps (validation
-settings at 3 s: 4 taps find the same filters as 8 in two thirds of the time; 2 lose the fuzz's); on :data:`TUNED_RUNS` runs of
-:data:`TUNED_RUN_LEN` samples drawn from the first :data:`TUNED_SPAN_S` seconds of the support
-(seeded), so the search costs the same for any longer support. The criterion is the head's own least-squares problem restricted to these
-rows, so units that do not help leave it near 1 and the capture's cross-validation (which decides
-whether the bank, tuned units included, enters the head) leaves them out.
+r = 1: a high-pass), and offers :data:`TUNED_SCALES` x :data:`TUNED_OFFSETS` units ``ADAA tanh(s u +
+c + o)`` (:func:`metafx.wiener.adaa_tanh`) to the head beside the bank. The four numbers ``(g, r,
+fc, c)`` are found by Nelder-Mead on a variable-projection criterion: the equation error left after
+the head's model channels (all their taps) and the output's autoregressive lags are projected out,
+reduced by these units' first :data:`TUNED_SEARCH_LAGS` taps (validation settings at 3 s: 4 taps
+find the same filters as 8 in two thirds of the time; 2 lose the fuzz's); on :data:`TUNED_RUNS` runs
+of :data:`TUNED_RUN_LEN` samples drawn from the first :data:`TUNED_SPAN_S` seconds of the support
+(seeded), so the search costs the same for any longer support. The criterion is the head's own
+least-squares problem restricted to these rows, so units that do not help leave it near 1; the
+capture's cross-validation then keeps the bank with the units, without them, or neither
+(:func:`metafx.capture.adapt.ridge_fit_continuous`, ``n_tuned``).
 """
 from __future__ import annotations
 
