@@ -19,7 +19,9 @@ with torch alone: see metafx/export.py). Each capture is an MLflow run in the ex
 and its low-passes (metafx/wiener.py: a filter before a clipper, which the meta-learned features cannot
 express) and 54 gain units that follow the input's peak level (a limiter's or compressor's gain); the
 capture keeps the bank only where a cross-validation on the support seconds prefers it (results.json:
-model.wiener_offered, model.wiener_units, model.wiener_gain_units). 0 offers no bank.
+model.wiener_offered, model.wiener_units, model.wiener_gain_units). With the bank come 9 tuned units, anti-aliased
+curves of a pre-filter fitted to the support (metafx/capture/tuned_units.py; results.json:
+model.wiener_tuned_units, model.wiener_prefilter), kept with the bank or left out. 0 offers no bank.
 """
 from __future__ import annotations
 
