@@ -162,6 +162,11 @@ def head_coefficients(n_curves: int, n_gains: int, nb: int) -> int:
     return n_curves * nb + n_gains
 
 
+def lowpass_pole(fc: np.ndarray | float, sample_rate: int) -> np.ndarray | float:
+    """The coefficient ``a`` of the one-pole low-pass ``lp[n] = (1 - a) x[n] + a lp[n - 1]`` of corner ``fc`` Hz."""
+    return np.exp(-2 * math.pi * np.asarray(fc, dtype=np.float64) / sample_rate)
+
+
 def make_bank(n_units: int = WIENER_UNITS, n_lowpass: int = WIENER_LOWPASSES, sample_rate: int = 48000,
               seed: int = WIENER_SEED, dynamics: bool = WIENER_DYNAMICS) -> WienerBank:
     """The seeded bank (see the module docstring).
@@ -183,7 +188,7 @@ def make_bank(n_units: int = WIENER_UNITS, n_lowpass: int = WIENER_LOWPASSES, sa
         raise ValueError(f"a Wiener bank needs n_units >= 1 and n_lowpass >= 0 (got {n_units}, {n_lowpass})")
     rng = np.random.default_rng(seed)
     fc = np.logspace(math.log10(LOWPASS_HZ[0]), math.log10(LOWPASS_HZ[1]), n_lowpass)
-    poles = np.exp(-2 * math.pi * fc / sample_rate)
+    poles = lowpass_pole(fc, sample_rate)
     d = rng.standard_normal((n_units, 1 + n_lowpass))
     d[:, 0] = np.abs(d[:, 0]) + 0.5
     d /= np.linalg.norm(d, axis=1, keepdims=True)
@@ -278,5 +283,5 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
 
 __all__ = ["ADAA_EPS", "ATTACK_S", "GAIN_FLOOR", "GAIN_LEVELS_DB", "GAIN_RANGE", "LOWPASS_HZ", "RELEASE_S", "WIENER_DYNAMICS",
            "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED", "WIENER_UNITS", "WienerBank",
-           "adaa_tanh", "bank_channels", "head_coefficients", "make_bank",
+           "adaa_tanh", "bank_channels", "head_coefficients", "lowpass_pole", "make_bank",
            "tuned_channels"]

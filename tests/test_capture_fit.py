@@ -21,7 +21,7 @@ from scipy.signal import lfilter
 
 from metafx.bench.bank_rule import report_markdown
 from metafx.capture.adapt import normal_equations, simulate_head, adapt_arx, ridge_fit_continuous
-from metafx.capture.tuned_units import TUNED_OFFSETS, TUNED_SCALES
+from metafx.capture.tuned_units import TUNED_UNITS
 from metafx.export import ARXStream
 from metafx.models.arx import MetaARX, lagged
 from metafx.wiener import WIENER_MIN_EQUATIONS, WIENER_UNITS, bank_channels, make_bank
@@ -156,9 +156,9 @@ def test_adapt_arx_exports_the_bank_only_when_kept():
     lp = lfilter([1 - 0.877], [1, -0.877], x)
     y = np.tanh(8 * (4 * x - 3 * lp)).astype(np.float32)
     kept = adapt_arx(model, x, y, x.size, SR, 0, wiener_units=24)
-    n = make_bank(24).n_units + len(TUNED_SCALES) * len(TUNED_OFFSETS)  # 24 curve units, the tuned and gain units
+    n = make_bank(24).n_units + TUNED_UNITS  # 24 curve units, the tuned and gain units
     assert kept.bank_offered and kept.n_bank == n and kept.n_curve == 24 and kept.channels == model.phi.channels + n
-    assert kept.prefilter is not None and kept.n_aa == len(TUNED_SCALES) * len(TUNED_OFFSETS)
+    assert kept.prefilter is not None and kept.n_aa == TUNED_UNITS
     plain = adapt_arx(model, x, y, x.size, SR, 0, wiener_units=24, tuned_units=False)
     assert plain.n_aa == 0 and plain.prefilter is None and plain.n_bank == make_bank(24).n_units
     left = adapt_arx(model, x, lfilter([0.3], [1, -0.5], x).astype(np.float32), x.size, SR, 0, wiener_units=24)

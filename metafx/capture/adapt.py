@@ -19,7 +19,7 @@ from metafx import metrics as M
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
-from metafx.capture.tuned_units import TUNED_OFFSETS, TUNED_SCALES, fit_prefilter, tuned_bank
+from metafx.capture.tuned_units import TUNED_UNITS, fit_prefilter, tuned_bank
 from metafx.export import ARXStream, export_network
 from metafx.wiener import (WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, head_coefficients, make_bank,
                            tuned_channels)
@@ -270,13 +270,14 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     keep = torch.ones(P, dtype=torch.bool)
     if n_gain:
         keep[1 + (M - 1 - n_gain) * nb: 1 + (M - 1) * nb] = (torch.arange(n_gain * nb) % nb) == 0
-    variants = [(False, without)] + ([(True, torch.nonzero(keep).flatten())]
-                                     if bank_offered(model, S, n_bank, bank_min_equations, n_gain) else [])
+    # (bank in the head, tuned units in the head, the candidate's columns)
+    variants = [(False, False, without)] + ([(True, n_tuned > 0, torch.nonzero(keep).flatten())]
+                                            if bank_offered(model, S, n_bank, bank_min_equations, n_gain) else [])
     if n_tuned and len(variants) > 1:  # the bank without its tuned units (their columns: before the gain units')
         plain = keep.clone()
         lo = 1 + (M - 1 - n_gain - n_tuned) * nb
         plain[lo: lo + n_tuned * nb] = False
-        variants.insert(1, (True, torch.nonzero(plain).flatten()))
+        variants.insert(1, (True, False, torch.nonzero(plain).flatten()))
 
     def solve_all(Gm: Tensor, rm: Tensor, idx: Tensor, at: tuple[float, ...]) -> list[tuple[Tensor, Tensor]]:
         """The heads at each ridge scale of ``at``: the candidate's sub-system is taken out once for all of them.
@@ -302,13 +303,13 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         return heads
 
     yn = y.numpy()
-    best, best_err = (False, without, scales[0]), math.inf
-    candidates = [(v, idx, sc) for v, idx in variants for sc in scales]
-    if len(candidates) > 1:
+    best, best_err = (variants[0], scales[0]), math.inf
+    several = len(variants) * len(scales) > 1  # more than one candidate head: cross-validate
+    if several:
         folds = [[k, k + CV_FOLDS] for k in range(CV_FOLDS)]
         left_in = [(G - Gs[segs].sum(0), r - rs[segs].sum(0)) for segs in folds]  # each fold's equations, once
         cv: dict[tuple[int, float], float] = {}  # (variant, scale) -> left-out ESR
-        for vi, (v, idx) in enumerate(variants):  # every scale of a variant simulated together
+        for vi, (v, _, idx) in enumerate(variants):  # every scale of a variant simulated together
             err, tgt = np.zeros(len(scales)), 0.0
             m = M if v else M - n_bank  # without the bank its rows of b are zero: leave them out
             for segs, (Gk, rk) in zip(folds, left_in):
@@ -321,14 +322,13 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
                     tgt += float(np.sum(yn[lo:hi] ** 2))
             for scale, e in zip(scales, err):
                 cv[(vi, scale)] = e / (tgt + 1e-12) if np.isfinite(e) else math.inf
-        for vi, (v, idx) in enumerate(variants):  # in the candidates' order: the first of equals wins, as before
+        for vi, var in enumerate(variants):  # in the candidates' order: the first of equals wins, as before
             for scale in scales:
                 if cv[(vi, scale)] < best_err:
-                    best, best_err = (v, idx, scale), cv[(vi, scale)]
-    b, a = solve_all(G, r, best[1], (best[2],))[0]
-    tuned = bool(best[0]) and n_tuned > 0 and bool(torch.any(b[M - n_gain - n_tuned: M - n_gain] != 0))
-    return ContinuousFit(b, a, float(best[2]), bool(best[0]), float(best_err) if len(candidates) > 1 else math.nan,
-                         tuned)
+                    best, best_err = (var, scale), cv[(vi, scale)]
+    (with_bank, tuned, idx), scale = best
+    b, a = solve_all(G, r, idx, (scale,))[0]
+    return ContinuousFit(b, a, float(scale), with_bank, float(best_err) if several else math.nan, tuned)
 
 
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
@@ -383,8 +383,7 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     prefilter = None
     untuned = bank  # the bank without tuned units (the cross-validation may keep it so)
     if bank is not None and tuned_units:  # the tuned units count in the offer rule
-        n_tuned = len(TUNED_SCALES) * len(TUNED_OFFSETS)
-        if not bank_offered(model, n_support, bank.n_units + n_tuned, bank_min_equations, bank.n_gains):
+        if not bank_offered(model, n_support, bank.n_units + TUNED_UNITS, bank_min_equations, bank.n_gains):
             tuned_units = False
     if bank is not None and not bank_offered(model, n_support, bank.n_units, bank_min_equations, bank.n_gains):
         bank = None

@@ -34,10 +34,11 @@ from scipy.linalg import solve_triangular
 from scipy.optimize import minimize
 from scipy.signal import lfilter
 
-from metafx.wiener import WienerBank, adaa_tanh
+from metafx.wiener import WienerBank, adaa_tanh, lowpass_pole
 
 TUNED_SCALES = (0.7, 1.0, 1.4)  # unit gains relative to the fitted g
 TUNED_OFFSETS = (-0.3, 0.0, 0.3)  # unit offsets relative to the fitted c
+TUNED_UNITS = len(TUNED_SCALES) * len(TUNED_OFFSETS)  # units a capture adds
 TUNED_SPAN_S = 3.0  # rows of the criterion: from the first seconds of the support ...
 TUNED_RUNS = 24  # ... runs ...
 TUNED_RUN_LEN = 256  # ... of this many samples
@@ -76,11 +77,6 @@ class PreFilter:
         """The fields as plain numbers (results.json)."""
         return {"gain": self.gain, "ratio": self.ratio, "fc_hz": self.fc, "offset": self.offset,
                 "criterion": self.criterion, "evaluations": self.evaluations, "seconds": self.seconds}
-
-
-def _pole(fc: float, sr: int) -> float:
-    """The one-pole low-pass coefficient of corner ``fc`` (as :func:`metafx.wiener.make_bank`'s low-passes)."""
-    return math.exp(-2 * math.pi * fc / sr)
 
 
 def _decode(th: np.ndarray) -> tuple[float, float, float, float]:
@@ -124,13 +120,13 @@ def fit_prefilter(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: in
     Q = solve_triangular(np.linalg.cholesky(G), Xm.T, lower=True).T  # (rows, P): Xm's column space, orthonormal
     resid = target - Q @ (Q.T @ target)
     e0 = float(resid @ resid) + 1e-300
-    n_u = len(TUNED_SCALES) * len(TUNED_OFFSETS)
+    n_u = TUNED_UNITS
     evals = [0]
 
     def criterion(th: np.ndarray) -> float:
         evals[0] += 1
         g, r, fc, c = _decode(th)
-        p = _pole(fc, sr)
+        p = float(lowpass_pole(fc, sr))
         u = g * (x - r * lfilter([1.0 - p], [1.0, -p], x))
         uw = u[win].reshape(-1)
         z = np.stack([s * uw + c + o for s in TUNED_SCALES for o in TUNED_OFFSETS]).reshape(n_u, n_runs, -1)
@@ -168,8 +164,8 @@ def tuned_bank(bank: WienerBank, pf: PreFilter, sr: int) -> WienerBank:
     d[0], d[F + 1] = 1.0, -pf.ratio
     w = np.stack([s * pf.gain * d for s in TUNED_SCALES for _ in TUNED_OFFSETS])
     b = np.array([pf.offset + o for _ in TUNED_SCALES for o in TUNED_OFFSETS])
-    return bank.with_tuned_units(_pole(pf.fc, sr), w, b)
+    return bank.with_tuned_units(float(lowpass_pole(pf.fc, sr)), w, b)
 
 
 __all__ = ["FC_RANGE_HZ", "PreFilter", "TUNED_EVALS", "TUNED_OFFSETS", "TUNED_RUNS", "TUNED_RUN_LEN", "TUNED_SCALES",
-           "TUNED_SEARCH_LAGS", "TUNED_SPAN_S", "TUNED_STARTS", "fit_prefilter", "tuned_bank"]
+           "TUNED_SEARCH_LAGS", "TUNED_SPAN_S", "TUNED_STARTS", "TUNED_UNITS", "fit_prefilter", "tuned_bank"]
