@@ -21,7 +21,9 @@ express) and 54 gain units that follow the input's peak level (a limiter's or co
 capture keeps the bank only where a cross-validation on the support seconds prefers it (results.json:
 model.wiener_offered, model.wiener_units, model.wiener_gain_units). With the bank come 9 tuned units, anti-aliased
 curves of a pre-filter fitted to the support (metafx/capture/tuned_units.py; results.json:
-model.wiener_tuned_units, model.wiener_prefilter), kept with the bank or left out. 0 offers no bank.
+model.wiener_tuned_units, model.wiener_prefilter), and where they leave much unexplained 9 cascade units, a second
+curve after a filtered first one (metafx/capture/cascade_units.py; model.wiener_cascade_units, model.wiener_cascade),
+kept with the bank or left out. 0 offers no bank.
 """
 from __future__ import annotations
 

@@ -38,7 +38,9 @@ Per model (how the state is carried and what is precomputed at export):
   (:mod:`metafx.wiener`, ``tanh`` of fixed directions of x and its fixed one-pole low-passes,
   float32) after the model's; their low-passes join the one-pole bank, and the file carries the
   bank's numbers. A capture's tuned units (anti-aliased ``tanh``, :func:`metafx.wiener.adaa_tanh`, float64)
-  carry their last input in the state. The bank's gain units (``x min(1, l / e)``) follow peak envelopes: instant-attack
+  carry their last input in the state; its cascade units (a second anti-aliased curve after one-poles of a
+  first, :func:`metafx.wiener.cascade_channels`) carry the first curve's last input, its one-poles (their own
+  two-level scan) and their last inputs. The bank's gain units (``x min(1, l / e)``) follow peak envelopes: instant-attack
   peak followers ``p[n] = max(|x[n]|, r p[n-1])``, computed per block exactly as a max-plus scan
   (a cumulative maximum in the log domain, :meth:`ARXStream._peaks`) from their carried last
   value, then one-pole smoothed in the one-pole bank. The head ``A(z) y = sum_m B_m(z) phi_m`` is fixed
@@ -142,6 +144,24 @@ def _iir_tables(a: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return h, O
 
 
+def _scan_tables(alpha: Tensor, C: int, max_block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Tables of the two-level one-pole scan (:meth:`ARXStream._scan`) for the poles ``alpha`` (P,), float64.
+
+    Returns:
+        ``(TT (P, C, C): sub-chunk zero-state responses (transposed Toeplitz), pw (P, C): a^(t+1), L (P, nj, nj):
+        end-state carries a^(C (j - i)), Apow (P, nj): a^(C (j + 1)))`` with ``nj = max_block // C``.
+    """
+    dt = torch.float64
+    t = torch.arange(C, dtype=dt)
+    lag = t[:, None] - t[None, :]  # (C, C): t - k
+    Tm = torch.where(lag >= 0, (1 - alpha)[:, None, None] * alpha[:, None, None] ** lag.clamp_min(0), 0.0)
+    nj = max_block // C
+    j = torch.arange(nj, dtype=dt)
+    dj = j[:, None] - j[None, :]
+    return (Tm.transpose(1, 2).contiguous(), alpha[:, None] ** (t[None] + 1),
+            torch.where(dj >= 0, alpha[:, None, None] ** (C * dj.clamp_min(0)), 0.0), alpha[:, None] ** (C * (j[None] + 1)))
+
+
 # --------------------------------------------------------------------------- ARX
 
 
@@ -181,8 +201,9 @@ class ARXStream(nn.Module):
         a: the head's AR polynomial ``[1, a_1, ..., a_na]`` (stable: pole-clamped already).
         sample_rate: Hz; latency_samples: the capture's latency (information only).
         support: the dry support audio (T,): the BatchNorm statistics of a TCN trunk (needed only then).
-        bank: a :class:`metafx.wiener.WienerBank` whose ``bank.n_units`` channels (curve units, then gain
-            units) follow the model's (``b`` then has that many more rows), or None.
+        bank: a :class:`metafx.wiener.WienerBank` whose ``bank.n_units`` channels (curve units, anti-aliased
+            (tuned) units, cascade units, then gain units) follow the model's (``b`` then has that many more rows),
+            or None.
 
     Shape:
         forward: block (T,), state -> (T,), state. process: (T,) -> (T,). features: (T,) -> (M, T).
@@ -208,7 +229,7 @@ class ARXStream(nn.Module):
         self.n_filter = int(phi.n_filter)
         self.n_trunk = int(phi.n_trunk)
         self.n_bank = 0 if bank is None else bank.n_units  # Wiener bank channels, after the model's (metafx/wiener.py)
-        self.n_curve = 0 if bank is None else bank.n_curves  # of them: curve units, anti-aliased units, gain units
+        self.n_curve = 0 if bank is None else bank.n_curves  # of them: curve, anti-aliased, cascade and gain units
         self.n_aa = 0 if bank is None else bank.n_aa
         self.n_gain = 0 if bank is None else bank.n_gains
         self.n_bank_lp = 0 if bank is None else bank.n_lowpass
@@ -256,17 +277,8 @@ class ARXStream(nn.Module):
             if bank is not None and self.n_att:
                 poles.append(bank.attack.detach().to(dt).repeat(self.n_peak))  # (Nr Na,): release-major
             if poles:
-                alpha = torch.cat(poles)  # (n_pole,): envelopes, input low-passes, the bank's low-passes and attacks
-                t = torch.arange(C, dtype=dt)
-                lag = t[:, None] - t[None, :]  # (C, C): t - k
-                Tm = torch.where(lag >= 0, (1 - alpha)[:, None, None] * alpha[:, None, None] ** lag.clamp_min(0), 0.0)
-                self.env_TT = Tm.transpose(1, 2).contiguous()  # (E + F + B, C, C): U @ TT = zero-state responses
-                self.env_pw = alpha[:, None] ** (t[None] + 1)  # (E + F + B, C): a^(t+1)
-                nj = MAX_BLOCK // C
-                j = torch.arange(nj, dtype=dt)
-                dj = j[:, None] - j[None, :]
-                self.env_L = torch.where(dj >= 0, alpha[:, None, None] ** (C * dj.clamp_min(0)), 0.0)  # (E + F + B, nj, nj)
-                self.env_Apow = alpha[:, None] ** (C * (j[None] + 1))  # (E + F + B, nj)
+                # (n_pole,): envelopes, input low-passes, the bank's low-passes and attacks
+                self.env_TT, self.env_pw, self.env_L, self.env_Apow = _scan_tables(torch.cat(poles), C, MAX_BLOCK)
             else:
                 self.env_TT, self.env_pw = empty.reshape(0, 0, 0), empty.reshape(0, 0)
                 self.env_L, self.env_Apow = empty.reshape(0, 0, 0), empty.reshape(0, 0)
@@ -300,6 +312,26 @@ class ARXStream(nn.Module):
             self.aa_W = bank.aa_weights.detach().to(dt).contiguous() if self.n_aa else torch.zeros(0, 0, dtype=dt)
             self.aa_c = bank.aa_biases.detach().to(dt)[:, None].contiguous() if self.n_aa else torch.zeros(0, 1, dtype=dt)
             self.adaa_eps = ADAA_EPS
+            # the cascade units (float64): the first curve's weights over [x, the bank's low-passes] and offset, the
+            # one-poles of its output v (their own scan tables), the weights of [v, lp(v)..], the units' s and c
+            self.n_cas = 0 if bank is None else bank.n_cascade
+            self.n_cas_lp = 0 if not self.n_cas else int(bank.cas_poles.numel())
+            if self.n_cas:
+                self.cas_W = bank.cas_weights.detach().to(dt)[None].contiguous()  # (1, 1 + B)
+                self.cas_c = torch.full((1, 1), float(bank.cas_bias), dtype=dt)
+                self.cas_shift = -math.tanh(float(bank.cas_bias))
+                self.cas_beta = bank.cas_beta.detach().to(dt)[None].contiguous()  # (1, 1 + J): over [v, lp_1(v), ..]
+                self.cas_g = bank.cas_gains.detach().to(dt)[:, None].contiguous()
+                self.cas_b = bank.cas_biases.detach().to(dt)[:, None].contiguous()
+                self.cas_TT, self.cas_pw, self.cas_L, self.cas_Apow = _scan_tables(bank.cas_poles.detach().to(dt), C,
+                                                                                   MAX_BLOCK)
+            else:
+                self.cas_W, self.cas_c = torch.zeros(0, 0, dtype=dt), torch.zeros(0, 1, dtype=dt)
+                self.cas_shift = 0.0
+                self.cas_beta = torch.zeros(0, 0, dtype=dt)
+                self.cas_g, self.cas_b = torch.zeros(0, 1, dtype=dt), torch.zeros(0, 1, dtype=dt)
+                self.cas_TT, self.cas_pw = empty.reshape(0, 0, 0), empty.reshape(0, 0)
+                self.cas_L, self.cas_Apow = empty.reshape(0, 0, 0), empty.reshape(0, 0)
             # the gain units: log of the peak followers' coefficients (Nr,), the levels (Nl,)
             self.peak_logr = torch.log(bank.release.detach().to(dt)) if bank is not None and self.n_gain else empty
             self.gain_levels = bank.levels.detach().to(dt) if bank is not None and self.n_gain else empty
@@ -344,12 +376,14 @@ class ARXStream(nn.Module):
 
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
-        """Zero state: ``[one-poles, peak followers, the anti-aliased units' last inputs (n_pole + n_peak + n_aa,),
+        """Zero state: ``[one-poles, peak followers, the anti-aliased units' last inputs, the cascade's (its first
+        curve's last input, its one-poles, its units' last inputs) (n_pole + n_peak + n_aa [+ 1 + J + K2],),
         samples so far (1,), last nb-1 feature frames of the framed channels (M - n_gain, nb-1), last na outputs
-        (na,)]`` followed by the trunk's state (none without a trunk). The anti-aliased units' input before the
-        first sample is their offset (x and its low-passes are 0 there)."""
+        (na,)]`` followed by the trunk's state (none without a trunk). An anti-aliased curve's input before the
+        first sample is its offset (x, its low-passes and the cascade's v are 0 there)."""
         dt = torch.float64
-        return [torch.cat([torch.zeros(self.n_pole + self.n_peak, dtype=dt), self.aa_c.reshape(-1)]),
+        return [torch.cat([torch.zeros(self.n_pole + self.n_peak, dtype=dt), self.aa_c.reshape(-1),
+                           self.cas_c.reshape(-1), torch.zeros(self.n_cas_lp, dtype=dt), self.cas_b.reshape(-1)]),
                 torch.zeros(1, dtype=dt),
                 torch.zeros(self.n_framed, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt)] \
             + self.trunk.initial_state()
@@ -365,19 +399,21 @@ class ARXStream(nn.Module):
         v0 = self.table.index_select(1, il)  # (n_point, T)
         return torch.lerp(v0, self.table.index_select(1, il + 1), f[None]).to(torch.float64)
 
-    def _onepoles(self, u: Tensor, env_s: Tensor) -> Tensor:
-        """The one-pole bank over ``u`` (1 or E + F + B, T) from the carried state (E + F + B,), exact two-level scan."""
+    def _scan(self, u: Tensor, s: Tensor, TT: Tensor, L: Tensor, Apow: Tensor, pw: Tensor) -> Tensor:
+        """One-poles ``e[n] = (1 - a) u[n] + a e[n-1]`` over ``u`` (1 or P, T) from the carried state ``s`` (P,), by the
+        exact two-level scan with the tables of :func:`_scan_tables` (P poles), (P, T)."""
         T = u.shape[1]
+        P = s.shape[0]
         C = self.env_chunk
         nch = (T + C - 1) // C
         if nch * C != T:
             u = torch.cat([u, u.new_zeros(u.shape[0], nch * C - T)], 1)
         U = u.reshape(u.shape[0], nch, C)
-        Z = torch.matmul(U, self.env_TT)  # (E + F + B, nch, C): zero-state response of each sub-chunk
-        S = torch.bmm(self.env_L[:, :nch, :nch], Z[:, :, C - 1:]).squeeze(2) + self.env_Apow[:, :nch] * env_s[:, None]
-        prev = torch.cat([env_s[:, None], S[:, : nch - 1]], 1)  # state before each sub-chunk, (E + F + B, nch)
-        env = Z + self.env_pw[:, None, :] * prev[:, :, None]
-        return env.reshape(self.n_pole, nch * C)[:, :T]
+        Z = torch.matmul(U, TT)  # (P, nch, C): zero-state response of each sub-chunk
+        S = torch.bmm(L[:, :nch, :nch], Z[:, :, C - 1:]).squeeze(2) + Apow[:, :nch] * s[:, None]
+        prev = torch.cat([s[:, None], S[:, : nch - 1]], 1)  # state before each sub-chunk, (P, nch)
+        env = Z + pw[:, None, :] * prev[:, :, None]
+        return env.reshape(P, nch * C)[:, :T]
 
     def _peaks(self, x: Tensor, s: Tensor) -> Tensor:
         """The peak followers ``p[n] = max(|x[n]|, r p[n-1])`` over a block from their carried values ``s`` (Nr,).
@@ -418,7 +454,8 @@ class ARXStream(nn.Module):
         E = self.n_env
         F = self.n_filter
         poles = env_s
-        aa_s = env_s[self.n_pole + self.n_peak:]
+        aa_s = env_s[self.n_pole + self.n_peak:self.n_pole + self.n_peak + self.n_aa]
+        cas_s = env_s[self.n_pole + self.n_peak + self.n_aa:]
         if self.n_pole:
             peak_s = env_s[self.n_pole:self.n_pole + self.n_peak]
             nx = self.n_pole - E - self.n_att  # rows driven by x: the input filters and the bank's low-passes
@@ -433,7 +470,7 @@ class ARXStream(nn.Module):
                 u = torch.cat(rows, 0)
             else:
                 u = x.abs()[None]
-            poles = self._onepoles(u, env_s[: self.n_pole])
+            poles = self._scan(u, env_s[: self.n_pole], self.env_TT, self.env_L, self.env_Apow, self.env_pw)
             env_s = torch.cat([poles[:, T - 1], peak_s])  # the anti-aliased units' part is added below
         if self.n_point:
             chans.append(self._pointwise(x, poles[E:E + F]))
@@ -461,6 +498,15 @@ class ARXStream(nn.Module):
                 aa, aa_s = self._adaa(torch.addmm(self.aa_c, self.aa_W, bin64), aa_s)
                 chans.append(aa)  # (K, T)
                 env_s = torch.cat([env_s, aa_s])
+            if self.n_cas:  # v = ADAA tanh(u) - tanh(c1); w = beta . [v, lp(v)..]; units ADAA tanh(s w + c)
+                J = self.n_cas_lp
+                v, u_last = self._adaa(torch.addmm(self.cas_c, self.cas_W, bin64), cas_s[:1])
+                v = v + self.cas_shift  # (1, T)
+                lpv = self._scan(v, cas_s[1:1 + J], self.cas_TT, self.cas_L, self.cas_Apow, self.cas_pw)  # (J, T)
+                w = torch.mm(self.cas_beta, torch.cat([v, lpv], 0))  # (1, T)
+                cas, z_last = self._adaa(torch.addmm(self.cas_b, self.cas_g, w), cas_s[1 + J:])
+                chans.append(cas)  # (K2, T)
+                env_s = torch.cat([env_s, u_last, lpv[:, T - 1], z_last])
         gains = x.new_zeros(0, T)
         if self.n_gain:
             env = poles[self.n_pole - self.n_att:].clamp_min(self.gain_floor)  # (Nr Na, T): smoothed peaks

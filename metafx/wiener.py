@@ -37,6 +37,13 @@ A capture adds *tuned units* to the bank (:meth:`WienerBank.with_tuned_units`, f
 and one more low-pass, both fitted to the support; they are channels of the bank like the others
 (after the curve units, before the gain units), kept or left out with it.
 
+A capture whose tuned units leave much of the support unexplained may also add *cascade units*
+(:meth:`WienerBank.with_cascade_units`, fitted by :mod:`metafx.capture.cascade_units`): a second curve
+after a filter of a first one, for effects built as two nonlinear stages with a filter between (an
+amp's preamp, tone stack and power stage): ``v = ADAA tanh(w1 . [x, lp..] + c1) - tanh(c1)``, ``w =
+beta . [v, lp_1(v), .., lp_J(v)]`` over fixed one-poles of ``v``, units ``ADAA tanh(s_k w + c_k)``
+(after the tuned units, before the gain units).
+
 This module only defines the bank; :class:`metafx.export.ARXStream` computes its channels (the
 exported model carries the bank's numbers, not this code).
 """
@@ -81,6 +88,12 @@ class WienerBank:
         release: the gain units' peak-follower coefficients ``r`` (Nr,), float64, in (0, 1); empty: no gain units.
         attack: the one-pole coefficients smoothing each follower (Na,), float64, in [0, 1).
         levels: the gain units' levels ``l`` (linear), (Nl,), float64, > 0.
+        aa_weights, aa_biases: the anti-aliased (tuned) units' weights over ``[x, lp_1, .., lp_F]`` (K, 1 + F) and
+            offsets (K,); empty in the seeded bank.
+        cas_weights, cas_bias: the cascade's first curve ``ADAA tanh(cas_weights . [x, lp..] + cas_bias)``, (1 + F,)
+            and a number; ``cas_poles``: the one-poles of its output ``v`` (J,); ``cas_beta``: the weights of ``[v,
+            lp_1(v), .., lp_J(v)]`` (J + 1,); ``cas_gains``, ``cas_biases``: the cascade units ``ADAA tanh(s w + c)``
+            (K2,); all empty (no cascade) in the seeded bank.
     """
 
     poles: Tensor
@@ -91,6 +104,12 @@ class WienerBank:
     levels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     aa_weights: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
     aa_biases: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    cas_weights: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    cas_bias: float = 0.0
+    cas_poles: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    cas_beta: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    cas_gains: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    cas_biases: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
 
     @property
     def n_curves(self) -> int:
@@ -104,9 +123,15 @@ class WienerBank:
         return int(self.aa_weights.shape[0])
 
     @property
+    def n_cascade(self) -> int:
+        """K2: cascade units ``ADAA tanh(s w + c)`` over a filtered first curve (:mod:`metafx.capture.cascade_units`);
+        0 in the seeded bank."""
+        return int(self.cas_gains.numel())
+
+    @property
     def n_framed(self) -> int:
-        """Units with the head's ``nb`` taps: the curve units and the anti-aliased units."""
-        return self.n_curves + self.n_aa
+        """Units with the head's ``nb`` taps: the curve units, the anti-aliased units and the cascade units."""
+        return self.n_curves + self.n_aa + self.n_cascade
 
     @property
     def n_envelopes(self) -> int:
@@ -120,7 +145,7 @@ class WienerBank:
 
     @property
     def n_units(self) -> int:
-        """Channels the bank adds: the curve units, the anti-aliased units, then the gain units."""
+        """Channels the bank adds: the curve units, the anti-aliased units, the cascade units, then the gain units."""
         return self.n_framed + self.n_gains
 
     def head_coefficients(self, nb: int) -> int:
@@ -143,15 +168,61 @@ class WienerBank:
         if tuple(w.shape) != (w.shape[0], F + 2) or not 0.0 <= pole < 1.0:
             raise ValueError(f"tuned units need weights (K, {F + 2}) and a pole in [0, 1), got {tuple(w.shape)}, {pole}")
         old = self.aa_weights if self.n_aa else torch.zeros(0, F + 1, dtype=torch.float64)
-        pad = lambda m: torch.cat([m, torch.zeros(m.shape[0], 1, dtype=torch.float64)], 1)  # noqa: E731
-        return replace(self, poles=torch.cat([self.poles, torch.tensor([float(pole)], dtype=torch.float64)]),
-                       weights=pad(self.weights), aa_weights=torch.cat([pad(old), w]),
+        grown = self._with_lowpass(pole)
+        return replace(grown, aa_weights=torch.cat([_pad_column(old), w]),
                        aa_biases=torch.cat([self.aa_biases, torch.as_tensor(np.asarray(biases, dtype=np.float64))]))
+
+    def _with_lowpass(self, pole: float) -> "WienerBank":
+        """This bank with one more input low-pass: every unit's weights get a zero column for it."""
+        return replace(self, poles=torch.cat([self.poles, torch.tensor([float(pole)], dtype=torch.float64)]),
+                       weights=_pad_column(self.weights), aa_weights=_pad_column(self.aa_weights) if self.n_aa
+                       else self.aa_weights,
+                       cas_weights=_pad_column(self.cas_weights[None])[0] if self.n_cascade else self.cas_weights)
+
+    def with_cascade_units(self, pole: float, weights: np.ndarray, bias: float, v_poles: np.ndarray,
+                           beta: np.ndarray, gains: np.ndarray, biases: np.ndarray) -> "WienerBank":
+        """This bank plus cascade units over a new input low-pass (a capture's fitted cascade; replaces any other).
+
+        Args:
+            pole: the new input low-pass coefficient, in [0, 1), appended to ``poles``.
+            weights: the first curve's weights over ``[x, lp_1, .., lp_F, lp_new]`` (F + 2,).
+            bias: its offset c1.
+            v_poles: the one-poles of the first curve's output (J,), in [0, 1).
+            beta: the weights of ``[v, lp_1(v), .., lp_J(v)]`` (J + 1,).
+            gains, biases: the units' ``s`` and ``c`` (K2,).
+
+        Returns:
+            A new :class:`WienerBank`.
+
+        Raises:
+            ValueError: sizes that do not match, a pole outside [0, 1), or non-finite numbers.
+        """
+        F = self.n_lowpass
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        vp = np.asarray(v_poles, dtype=np.float64).reshape(-1)
+        be = np.asarray(beta, dtype=np.float64).reshape(-1)
+        g = np.asarray(gains, dtype=np.float64).reshape(-1)
+        c = np.asarray(biases, dtype=np.float64).reshape(-1)
+        ok = (w.size == F + 2 and be.size == vp.size + 1 and g.size == c.size and g.size > 0 and 0.0 <= pole < 1.0
+              and bool(np.all((vp >= 0) & (vp < 1))) and all(np.all(np.isfinite(a)) for a in (w, vp, be, g, c))
+              and math.isfinite(bias))
+        if not ok:
+            raise ValueError(f"cascade units need weights ({F + 2},), beta (J + 1,) for J v-poles in [0, 1), gains and "
+                             f"biases of one size and an input pole in [0, 1); got {w.size}, {be.size}, {vp.size}, "
+                             f"{g.size}, {c.size}, {pole}")
+        t = lambda a: torch.from_numpy(a.copy())  # noqa: E731
+        return replace(self._with_lowpass(pole), cas_weights=t(w), cas_bias=float(bias), cas_poles=t(vp),
+                       cas_beta=t(be), cas_gains=t(g), cas_biases=t(c))
 
     @property
     def n_lowpass(self) -> int:
         """F: input low-passes."""
         return int(self.poles.numel())
+
+
+def _pad_column(m: Tensor) -> Tensor:
+    """``m`` (N, C) with a zero column appended, (N, C + 1)."""
+    return torch.cat([m, torch.zeros(m.shape[0], 1, dtype=m.dtype)], 1)
 
 
 def head_coefficients(n_curves: int, n_gains: int, nb: int) -> int:
@@ -254,6 +325,31 @@ def tuned_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     return adaa_tanh(z, bank.aa_biases.numpy()[:, None])  # zero state: x[-1] = lp[-1] = 0
 
 
+def cascade_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
+    """The bank's cascade units over a whole signal from a zero state, float64, (n_cascade, T): a reference.
+
+    ``v = ADAA tanh(u) - tanh(c1)`` with ``u = cas_weights . [x, lp..] + c1`` (``u = c1`` before the first
+    sample), ``w = beta . [v, lp_1(v), ..]`` (one-poles of ``v`` from zero), units ``ADAA tanh(s w + c)`` (their
+    input before the first sample: ``c``). :class:`metafx.export.ARXStream` computes the same block by block.
+    """
+    from scipy.signal import lfilter
+
+    x = np.asarray(x, dtype=np.float64)
+    Wc = bank.cas_weights.numpy()
+    c1 = float(bank.cas_bias)
+    u = Wc[0] * x + c1
+    for k, a in enumerate(bank.poles.tolist()):
+        if Wc[1 + k] != 0:
+            u = u + Wc[1 + k] * lfilter([1.0 - a], [1.0, -a], x)
+    v = adaa_tanh(u[None], np.array([[c1]]))[0] - math.tanh(c1)
+    beta = bank.cas_beta.numpy()
+    w = beta[0] * v
+    for j, a in enumerate(bank.cas_poles.tolist()):
+        w = w + beta[1 + j] * lfilter([1.0 - a], [1.0, -a], v)
+    c = bank.cas_biases.numpy()[:, None]
+    return adaa_tanh(bank.cas_gains.numpy()[:, None] * w[None] + c, c)
+
+
 def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     """The bank's channels of a whole signal from a zero state, float64, (n_units, T): a reference computation.
 
@@ -268,6 +364,8 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     out = [np.tanh(bank.weights.numpy() @ rows + bank.biases.numpy()[:, None])]
     if bank.n_aa:
         out.append(tuned_channels(bank, x))
+    if bank.n_cascade:
+        out.append(cascade_channels(bank, x))
     if bank.n_gains:
         r = bank.release.numpy()
         peak = np.zeros((r.size, x.size))
@@ -283,5 +381,5 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
 
 __all__ = ["ADAA_EPS", "ATTACK_S", "GAIN_FLOOR", "GAIN_LEVELS_DB", "GAIN_RANGE", "LOWPASS_HZ", "RELEASE_S", "WIENER_DYNAMICS",
            "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED", "WIENER_UNITS", "WienerBank",
-           "adaa_tanh", "bank_channels", "head_coefficients", "lowpass_pole", "make_bank",
+           "adaa_tanh", "bank_channels", "cascade_channels", "head_coefficients", "lowpass_pole", "make_bank",
            "tuned_channels"]

@@ -155,7 +155,7 @@ def test_adapt_arx_exports_the_bank_only_when_kept():
     x = signal(seed=1).astype(np.float32)
     lp = lfilter([1 - 0.877], [1, -0.877], x)
     y = np.tanh(8 * (4 * x - 3 * lp)).astype(np.float32)
-    kept = adapt_arx(model, x, y, x.size, SR, 0, wiener_units=24)
+    kept = adapt_arx(model, x, y, x.size, SR, 0, wiener_units=24, cascade_units=False)  # (cascade: its own tests)
     n = make_bank(24).n_units + TUNED_UNITS  # 24 curve units, the tuned and gain units
     assert kept.bank_offered and kept.n_bank == n and kept.n_curve == 24 and kept.channels == model.phi.channels + n
     assert kept.prefilter is not None and kept.n_aa == TUNED_UNITS

@@ -221,7 +221,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     fits = ["continuous", "slices"] if opts.ridge_fit == "both" and mm.cfg.model.arch == "arx" else \
         [opts.ridge_fit if opts.ridge_fit != "both" else "continuous"]
     rows: list[dict[str, Any]] = []
-    rtf = rtf_bank = None
+    rtf = rtf_bank = rtf_cascade = None
     work = Path(tempfile.mkdtemp(prefix="metafx-bench-capture-out-"))
     import soundfile as sf
 
@@ -244,7 +244,9 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                        **{k: v for k, v in res["baselines"].items()}, "capture_seconds": res["seconds"]["capture"],
                        "capture_cpu_seconds": res["cpu_seconds"]["capture"], "stage_seconds": res["seconds"],
                        "stage_cpu_seconds": res["cpu_seconds"], "ridge_scale": res["model"]["ridge_scale"],
-                       "wiener_units": res["model"]["wiener_units"], "render_seconds": render_s}
+                       "wiener_units": res["model"]["wiener_units"],
+                       "tuned_units": res["model"].get("wiener_tuned_units"),
+                       "cascade_units": res["model"].get("wiener_cascade_units"), "render_seconds": render_s}
                 if fit == "continuous" and S == TARGET_SUPPORT and mm.cfg.model.arch == "arx" and WIENER_UNITS:
                     nres = run_capture(wet_path, work / f"{st['family']}-nobank", support_seconds=S, mlflow=False,
                                        meta_model=mm, heldout_from_seconds=max(HELDOUT_FROM, S), measure_rtf=False,
@@ -254,6 +256,9 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                     if rtf_bank is None and res["model"]["wiener_units"]:
                         rtf_bank = _fresh_rtf(work / f"{st['family']}-{fit}-{S:g}" / "model.ts")
                         rtf_bank["family"] = st["family"]
+                    if rtf_cascade is None and res["model"].get("wiener_cascade_units"):
+                        rtf_cascade = _fresh_rtf(work / f"{st['family']}-{fit}-{S:g}" / "model.ts")
+                        rtf_cascade["family"] = st["family"]
                 if fit == fits[0] and S == TARGET_SUPPORT and not opts.no_scratch and mm.cfg.model.arch == "arx":
                     t1 = time.perf_counter()
                     smm = train_scratch(mm, dry, wet, int(S * 48000), opts.scratch_steps)
@@ -277,6 +282,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
               "model": {"source": mm.source, "checkpoint": _repo_relative(mm.checkpoint, REPO_ROOT), "study": mm.cfg.name,
                         "arch": mm.cfg.model.arch, "method": mm.cfg.maml.method},
               "heldout_from_seconds": HELDOUT_FROM, "rtf_block256": rtf, "rtf_block256_bank": rtf_bank,
+              "rtf_block256_cascade": rtf_cascade,
               "wiener_units_offered": WIENER_UNITS, "rows": rows}
     (out_dir / "capture.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
     (out_dir / "capture.md").write_text(_markdown(report, fits[0]), encoding="utf-8")
@@ -358,13 +364,17 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
     if banked:
         lines += ["", f"## The Wiener bank at {TARGET_SUPPORT:g} s of support (held-out ESR)", "",
                   f"The capture offers the head the Wiener bank (metafx/wiener.py: {rep.get('wiener_units_offered', '-')} "
-                  "random curve units and the gain units, which follow the input's peak level) and keeps it where the "
+                  "random curve units and the gain units, which follow the input's peak level) with the units fitted "
+                  "to the support (tuned units, metafx/capture/tuned_units.py; cascade units where those leave much "
+                  "unexplained, metafx/capture/cascade_units.py) and keeps it where the "
                   "support's cross-validation prefers it; the same capture without the offer (`--wiener-units 0`) "
                   "beside it.", "",
                   "| family | bank kept | with the offer | without (`--wiener-units 0`) | classical ARX | "
                   "capture s with / without |", "|---|---|---|---|---|---|"]
         for r in banked:
-            lines.append(f"| {r['family']} | {'yes' if r.get('wiener_units') else 'no'} | {_fmt(r['model']['esr'])} | "
+            kept = "no" if not r.get("wiener_units") else "yes" + (", tuned" if r.get("tuned_units") else "") + \
+                (", cascade" if r.get("cascade_units") else "")
+            lines.append(f"| {r['family']} | {kept} | {_fmt(r['model']['esr'])} | "
                          f"{_fmt(r['no_bank']['esr'])} | {_fmt(r['arx']['esr'])} | {r['capture_seconds']:.2f} / "
                          f"{r['no_bank_capture_seconds']:.2f} |")
         nb3 = sum(r["no_bank"]["esr"] <= TARGET_ESR for r in banked)
@@ -386,6 +396,7 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
     cpus = [r["capture_cpu_seconds"] for r in rows if r["fit"] == fit and "capture_cpu_seconds" in r]
     rtf = rep.get("rtf_block256") or {}
     rtf_b = rep.get("rtf_block256_bank")
+    rtf_c = rep.get("rtf_block256_cascade")
     lines += ["", "## Targets", "",
               f"* ESR <= {TARGET_ESR} with {TARGET_SUPPORT:g} s of support: met on {met['esr']} of {met['n']} families; "
               f"below classical ARX on {met['below_arx']} of {met['n']}"
@@ -405,6 +416,8 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
               f"(target >= {TARGET_RTF:g}x)"
               + (f"; with the Wiener bank kept ({rtf_b['family']}, {rtf_b['bank_units']} channels): "
                  f"{_fmt(rtf_b['rtf_cpu'], 3)}x in CPU time, {_fmt(rtf_b['rtf_wall'], 3)}x in wall time" if rtf_b else "")
+              + (f"; with cascade units kept ({rtf_c['family']}, {rtf_c['bank_units']} bank channels): "
+                 f"{_fmt(rtf_c['rtf_cpu'], 3)}x in CPU time, {_fmt(rtf_c['rtf_wall'], 3)}x in wall time" if rtf_c else "")
               + ".", ""]
     return "\n".join(lines)
 

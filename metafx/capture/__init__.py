@@ -38,8 +38,10 @@ Steps of :func:`run_capture` (each timed, ``results.json`` ``seconds``):
    (:mod:`metafx.wiener`: ``--wiener-units`` fixed random curves of x and its low-passes, a
    filter before a nonlinearity that the meta-learned features cannot express), with the
    *tuned units* of a pre-filter fitted to the support (:mod:`metafx.capture.tuned_units`:
-   anti-aliased curves of ``g (x - r lp(x))``, found by a variable-projection search); the
-   exported model computes the bank only when it was kept.
+   anti-aliased curves of ``g (x - r lp(x))``, found by a variable-projection search) and, where
+   those leave much of the support unexplained, *cascade units* (:mod:`metafx.capture.cascade_units`:
+   a second curve after a fitted filter of a first one, as in an amp); the exported model
+   computes the bank only when it was kept.
 5. ``predict``: the exported model on the whole dry file from a zero state: prediction.wav is
    produced by the very module written to model.ts.
 6. ``baselines`` and ``score``: on the held-out part (after the support), whole-signal ESR

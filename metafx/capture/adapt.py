@@ -19,10 +19,11 @@ from metafx import metrics as M
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
+from metafx.capture.cascade_units import CASCADE_MIN_CRITERION, CASCADE_UNITS, cascade_bank, fit_cascade
 from metafx.capture.tuned_units import TUNED_UNITS, fit_prefilter, tuned_bank
 from metafx.export import ARXStream, export_network
-from metafx.wiener import (WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, head_coefficients, make_bank,
-                           tuned_channels)
+from metafx.wiener import (WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, cascade_channels,
+                           head_coefficients, make_bank, tuned_channels)
 
 MAX_SUPPORT_SLICES = 64  # gradient engines: support slices per adaptation (memory and time)
 
@@ -333,7 +334,8 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
 
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
               cfg: Config | None = None, fit: str = "continuous", wiener_units: int = WIENER_UNITS,
-              bank_min_equations: float = WIENER_MIN_EQUATIONS, tuned_units: bool = True) -> ARXStream:
+              bank_min_equations: float = WIENER_MIN_EQUATIONS, tuned_units: bool = True,
+              cascade_units: bool = True) -> ARXStream:
     """Adapt a :class:`metafx.models.arx.MetaARX` to the support and return its streaming export.
 
     Args:
@@ -351,13 +353,18 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         tuned_units: where the bank is offered, add the units of a pre-filter fitted to the support
             (:mod:`metafx.capture.tuned_units`); the cross-validation keeps the bank with them, without them, or
             neither.
+        cascade_units: with the tuned units, where their criterion is above
+            :data:`metafx.capture.cascade_units.CASCADE_MIN_CRITERION` (and the support long enough for the bank with
+            both), also fit and offer cascade units (:mod:`metafx.capture.cascade_units`); the cross-validation keeps
+            them with the tuned units or leaves both out.
 
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the
         attributes ``ridge_scale`` (the chosen multiplier), ``bank_offered`` (whether the support
         was long enough to offer the bank), ``n_bank`` (bank channels kept: 0, or the bank's
-        curve, tuned and gain units, ``n_curve``, ``n_aa`` and ``n_gain``) and ``prefilter`` (the
-        fitted :class:`metafx.capture.tuned_units.PreFilter`, or None where none was fitted).
+        curve, tuned, cascade and gain units, ``n_curve``, ``n_aa``, ``n_cas`` and ``n_gain``), ``prefilter``
+        (the fitted :class:`metafx.capture.tuned_units.PreFilter`, or None where none was fitted or kept) and
+        ``cascade`` (the fitted :class:`metafx.capture.cascade_units.Cascade`, or None likewise).
     """
     support = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32))
 
@@ -382,9 +389,13 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     bank = make_bank(wiener_units, sample_rate=sr) if wiener_units > 0 else None
     prefilter = None
     untuned = bank  # the bank without tuned units (the cross-validation may keep it so)
+    cascade = None
     if bank is not None and tuned_units:  # the tuned units count in the offer rule
         if not bank_offered(model, n_support, bank.n_units + TUNED_UNITS, bank_min_equations, bank.n_gains):
             tuned_units = False
+        if not bank_offered(model, n_support, bank.n_units + TUNED_UNITS + CASCADE_UNITS, bank_min_equations,
+                            bank.n_gains):
+            cascade_units = False
     if bank is not None and not bank_offered(model, n_support, bank.n_units, bank_min_equations, bank.n_gains):
         bank = None
     xs = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64))
@@ -401,14 +412,28 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             if prefilter is not None:  # the tuned units' channels go before the gain units (the stream's order)
                 bank = tuned_bank(bank, prefilter, sr)
                 lo = offered.channels - offered.n_gain
-                phi = torch.cat([phi[:lo], torch.from_numpy(tuned_channels(bank, xs.numpy())), phi[lo:]])
+                tuned = torch.from_numpy(tuned_channels(bank, xs.numpy()))
+                phi = torch.cat([phi[:lo], tuned, phi[lo:]])
+                if cascade_units and prefilter.criterion > CASCADE_MIN_CRITERION:
+                    own = offered.channels - offered.n_bank  # the search sees the model's channels and the tuned units
+                    try:
+                        cascade = fit_cascade(xs.numpy(), ys.numpy(), torch.cat([phi[:own], tuned]).numpy(), model.nb,
+                                              model.na, sr, prefilter)
+                    except np.linalg.LinAlgError:
+                        cascade = None
+                if cascade is not None:  # after the tuned units, before the gain units
+                    bank = cascade_bank(bank, cascade, sr)
+                    phi = torch.cat([phi[:lo + bank.n_aa], torch.from_numpy(cascade_channels(bank, xs.numpy())),
+                                     phi[lo + bank.n_aa:]])
                 offered = build(bank)
+        n_fitted = offered.n_aa + offered.n_cas  # the units fitted to this support, kept or left out together
         res = ridge_fit_continuous(model, phi, ys, n_bank=offered.n_bank, bank_min_equations=bank_min_equations,
-                                   n_gain=offered.n_gain, n_tuned=offered.n_aa)
+                                   n_gain=offered.n_gain, n_tuned=n_fitted)
     b = res.b
-    if res.bank and offered.n_aa and not res.tuned:  # the bank kept without its tuned units: a stream without them
-        lo = offered.channels - offered.n_gain - offered.n_aa
-        b = torch.cat([b[:lo], b[lo + offered.n_aa:]])
+    n_fitted = offered.n_aa + offered.n_cas
+    if res.bank and n_fitted and not res.tuned:  # the bank kept without its fitted units: a stream without them
+        lo = offered.channels - offered.n_gain - n_fitted
+        b = torch.cat([b[:lo], b[lo + n_fitted:]])
         stream = build(untuned)
     else:
         stream = offered if res.bank or bank is None else build()  # the bank left out: a stream without it
@@ -416,6 +441,7 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     stream.ridge_scale = res.scale  # recorded in results.json (an attribute of the export module too)
     stream.bank_offered = bank is not None
     stream.prefilter = prefilter if stream.n_aa else None
+    stream.cascade = cascade if stream.n_cas else None
     return stream
 
 

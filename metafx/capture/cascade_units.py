@@ -1,0 +1,249 @@
+"""Cascade units: a second curve after a filtered first one, fitted to one capture's support.
+
+Many devices are two nonlinear stages with a filter between: a guitar amp's preamp, tone stack and
+power stage; a pedal's clipper into a tone control into a driven output buffer. The capture's
+head filters its channels after the fact (Wiener-Hammerstein), and its tuned units
+(:mod:`metafx.capture.tuned_units`) fit one pre-filter and one curve; the second curve sees the
+first curve's output through the tone stack, which no channel offers. Measured on the shipped
+study's validation settings of the amp at 3 s of support: the capture with tuned units reached
+0.26 / 0.38 / 0.27 held-out ESR; the exact first-curve output as an extra channel did little
+(0.14 / 0.30 / 0.26) and the exact second-curve output took it to 0.0035 / 0.013 / 0.00085.
+
+So a capture whose tuned units leave much of the equation error they were offered (their criterion
+above :data:`CASCADE_MIN_CRITERION`) fits a cascade: the first curve
+``v = ADAA tanh(g (x - r lp_fc(x)) + c1) - tanh(c1)`` (the tuned units' pre-filter form), a filter
+``w = beta . [v, lp_1(v), .., lp_J(v)]`` over :data:`CASCADE_VPOLES_HZ` fixed one-poles (a
+passive tone stack's poles are real: a sum of one-poles is its partial-fraction form; on the amp's
+validation settings these eight fit the exact tone stack output from the exact first curve to
+relative error 1e-3 .. 2e-5), and :data:`TUNED_SCALES` x :data:`TUNED_OFFSETS` units
+``ADAA tanh(s w + c2 + o)`` offered to the head beside the bank. The 4 + (J + 1) + 1 numbers are
+fitted by L-BFGS (torch autograd) on the variable-projection criterion of the tuned units (the
+equation error after the head's model channels, the tuned units and the AR lags are projected out,
+reduced by the units' taps; here all ``nb`` taps: with 4, the exact second curve itself reached
+only 0.58 / 0.38 / 0.07 on the amp's validation settings, with 8 0.012 / 0.013 / 0.001), on
+:data:`CASCADE_RUNS` runs of :data:`TUNED_RUN_LEN` samples from the first :data:`TUNED_SPAN_S`
+seconds, each run's filters started :data:`CASCADE_WARM` samples earlier (the one-poles' impulse
+responses truncated there, for the search only: the units themselves are exact recursions).
+Starts: the tuned units' pre-filter and a grid of gains, high-pass corners and offsets; the
+:data:`CASCADE_PRESELECT` best by the criterion at their start get :data:`CASCADE_SHORT_ITERS`
+L-BFGS iterations, the best of those :data:`CASCADE_LONG_ITERS` more (scipy's L-BFGS-B on torch's gradients). The capture's
+cross-validation keeps the cascade with the tuned units or leaves both out
+(:func:`metafx.capture.adapt.ridge_fit_continuous`, ``n_tuned``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.linalg import solve_triangular
+from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
+from torch import Tensor
+
+from metafx.capture.tuned_units import (TUNED_OFFSETS, TUNED_RUN_LEN, TUNED_SCALES, TUNED_SEED, TUNED_SPAN_S,
+                                        PreFilter)
+from metafx.wiener import ADAA_EPS, WienerBank, lowpass_pole
+
+CASCADE_UNITS = len(TUNED_SCALES) * len(TUNED_OFFSETS)  # units a cascade adds (the tuned units' grid)
+CASCADE_VPOLES_HZ = (40.0, 8000.0, 8)  # the one-poles of the first curve's output: from, to (Hz), count (log-spaced)
+# A cascade is fitted only where the tuned units' criterion is above this: on the shipped study's validation settings
+# at 3 s it is at most 0.031 on the tube clipper and the fuzz (whose tuned units do the work; there a cascade helped the
+# tube clipper by up to 1.6x and cost one fuzz setting 4x) and at least 0.12 on every other family
+CASCADE_MIN_CRITERION = 0.1
+CASCADE_RUNS = 16  # runs of the criterion (TUNED_RUN_LEN samples each)
+CASCADE_WARM = 1024  # samples each run's filters start before it (their impulse responses truncated there)
+CASCADE_GRID = ((1.0, 8.0, 64.0), (30.0, 300.0), (0.0, 0.4))  # start gains, high-pass corners (Hz), offsets
+CASCADE_PRESELECT = 4  # starts that get the short L-BFGS runs (the best by the criterion at the start)
+CASCADE_SHORT_ITERS = 8  # L-BFGS iterations of each preselected start
+CASCADE_LONG_ITERS = 40  # L-BFGS iterations of the best of them
+_START_RATIO = 0.999  # the grid's starts are high-passes (r near 1)
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """A fitted cascade (see the module docstring).
+
+    Attributes:
+        gain, ratio, fc, offset: the first curve's ``g``, ``r``, ``fc`` (Hz) and ``c1``.
+        beta: the weights of ``[v, lp_1(v), ..]`` (J + 1,).
+        offset2: the units' offset ``c2``.
+        criterion: the equation error left after the units (relative to that after the tuned units).
+        evaluations: criterion evaluations (with their gradients).
+        seconds: wall time of the fit.
+    """
+
+    gain: float
+    ratio: float
+    fc: float
+    offset: float
+    beta: tuple[float, ...]
+    offset2: float
+    criterion: float
+    evaluations: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, object]:
+        """The fields as plain numbers and lists (results.json)."""
+        return {"gain": self.gain, "ratio": self.ratio, "fc_hz": self.fc, "offset": self.offset,
+                "beta": list(self.beta),
+                "offset2": self.offset2, "criterion": self.criterion, "evaluations": self.evaluations,
+                "seconds": self.seconds}
+
+
+def vpoles(sr: int) -> np.ndarray:
+    """The one-pole coefficients of the first curve's output filters at rate ``sr``, (J,)."""
+    lo, hi, n = CASCADE_VPOLES_HZ
+    return np.asarray(lowpass_pole(np.geomspace(lo, hi, int(n)), sr), dtype=np.float64)
+
+
+def _adaa(z: Tensor) -> Tensor:
+    """Anti-aliased tanh along the last axis over consecutive samples, (..., T) -> (..., T - 1) (as
+    :func:`metafx.wiener.adaa_tanh`, differentiable)."""
+    a = z.abs()
+    lc = a + torch.log1p(torch.exp(-2.0 * a))
+    dz = z[..., 1:] - z[..., :-1]
+    small = dz.abs() < ADAA_EPS
+    q = (lc[..., 1:] - lc[..., :-1]) / torch.where(small, torch.ones_like(dz), dz)
+    return torch.where(small, torch.tanh(0.5 * (z[..., 1:] + z[..., :-1])), q)
+
+
+def _impulse(p: Tensor, k: Tensor) -> Tensor:
+    """Impulse responses ``(1 - p) p^k`` of one-poles ``p`` (J,) at lags ``k`` (K,), (J, K), with values below 1e-300
+    set to 0 (denormal numbers make every later product and FFT several times slower)."""
+    return (1 - p)[:, None] * torch.exp((k[None] * torch.log(p)[:, None]).clamp_min(-690.0)) \
+        * ((k[None] * torch.log(p)[:, None]) > -690.0)
+
+
+def _fir(v: Tensor, h: Tensor) -> Tensor:
+    """Causal convolution of each row of ``v`` (R, T) with each filter of ``h`` (J, K) by FFT, (R, J, T)."""
+    T = v.shape[-1]
+    n = 1 << (T + h.shape[-1]).bit_length()
+    return torch.fft.irfft(torch.fft.rfft(v, n=n)[:, None] * torch.fft.rfft(h, n=n)[None], n=n)[..., :T]
+
+
+def fit_cascade(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int, sr: int,
+                start: PreFilter) -> Cascade:
+    """Fit a cascade to a support (see the module docstring).
+
+    Args:
+        x: the dry support, (S,), float64.
+        y: the aligned wet support, (S,), float64.
+        phi: the channels the head already has over the support (the model's and the tuned units'), (M, S), float64.
+        nb: the head's taps per channel; na: its autoregressive order.
+        sr: sample rate, Hz.
+        start: the tuned units' pre-filter (one of the starts).
+
+    Returns:
+        The :class:`Cascade`.
+
+    Raises:
+        ValueError: a support shorter than one run plus the filters' warm-up.
+        numpy.linalg.LinAlgError: degenerate rows (a support silent where the runs are).
+    """
+    # numpy's and scipy's OpenBLAS held to one thread: their idle threads spin between scipy's calls and took half
+    # of the two cores torch's criterion runs on (the same search: 6.0 s, 2.8 s held)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit_cascade(x, y, phi, nb, na, sr, start)
+
+
+def _fit_cascade(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int, sr: int,
+                 start: PreFilter) -> Cascade:
+    t0 = time.perf_counter()
+    S = min(x.shape[0], int(TUNED_SPAN_S * sr))
+    x, y, phi = x[:S], y[:S], phi[:, :S]
+    L = TUNED_RUN_LEN
+    lead = 2 * CASCADE_WARM + max(nb, na) + 2
+    n_runs = min(CASCADE_RUNS, (S - lead) // L)
+    if n_runs < 1:
+        raise ValueError(f"a support of {S} samples is too short for the cascade units (needs {lead + L})")
+    rng = np.random.default_rng(TUNED_SEED)
+    starts = np.sort(rng.choice(np.arange(lead, S - L + 1, L), size=n_runs, replace=False))
+    rows = (starts[:, None] + np.arange(L)[None]).reshape(-1)
+    win = starts[:, None] + np.arange(-(2 * CASCADE_WARM + nb), L)[None]  # both filters' warm-up, the taps, the run
+    Xm = np.concatenate([phi[:, rows - k] for k in range(nb)] + [y[None, rows - k] for k in range(1, na + 1)], 0).T
+    G = Xm.T @ Xm
+    G[np.diag_indices_from(G)] += 1e-9 * np.trace(G) / G.shape[0] + 1e-300
+    Q = torch.from_numpy(np.ascontiguousarray(solve_triangular(np.linalg.cholesky(G), Xm.T, lower=True).T))
+    target = torch.from_numpy(y[rows])
+    resid = target - Q @ (Q.T @ target)
+    e0 = float(resid @ resid) + 1e-300
+    xw = torch.from_numpy(x[win])  # (runs, W)
+    k = torch.arange(CASCADE_WARM, dtype=torch.float64)
+    vp = torch.from_numpy(vpoles(sr))
+    H = torch.cat([torch.eye(1, CASCADE_WARM, dtype=torch.float64), _impulse(vp, k)])
+    J1 = H.shape[0]  # J + 1: v and its one-poles
+    scales = torch.tensor([s for s in TUNED_SCALES for _ in TUNED_OFFSETS], dtype=torch.float64)[:, None, None]
+    offs = torch.tensor([o for _ in TUNED_SCALES for o in TUNED_OFFSETS], dtype=torch.float64)[:, None, None]
+    K = CASCADE_UNITS
+    evals = [0]
+
+    def criterion(th: Tensor) -> Tensor:
+        evals[0] += 1
+        g, r, fc, c1, beta, c2 = th[0].exp(), torch.sigmoid(th[1]), th[2].exp(), th[3], th[4:4 + J1], th[4 + J1]
+        p = torch.exp(-2 * math.pi * fc.clamp(20.0, 20000.0) / sr)
+        lp = _fir(xw, _impulse(p[None], k))[:, 0]
+        v = _adaa((g * (xw - r * lp) + c1)[:, CASCADE_WARM - 1:]) - torch.tanh(c1)
+        w = torch.einsum("j,rjt->rt", beta, _fir(v, H))[:, CASCADE_WARM - 1:]  # (runs, nb + L + 1)
+        a = _adaa(scales * w[None] + c2 + offs)  # (K, runs, nb + L)
+        Lm = torch.cat([a[:, :, nb - j: nb - j + L].reshape(K, -1) for j in range(nb)], 0).T
+        Lp = Lm - Q @ (Q.T @ Lm)
+        Gu = Lp.T @ Lp
+        Gu = Gu + torch.eye(Gu.shape[0], dtype=Gu.dtype) * (1e-6 * torch.trace(Gu) / Gu.shape[0] + 1e-300)
+        e = resid - Lp @ torch.linalg.solve(Gu, Lp.T @ resid)
+        return (e @ e) / e0
+
+    def theta(g: float, r: float, fc: float, c: float) -> Tensor:
+        r = min(max(r, 1e-3), 1 - 1e-3)
+        return torch.tensor([math.log(g), math.log(r / (1 - r)), math.log(fc), c] + [1.0] + [0.0] * (J1 - 1) + [0.0],
+                            dtype=torch.float64)
+
+    def value_and_grad(v: np.ndarray) -> tuple[float, np.ndarray]:
+        th = torch.from_numpy(v).requires_grad_(True)
+        try:
+            with torch.enable_grad():  # a capture adapts under no_grad
+                c = criterion(th)
+                c.backward()
+        except (RuntimeError, torch.linalg.LinAlgError):  # a step into a singular system: no better than nothing
+            return 1.0, np.zeros_like(v)
+        f, g = float(c.detach()), th.grad.numpy().copy()
+        return (f, g) if math.isfinite(f) and np.all(np.isfinite(g)) else (1.0, np.zeros_like(v))
+
+    def refine(th0: Tensor, iters: int) -> tuple[Tensor, float]:
+        # scipy's L-BFGS-B on torch's gradients (torch.optim's first optimizer imports ~1 s of modules)
+        res = minimize(value_and_grad, th0.numpy(), jac=True, method="L-BFGS-B",
+                       options={"maxiter": iters, "maxfun": 2 * iters})
+        return torch.from_numpy(res.x), float(res.fun) if math.isfinite(res.fun) else math.inf
+
+    gains, fcs, offsets = CASCADE_GRID
+    cands = [theta(start.gain, start.ratio, start.fc, start.offset)] + \
+        [theta(g, _START_RATIO, fc, c) for g in gains for fc in fcs for c in offsets]
+    with torch.no_grad():
+        at_start = [float(criterion(th)) for th in cands]
+    pre = [cands[int(i)] for i in np.argsort(np.nan_to_num(at_start, nan=np.inf))[:CASCADE_PRESELECT]]
+    short = sorted((refine(th, CASCADE_SHORT_ITERS) for th in pre), key=lambda tc: tc[1])
+    th, crit = refine(short[0][0], CASCADE_LONG_ITERS)
+    if crit > short[0][1]:
+        th, crit = short[0]
+    v = th.tolist()
+    fc = min(max(math.exp(v[2]), 20.0), 20000.0)
+    return Cascade(math.exp(v[0]), 1.0 / (1.0 + math.exp(-v[1])), fc, v[3], tuple(v[4:4 + J1]), v[4 + J1], crit,
+                   evals[0], time.perf_counter() - t0)
+
+
+def cascade_bank(bank: WienerBank, cas: Cascade, sr: int) -> WienerBank:
+    """``bank`` plus the cascade units of ``cas``: a low-pass at ``cas.fc`` and :data:`CASCADE_UNITS` units."""
+    F = bank.n_lowpass
+    w = np.zeros(F + 2)
+    w[0], w[F + 1] = cas.gain, -cas.gain * cas.ratio
+    s = np.array([s for s in TUNED_SCALES for _ in TUNED_OFFSETS])
+    c = np.array([cas.offset2 + o for _ in TUNED_SCALES for o in TUNED_OFFSETS])
+    return bank.with_cascade_units(float(lowpass_pole(cas.fc, sr)), w, cas.offset, vpoles(sr), np.asarray(cas.beta),
+                                   s, c)
+
+
+__all__ = ["CASCADE_GRID", "CASCADE_LONG_ITERS", "CASCADE_MIN_CRITERION", "CASCADE_PRESELECT", "CASCADE_RUNS",
+           "CASCADE_SHORT_ITERS", "CASCADE_UNITS", "CASCADE_VPOLES_HZ", "CASCADE_WARM", "Cascade", "cascade_bank",
+           "fit_cascade", "vpoles"]
