@@ -122,3 +122,16 @@ def test_bad_cascade_units_are_refused():
         bank.with_cascade_units(1.0, w, 0.0, vpoles(SR), np.ones(9), np.ones(3), np.zeros(3))  # input pole
     with pytest.raises(ValueError, match="cascade units need"):
         bank.with_cascade_units(0.9, w, math.nan, vpoles(SR), np.ones(9), np.ones(3), np.zeros(3))
+
+
+def test_a_second_cross_validation_needs_fitted_units():
+    from metafx.capture.adapt import ridge_fit_continuous
+
+    model = MetaARX(nb=8, na=4, features="none")
+    x = signal(2.0)
+    bank = make_bank(5, 2)
+    with torch.no_grad():
+        phi = ARXStream(model, bank=bank).features(torch.from_numpy(x))
+    with pytest.raises(ValueError, match="fitted_only"):
+        ridge_fit_continuous(model, phi, torch.from_numpy(np.tanh(3 * x)), n_bank=bank.n_units, n_gain=bank.n_gains,
+                             fitted_only=True)

@@ -19,7 +19,8 @@ from metafx import metrics as M
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
-from metafx.capture.cascade_units import CASCADE_MIN_CRITERION, CASCADE_UNITS, cascade_bank, fit_cascade
+from metafx.capture.cascade_units import (CASCADE_MIN_CRITERION, CASCADE_MIN_CV_ESR, CASCADE_UNITS, cascade_bank,
+                                          fit_cascade)
 from metafx.capture.tuned_units import TUNED_UNITS, fit_prefilter, tuned_bank
 from metafx.export import ARXStream, export_network
 from metafx.wiener import (WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, cascade_channels,
@@ -197,7 +198,7 @@ class ContinuousFit:
 def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple[float, ...] = RIDGE_SCALES,
                          n_bank: int = 0, bank_ridge: float = WIENER_RIDGE,
                          bank_min_equations: float = WIENER_MIN_EQUATIONS, n_gain: int = 0,
-                         n_tuned: int = 0) -> ContinuousFit:
+                         n_tuned: int = 0, fitted_only: bool = False) -> ContinuousFit:
     """The equation-error ridge fit of :meth:`metafx.models.arx.MetaARX.fit_features` over one continuous stretch.
 
     The regressors, the meta-learned per-coefficient ridge and the prior mean of the meta-trained
@@ -236,6 +237,8 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         n_tuned: of the ``n_bank`` channels, the ``n_tuned`` before the gain units are a capture's tuned units
             (:mod:`metafx.capture.tuned_units`): the bank is then also tried without them (a third candidate), so
             units that do not help cannot cost the bank.
+        fitted_only: cross-validate only the bank with its ``n_tuned`` fitted units (every scale): a second
+            cross-validation after one without some of them (the folds are the same, so the left-out ESRs compare).
 
     Returns:
         The :class:`ContinuousFit`.
@@ -279,6 +282,10 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         lo = 1 + (M - 1 - n_gain - n_tuned) * nb
         plain[lo: lo + n_tuned * nb] = False
         variants.insert(1, (True, False, torch.nonzero(plain).flatten()))
+    if fitted_only:
+        if not (n_tuned and len(variants) > 1):
+            raise ValueError("ridge_fit_continuous(fitted_only=True) needs an offered bank with fitted units")
+        variants = variants[-1:]
 
     def solve_all(Gm: Tensor, rm: Tensor, idx: Tensor, at: tuple[float, ...]) -> list[tuple[Tensor, Tensor]]:
         """The heads at each ridge scale of ``at``: the candidate's sub-system is taken out once for all of them.
@@ -354,9 +361,10 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             (:mod:`metafx.capture.tuned_units`); the cross-validation keeps the bank with them, without them, or
             neither.
         cascade_units: with the tuned units, where their criterion is above
-            :data:`metafx.capture.cascade_units.CASCADE_MIN_CRITERION` (and the support long enough for the bank with
-            both), also fit and offer cascade units (:mod:`metafx.capture.cascade_units`); the cross-validation keeps
-            them with the tuned units or leaves both out.
+            :data:`metafx.capture.cascade_units.CASCADE_MIN_CRITERION` and the cross-validated head without a
+            cascade leaves more than :data:`metafx.capture.cascade_units.CASCADE_MIN_CV_ESR` (and the support is
+            long enough for the bank with both), also fit cascade units (:mod:`metafx.capture.cascade_units`) and
+            cross-validate again with them: the head with the smaller left-out ESR is kept.
 
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the
@@ -414,21 +422,30 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
                 lo = offered.channels - offered.n_gain
                 tuned = torch.from_numpy(tuned_channels(bank, xs.numpy()))
                 phi = torch.cat([phi[:lo], tuned, phi[lo:]])
-                if cascade_units and prefilter.criterion > CASCADE_MIN_CRITERION:
-                    own = offered.channels - offered.n_bank  # the search sees the model's channels and the tuned units
-                    try:
-                        cascade = fit_cascade(xs.numpy(), ys.numpy(), torch.cat([phi[:own], tuned]).numpy(), model.nb,
-                                              model.na, sr, prefilter)
-                    except np.linalg.LinAlgError:
-                        cascade = None
-                if cascade is not None:  # after the tuned units, before the gain units
-                    bank = cascade_bank(bank, cascade, sr)
-                    phi = torch.cat([phi[:lo + bank.n_aa], torch.from_numpy(cascade_channels(bank, xs.numpy())),
-                                     phi[lo + bank.n_aa:]])
                 offered = build(bank)
-        n_fitted = offered.n_aa + offered.n_cas  # the units fitted to this support, kept or left out together
         res = ridge_fit_continuous(model, phi, ys, n_bank=offered.n_bank, bank_min_equations=bank_min_equations,
-                                   n_gain=offered.n_gain, n_tuned=n_fitted)
+                                   n_gain=offered.n_gain, n_tuned=offered.n_aa)
+        if (cascade_units and prefilter is not None and prefilter.criterion > CASCADE_MIN_CRITERION
+                and math.isfinite(res.cv_esr) and res.cv_esr > CASCADE_MIN_CV_ESR):
+            own = offered.channels - offered.n_bank  # the search sees the model's channels and the tuned units
+            try:
+                cascade = fit_cascade(xs.numpy(), ys.numpy(), torch.cat([phi[:own], tuned]).numpy(), model.nb,
+                                      model.na, sr, prefilter)
+            except np.linalg.LinAlgError:
+                cascade = None
+            if cascade is not None:  # after the tuned units, before the gain units; a fourth candidate of the CV
+                bank_c = cascade_bank(bank, cascade, sr)
+                at = lo + bank_c.n_aa
+                phi_c = torch.cat([phi[:at], torch.from_numpy(cascade_channels(bank_c, xs.numpy())), phi[at:]])
+                offered_c = build(bank_c)
+                # only the new candidate (the others were cross-validated above, on the same folds)
+                res_c = ridge_fit_continuous(model, phi_c, ys, n_bank=offered_c.n_bank, n_gain=offered_c.n_gain,
+                                             bank_min_equations=bank_min_equations,
+                                             n_tuned=offered_c.n_aa + offered_c.n_cas, fitted_only=True)
+                if res_c.cv_esr < res.cv_esr:  # the same folds: the candidates' left-out ESRs compare
+                    bank, offered, res = bank_c, offered_c, res_c
+                else:
+                    cascade = None
     b = res.b
     n_fitted = offered.n_aa + offered.n_cas
     if res.bank and n_fitted and not res.tuned:  # the bank kept without its fitted units: a stream without them

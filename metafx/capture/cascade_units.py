@@ -10,7 +10,8 @@ study's validation settings of the amp at 3 s of support: the capture with tuned
 (0.14 / 0.30 / 0.26) and the exact second-curve output took it to 0.0035 / 0.013 / 0.00085.
 
 So a capture whose tuned units leave much of the equation error they were offered (their criterion
-above :data:`CASCADE_MIN_CRITERION`) fits a cascade: the first curve
+above :data:`CASCADE_MIN_CRITERION`) and whose cross-validated head leaves a left-out ESR above
+:data:`CASCADE_MIN_CV_ESR` fits a cascade: the first curve
 ``v = ADAA tanh(g (x - r lp_fc(x)) + c1) - tanh(c1)`` (the tuned units' pre-filter form), a filter
 ``w = beta . [v, lp_1(v), .., lp_J(v)]`` over :data:`CASCADE_VPOLES_HZ` fixed one-poles (a
 passive tone stack's poles are real: a sum of one-poles is its partial-fraction form; on the amp's
@@ -26,9 +27,10 @@ seconds, each run's filters started :data:`CASCADE_WARM` samples earlier (the on
 responses truncated there, for the search only: the units themselves are exact recursions).
 Starts: the tuned units' pre-filter and a grid of gains, high-pass corners and offsets; the
 :data:`CASCADE_PRESELECT` best by the criterion at their start get :data:`CASCADE_SHORT_ITERS`
-L-BFGS iterations, the best of those :data:`CASCADE_LONG_ITERS` more (scipy's L-BFGS-B on torch's gradients). The capture's
-cross-validation keeps the cascade with the tuned units or leaves both out
-(:func:`metafx.capture.adapt.ridge_fit_continuous`, ``n_tuned``).
+L-BFGS iterations, the best of those :data:`CASCADE_LONG_ITERS` more (scipy's L-BFGS-B on torch's
+gradients). The capture then cross-validates again with the cascade (kept with the tuned units or left
+out with them: :func:`metafx.capture.adapt.ridge_fit_continuous`, ``n_tuned``) and keeps the head with
+the smaller left-out ESR (:func:`metafx.capture.adapt.adapt_arx`).
 """
 from __future__ import annotations
 
@@ -53,6 +55,10 @@ CASCADE_VPOLES_HZ = (40.0, 8000.0, 8)  # the one-poles of the first curve's outp
 # at 3 s it is at most 0.031 on the tube clipper and the fuzz (whose tuned units do the work; there a cascade helped the
 # tube clipper by up to 1.6x and cost one fuzz setting 4x) and at least 0.12 on every other family
 CASCADE_MIN_CRITERION = 0.1
+# ... and where the capture's cross-validated head without a cascade leaves a left-out ESR above this: the effects the
+# meta-model and the bank already fit (the linear ones, the cubic curve, the EQ) are not searched (2.5 s and a second
+# cross-validation saved); the amp, the Oberheim, the Korg 35 and the dynamics are
+CASCADE_MIN_CV_ESR = 1e-3
 CASCADE_RUNS = 16  # runs of the criterion (TUNED_RUN_LEN samples each)
 CASCADE_WARM = 1024  # samples each run's filters start before it (their impulse responses truncated there)
 CASCADE_GRID = ((1.0, 8.0, 64.0), (30.0, 300.0), (0.0, 0.4))  # start gains, high-pass corners (Hz), offsets
@@ -244,6 +250,6 @@ def cascade_bank(bank: WienerBank, cas: Cascade, sr: int) -> WienerBank:
                                    s, c)
 
 
-__all__ = ["CASCADE_GRID", "CASCADE_LONG_ITERS", "CASCADE_MIN_CRITERION", "CASCADE_PRESELECT", "CASCADE_RUNS",
+__all__ = ["CASCADE_GRID", "CASCADE_LONG_ITERS", "CASCADE_MIN_CRITERION", "CASCADE_MIN_CV_ESR", "CASCADE_PRESELECT", "CASCADE_RUNS",
            "CASCADE_SHORT_ITERS", "CASCADE_UNITS", "CASCADE_VPOLES_HZ", "CASCADE_WARM", "Cascade", "cascade_bank",
            "fit_cascade", "vpoles"]
