@@ -19,8 +19,8 @@ from metafx import metrics as M
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
-from metafx.capture.cascade_units import (CASCADE_MIN_CRITERION, CASCADE_MIN_CV_ESR, CASCADE_UNITS, cascade_bank,
-                                          fit_cascade)
+from metafx.capture.cascade_units import (CASCADE_MAX_CRITERION, CASCADE_MIN_CRITERION, CASCADE_MIN_CV_ESR,
+                                          CASCADE_UNITS, cascade_bank, fit_cascade)
 from metafx.capture.tuned_units import TUNED_UNITS, fit_prefilter, tuned_bank
 from metafx.export import ARXStream, export_network
 from metafx.wiener import (WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, cascade_channels,
@@ -432,6 +432,8 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
                 cascade = fit_cascade(xs.numpy(), ys.numpy(), torch.cat([phi[:own], tuned]).numpy(), model.nb,
                                       model.na, sr, prefilter)
             except np.linalg.LinAlgError:
+                cascade = None
+            if cascade is not None and cascade.criterion > CASCADE_MAX_CRITERION:  # the search found too little
                 cascade = None
             if cascade is not None:  # after the tuned units, before the gain units; a fourth candidate of the CV
                 bank_c = cascade_bank(bank, cascade, sr)

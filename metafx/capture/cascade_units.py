@@ -28,7 +28,8 @@ responses truncated there, for the search only: the units themselves are exact r
 Starts: the tuned units' pre-filter and a grid of gains, high-pass corners and offsets; the
 :data:`CASCADE_PRESELECT` best by the criterion at their start get :data:`CASCADE_SHORT_ITERS`
 L-BFGS iterations, the best of those :data:`CASCADE_LONG_ITERS` more (scipy's L-BFGS-B on torch's
-gradients). The capture then cross-validates again with the cascade (kept with the tuned units or left
+gradients). Where the criterion reached is at most :data:`CASCADE_MAX_CRITERION`, the capture then
+cross-validates again with the cascade (kept with the tuned units or left
 out with them: :func:`metafx.capture.adapt.ridge_fit_continuous`, ``n_tuned``) and keeps the head with
 the smaller left-out ESR (:func:`metafx.capture.adapt.adapt_arx`).
 """
@@ -59,6 +60,11 @@ CASCADE_MIN_CRITERION = 0.1
 # meta-model and the bank already fit (the linear ones, the cubic curve, the EQ) are not searched (2.5 s and a second
 # cross-validation saved); the amp, the Oberheim, the Korg 35 and the dynamics are
 CASCADE_MIN_CV_ESR = 1e-3
+# A cascade whose criterion is above this is not cross-validated (the search found little; the second
+# cross-validation costs as much as the first). Validation settings at 3 s: kept and better on the amp (0.025-0.045)
+# and the Oberheim (0.046-0.27); 0.46 on the Korg 35 setting it made worse; 0.65-0.88 on the diode ladder,
+# compressor and limiter, where the cross-validation left it out
+CASCADE_MAX_CRITERION = 0.4
 CASCADE_RUNS = 16  # runs of the criterion (TUNED_RUN_LEN samples each)
 CASCADE_WARM = 1024  # samples each run's filters start before it (their impulse responses truncated there)
 CASCADE_GRID = ((1.0, 8.0, 64.0), (30.0, 300.0), (0.0, 0.4))  # start gains, high-pass corners (Hz), offsets
@@ -250,6 +256,6 @@ def cascade_bank(bank: WienerBank, cas: Cascade, sr: int) -> WienerBank:
                                    s, c)
 
 
-__all__ = ["CASCADE_GRID", "CASCADE_LONG_ITERS", "CASCADE_MIN_CRITERION", "CASCADE_MIN_CV_ESR", "CASCADE_PRESELECT", "CASCADE_RUNS",
+__all__ = ["CASCADE_GRID", "CASCADE_LONG_ITERS", "CASCADE_MAX_CRITERION", "CASCADE_MIN_CRITERION", "CASCADE_MIN_CV_ESR", "CASCADE_PRESELECT", "CASCADE_RUNS",
            "CASCADE_SHORT_ITERS", "CASCADE_UNITS", "CASCADE_VPOLES_HZ", "CASCADE_WARM", "Cascade", "cascade_bank",
            "fit_cascade", "vpoles"]
