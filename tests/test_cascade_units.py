@@ -18,10 +18,10 @@ from scipy.signal import lfilter
 
 from metafx.capture.adapt import adapt_arx, score
 from metafx.capture.cascade_units import CASCADE_MIN_CRITERION, vpoles
-from metafx.export import ARXStream, script
+from metafx.export import ARXStream
 from metafx.models.arx import MetaARX
-from metafx.wiener import adaa_tanh, bank_channels, cascade_channels, lowpass_pole, make_bank
-from test_tuned_units import SR, shelf_clipper, signal
+from metafx.wiener import adaa_tanh, cascade_channels, lowpass_pole, make_bank
+from test_tuned_units import SR, assert_random_head_streams, exported_bank_channels, shelf_clipper, signal
 
 
 def two_stage(x: np.ndarray) -> np.ndarray:
@@ -78,37 +78,13 @@ def test_an_exported_bank_with_cascade_units_equals_the_reference_and_streams():
     bank = cascade_bank_example()
     assert bank.n_cascade == 3 and bank.n_aa == 1 and bank.n_lowpass == 4 and bank.n_framed == 9
     assert bank.weights.shape == (5, 5) and bank.aa_weights.shape == (1, 5) and bank.cas_weights.shape == (5,)
-    model = MetaARX(nb=8, na=4, features="none")
-    st = ARXStream(model, bank=bank)
-    x = torch.from_numpy(signal(0.5, seed=3))
-    with torch.no_grad():
-        phi = st.features(x)
-    M0 = st.channels - bank.n_units
-    ref = bank_channels(bank, x.numpy())
-    got = phi[M0:].numpy()
+    st, x, got, ref = exported_bank_channels(bank)
     assert np.abs(got[:5] - ref[:5]).max() < 1e-5  # the curve units run in float32
     assert np.abs(got[5:9] - ref[5:9]).max() < 1e-10  # the tuned and the cascade units in float64
     assert np.abs(got[6:9] - cascade_channels(bank, x.numpy())).max() < 1e-10
     assert np.abs(got[6:9]).max() > 0.1  # the cascade units are not trivially zero
     assert np.abs(got[9:] - ref[9:]).max() < 1e-9  # the gain units
-    b = torch.randn(st.channels, st.nb, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.05
-    b[0, 1:] = 0
-    b[st.n_framed:, 1:] = 0
-    st.set_head(b, torch.tensor([1.0, -0.5, 0.1, 0.0, 0.0], dtype=torch.float64))
-    sm = script(st)
-    xf = x.to(torch.float32)
-    whole = sm.process(xf)
-    state, outs, i = sm.initial_state(), [], 0
-    for k in [1, 7, 32, 256, 2048, 33, 5000] * 10:
-        if i >= xf.numel():
-            break
-        yb, state = sm(xf[i:i + k], state)
-        outs.append(yb)
-        i += k
-    if i < xf.numel():
-        yb, state = sm(xf[i:], state)
-        outs.append(yb)
-    assert torch.allclose(torch.cat(outs), whole, atol=1e-5)
+    assert_random_head_streams(st, x)
 
 
 def test_bad_cascade_units_are_refused():

@@ -42,6 +42,43 @@ def shelf_clipper(x: np.ndarray) -> np.ndarray:
     return lfilter([0.6], [1, -0.4], adaa_tanh((u + 0.3)[None], np.array([[0.3]]))[0] - math.tanh(0.3))
 
 
+def exported_bank_channels(bank, seconds: float = 0.5, seed: int = 3):
+    """A classical ARX head's export with ``bank``, its bank channels over noise and the reference computation.
+
+    Returns:
+        ``(stream, x (T,) float64 Tensor, exported bank channels (n_units, T), reference (n_units, T))``.
+    """
+    model = MetaARX(nb=8, na=4, features="none")
+    st = ARXStream(model, bank=bank)
+    x = torch.from_numpy(signal(seconds, seed=seed))
+    with torch.no_grad():
+        phi = st.features(x)
+    return st, x, phi[st.channels - bank.n_units:].numpy(), bank_channels(bank, x.numpy())
+
+
+def assert_random_head_streams(st: ARXStream, x: torch.Tensor) -> None:
+    """With a random stable head, the scripted stream over ragged blocks (1 to 5000 samples, state carried) equals
+    ``process`` to 1e-5."""
+    b = torch.randn(st.channels, st.nb, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.05
+    b[0, 1:] = 0
+    b[st.n_framed:, 1:] = 0
+    st.set_head(b, torch.tensor([1.0, -0.5, 0.1, 0.0, 0.0], dtype=torch.float64))
+    sm = script(st)
+    xf = x.to(torch.float32)
+    whole = sm.process(xf)
+    state, outs, i = sm.initial_state(), [], 0
+    for k in [1, 7, 32, 256, 2048, 33, 5000] * 10:
+        if i >= xf.numel():
+            break
+        yb, state = sm(xf[i:i + k], state)
+        outs.append(yb)
+        i += k
+    if i < xf.numel():
+        yb, state = sm(xf[i:], state)
+        outs.append(yb)
+    assert torch.allclose(torch.cat(outs), whole, atol=1e-5)
+
+
 def test_adaa_tanh_is_the_mean_of_tanh_over_each_step():
     z = np.array([[0.5, 2.0, 2.0 + ADAA_EPS / 10, -3.0]])
     got = adaa_tanh(z, np.array([[0.0]]))[0]
@@ -78,35 +115,11 @@ def test_an_exported_bank_with_tuned_units_equals_the_reference_and_streams():
     bank = make_bank(5, 2).with_tuned_units(0.9, np.array([[3.0, 0.1, 0.2, -2.5], [20.0, 0.0, 0.0, -17.0]]),
                                             np.array([0.3, -0.2]))
     assert bank.n_aa == 2 and bank.n_lowpass == 3 and bank.n_framed == 7 and bank.weights.shape == (5, 4)
-    model = MetaARX(nb=8, na=4, features="none")
-    st = ARXStream(model, bank=bank)
-    x = torch.from_numpy(signal(0.5, seed=3))
-    with torch.no_grad():
-        phi = st.features(x)
-    M0 = st.channels - bank.n_units
-    ref = bank_channels(bank, x.numpy())
-    got = phi[M0:].numpy()
+    st, x, got, ref = exported_bank_channels(bank)
     assert np.abs(got[:5] - ref[:5]).max() < 1e-5  # the curve units run in float32
     assert np.abs(got[5:7] - ref[5:7]).max() < 1e-10  # the anti-aliased units in float64
     assert np.abs(got[7:] - ref[7:]).max() < 1e-9  # the gain units
-    b = torch.randn(st.channels, st.nb, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.05
-    b[0, 1:] = 0
-    b[st.n_framed:, 1:] = 0
-    st.set_head(b, torch.tensor([1.0, -0.5, 0.1, 0.0, 0.0], dtype=torch.float64))
-    sm = script(st)
-    xf = x.to(torch.float32)
-    whole = sm.process(xf)
-    state, outs, i = sm.initial_state(), [], 0
-    for k in [1, 7, 32, 256, 2048, 33, 5000] * 10:
-        if i >= xf.numel():
-            break
-        yb, state = sm(xf[i:i + k], state)
-        outs.append(yb)
-        i += k
-    if i < xf.numel():
-        yb, state = sm(xf[i:], state)
-        outs.append(yb)
-    assert torch.allclose(torch.cat(outs), whole, atol=1e-5)
+    assert_random_head_streams(st, x)
 
 
 def test_bad_tuned_units_are_refused():
