@@ -314,15 +314,21 @@ def tuned_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     units do not look along are skipped); :func:`bank_channels` and :class:`metafx.export.ARXStream`
     compute the same (tests compare them to 1e-10).
     """
+    x = np.asarray(x, dtype=np.float64)
+    z = _input_mix(bank, bank.aa_weights.numpy(), bank.aa_biases.numpy()[:, None], x)
+    return adaa_tanh(z, bank.aa_biases.numpy()[:, None])  # zero state: x[-1] = lp[-1] = 0
+
+
+def _input_mix(bank: WienerBank, W: np.ndarray, c: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``W [x, lp_1(x), .., lp_F(x)] + c`` over the bank's low-passes from zero, (K, T); the low-passes no row looks
+    along are skipped. ``W``: (K, 1 + F); ``c``: (K, 1)."""
     from scipy.signal import lfilter
 
-    x = np.asarray(x, dtype=np.float64)
-    W = bank.aa_weights.numpy()
-    z = W[:, :1] * x[None] + bank.aa_biases.numpy()[:, None]
+    z = W[:, :1] * x[None] + c
     for k, a in enumerate(bank.poles.tolist()):
         if np.any(W[:, 1 + k] != 0):
-            z += W[:, 1 + k: 2 + k] * lfilter([1.0 - a], [1.0, -a], x)[None]
-    return adaa_tanh(z, bank.aa_biases.numpy()[:, None])  # zero state: x[-1] = lp[-1] = 0
+            z = z + W[:, 1 + k: 2 + k] * lfilter([1.0 - a], [1.0, -a], x)[None]
+    return z
 
 
 def cascade_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
@@ -335,12 +341,8 @@ def cascade_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     from scipy.signal import lfilter
 
     x = np.asarray(x, dtype=np.float64)
-    Wc = bank.cas_weights.numpy()
     c1 = float(bank.cas_bias)
-    u = Wc[0] * x + c1
-    for k, a in enumerate(bank.poles.tolist()):
-        if Wc[1 + k] != 0:
-            u = u + Wc[1 + k] * lfilter([1.0 - a], [1.0, -a], x)
+    u = _input_mix(bank, bank.cas_weights.numpy()[None], np.array([[c1]]), x)[0]
     v = adaa_tanh(u[None], np.array([[c1]]))[0] - math.tanh(c1)
     beta = bank.cas_beta.numpy()
     w = beta[0] * v

@@ -41,13 +41,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import solve_triangular
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from metafx.capture.tuned_units import (TUNED_OFFSETS, TUNED_RUN_LEN, TUNED_SCALES, TUNED_SEED, TUNED_SPAN_S,
-                                        PreFilter)
+from metafx.capture.tuned_units import (TUNED_OFFSETS, TUNED_RUN_LEN, TUNED_SCALES, TUNED_SPAN_S, PreFilter,
+                                        criterion_rows)
 from metafx.wiener import ADAA_EPS, WienerBank, lowpass_pole
 
 CASCADE_UNITS = len(TUNED_SCALES) * len(TUNED_OFFSETS)  # units a cascade adds (the tuned units' grid)
@@ -167,21 +166,13 @@ def _fit_cascade(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int
     S = min(x.shape[0], int(TUNED_SPAN_S * sr))
     x, y, phi = x[:S], y[:S], phi[:, :S]
     L = TUNED_RUN_LEN
-    lead = 2 * CASCADE_WARM + max(nb, na) + 2
-    n_runs = min(CASCADE_RUNS, (S - lead) // L)
-    if n_runs < 1:
-        raise ValueError(f"a support of {S} samples is too short for the cascade units (needs {lead + L})")
-    rng = np.random.default_rng(TUNED_SEED)
-    starts = np.sort(rng.choice(np.arange(lead, S - L + 1, L), size=n_runs, replace=False))
-    rows = (starts[:, None] + np.arange(L)[None]).reshape(-1)
-    win = starts[:, None] + np.arange(-(2 * CASCADE_WARM + nb), L)[None]  # both filters' warm-up, the taps, the run
-    Xm = np.concatenate([phi[:, rows - k] for k in range(nb)] + [y[None, rows - k] for k in range(1, na + 1)], 0).T
-    G = Xm.T @ Xm
-    G[np.diag_indices_from(G)] += 1e-9 * np.trace(G) / G.shape[0] + 1e-300
-    Q = torch.from_numpy(np.ascontiguousarray(solve_triangular(np.linalg.cholesky(G), Xm.T, lower=True).T))
-    target = torch.from_numpy(y[rows])
-    resid = target - Q @ (Q.T @ target)
+    starts, Qn, _, _ = criterion_rows(y, phi, nb, na, 2 * CASCADE_WARM + max(nb, na) + 2, CASCADE_RUNS,
+                                      "cascade units")
+    Q = torch.from_numpy(np.ascontiguousarray(Qn))
+    target = torch.from_numpy(y[(starts[:, None] + np.arange(L)[None]).reshape(-1)])
+    resid = target - Q @ (Q.T @ target)  # in torch, as the criterion's own projections (the same rounding)
     e0 = float(resid @ resid) + 1e-300
+    win = starts[:, None] + np.arange(-(2 * CASCADE_WARM + nb), L)[None]  # both filters' warm-up, the taps, the run
     xw = torch.from_numpy(x[win])  # (runs, W)
     k = torch.arange(CASCADE_WARM, dtype=torch.float64)
     vp = torch.from_numpy(vpoles(sr))

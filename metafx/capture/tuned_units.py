@@ -85,6 +85,40 @@ def _decode(th: np.ndarray) -> tuple[float, float, float, float]:
     return math.exp(float(th[0])), 1.0 / (1.0 + math.exp(-float(th[1]))), fc, float(th[3])
 
 
+def criterion_rows(y: np.ndarray, phi: np.ndarray, nb: int, na: int, lead: int, runs: int,
+                   what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """The rows of a variable-projection criterion (this module's and :mod:`metafx.capture.cascade_units`'): up to
+    ``runs`` seeded runs of :data:`TUNED_RUN_LEN` samples, none before ``lead``, and the part of ``y`` there that
+    the head's channels ``phi`` (every tap) and the output's AR lags do not explain, projected out once.
+
+    Args:
+        y: the wet span (S,); phi: the head's channels over it (M, S); nb, na: the head's orders.
+        lead: the first sample a run may start at (the lags and any filter warm-up before it).
+        runs: runs wanted; what: the units' name for the error.
+
+    Returns:
+        ``(starts (runs,), Q (rows, P) orthonormal basis of the projected columns, resid (rows,), e0 = |resid|^2)``.
+
+    Raises:
+        ValueError: a span shorter than one run after ``lead``.
+    """
+    S, L = y.shape[0], TUNED_RUN_LEN
+    n_runs = min(runs, (S - lead) // L)
+    if n_runs < 1:
+        raise ValueError(f"a support of {S} samples is too short for the {what} (needs {lead + L})")
+    rng = np.random.default_rng(TUNED_SEED)
+    starts = np.sort(rng.choice(np.arange(lead, S - L + 1, L), size=n_runs, replace=False))
+    rows = (starts[:, None] + np.arange(L)[None]).reshape(-1)
+    target = y[rows]
+    # the model's channels at every tap and the output's AR lags, projected out once (Cholesky whitening)
+    Xm = np.concatenate([phi[:, rows - k] for k in range(nb)] + [y[None, rows - k] for k in range(1, na + 1)], 0).T
+    G = Xm.T @ Xm
+    G[np.diag_indices_from(G)] += 1e-9 * np.trace(G) / G.shape[0] + 1e-300
+    Q = solve_triangular(np.linalg.cholesky(G), Xm.T, lower=True).T  # (rows, P): Xm's column space, orthonormal
+    resid = target - Q @ (Q.T @ target)
+    return starts, Q, resid, float(resid @ resid) + 1e-300
+
+
 def fit_prefilter(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int, sr: int) -> PreFilter:
     """Fit the tuned units' pre-filter and curve to a support (see the module docstring).
 
@@ -104,22 +138,9 @@ def fit_prefilter(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: in
     t0 = time.perf_counter()
     S = min(x.shape[0], int(TUNED_SPAN_S * sr))  # the criterion's rows come from here (its cost: the pre-filter)
     x, y, phi = x[:S], y[:S], phi[:, :S]
-    lead = max(nb, na, 1)
-    n_runs = min(TUNED_RUNS, (S - lead) // TUNED_RUN_LEN)
-    if n_runs < 1:
-        raise ValueError(f"a support of {S} samples is too short for the tuned units (needs {lead + TUNED_RUN_LEN})")
-    rng = np.random.default_rng(TUNED_SEED)
-    starts = np.sort(rng.choice(np.arange(lead, S - TUNED_RUN_LEN + 1, TUNED_RUN_LEN), size=n_runs, replace=False))
-    rows = (starts[:, None] + np.arange(TUNED_RUN_LEN)[None]).reshape(-1)
+    starts, Q, resid, e0 = criterion_rows(y, phi, nb, na, max(nb, na, 1), TUNED_RUNS, "tuned units")
+    n_runs = starts.size
     win = starts[:, None] + np.arange(-nb, TUNED_RUN_LEN)[None]  # (runs, nb + L): the units' lags and previous input
-    target = y[rows]
-    # the model's channels at every tap and the output's AR lags, projected out once (Cholesky whitening)
-    Xm = np.concatenate([phi[:, rows - k] for k in range(nb)] + [y[None, rows - k] for k in range(1, na + 1)], 0).T
-    G = Xm.T @ Xm
-    G[np.diag_indices_from(G)] += 1e-9 * np.trace(G) / G.shape[0] + 1e-300
-    Q = solve_triangular(np.linalg.cholesky(G), Xm.T, lower=True).T  # (rows, P): Xm's column space, orthonormal
-    resid = target - Q @ (Q.T @ target)
-    e0 = float(resid @ resid) + 1e-300
     n_u = TUNED_UNITS
     evals = [0]
 
@@ -167,5 +188,5 @@ def tuned_bank(bank: WienerBank, pf: PreFilter, sr: int) -> WienerBank:
     return bank.with_tuned_units(float(lowpass_pole(pf.fc, sr)), w, b)
 
 
-__all__ = ["FC_RANGE_HZ", "PreFilter", "TUNED_EVALS", "TUNED_OFFSETS", "TUNED_RUNS", "TUNED_RUN_LEN", "TUNED_SCALES",
+__all__ = ["FC_RANGE_HZ", "PreFilter", "criterion_rows", "TUNED_EVALS", "TUNED_OFFSETS", "TUNED_RUNS", "TUNED_RUN_LEN", "TUNED_SCALES",
            "TUNED_SEARCH_LAGS", "TUNED_SPAN_S", "TUNED_STARTS", "TUNED_UNITS", "fit_prefilter", "tuned_bank"]
