@@ -2,6 +2,8 @@
 
 * the normal equations built from lagged correlations equal ``A^T A`` and ``A^T y`` of the explicit
   regressors (the layout of MetaARX.fit_features) for several shapes and equation ranges;
+* a second fit with channels inserted, reusing the first fit's correlations, equals a fit from scratch
+  (correlations, normal equations and the chosen head); reuse that does not fit is refused;
 * offered the bank, the fit keeps it for a filter before a nonlinearity (a Wiener system the
   classical ARX head cannot express) and the support's cross-validation error falls; it leaves it
   out for a linear filter, whose head is then the fit without the bank;
@@ -20,7 +22,8 @@ import torch
 from scipy.signal import lfilter
 
 from metafx.bench.bank_rule import report_markdown
-from metafx.capture.adapt import normal_equations, simulate_head, adapt_arx, ridge_fit_continuous
+from metafx.capture.adapt import (adapt_arx, lag_correlations, normal_equations, ridge_fit_continuous,
+                                  simulate_head)
 from metafx.capture.tuned_units import TUNED_UNITS
 from metafx.export import ARXStream
 from metafx.models.arx import MetaARX, lagged
@@ -61,6 +64,50 @@ def test_normal_equations_equal_the_explicit_regressors(M, S, nb, na, s, e, n_la
     assert torch.allclose(G[used][:, used], want_G[used][:, used], rtol=1e-12, atol=1e-9)
     assert torch.allclose(r[used], want_r[used], rtol=1e-12, atol=1e-9)
     assert not G[~used].any() and not G[:, ~used].any() and not r[~used].any()
+
+
+@pytest.mark.parametrize("C, n_lag0, first, n", [(12, 3, 4, 3), (12, 0, 0, 2), (9, 2, 7, 0), (9, 2, 5, 2)])
+def test_correlations_with_inserted_channels_reuse_the_known_ones_exactly(C, n_lag0, first, n):
+    g = torch.Generator().manual_seed(C + n_lag0 + first)
+    f = torch.randn(C, 900, generator=g, dtype=torch.float64)
+    old = torch.cat([torch.arange(first), torch.arange(first + n, C)])
+    known = lag_correlations(f[old], 20, 800, 5, n_lag0)
+    fresh = lag_correlations(f, 20, 800, 5, n_lag0)
+    reused = lag_correlations(f, 20, 800, 5, n_lag0, known=known, added=(first, n))
+    assert [tuple(b.shape) for b in reused] == [(C, C)] + [(C, C - n_lag0)] * 4
+    for a, b in zip(fresh, reused):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-10)
+    with pytest.raises(ValueError, match="added"):
+        lag_correlations(f, 20, 800, 5, n_lag0, known=known)
+    with pytest.raises(ValueError, match="do not fit"):
+        lag_correlations(f, 20, 800, 5, n_lag0, known=known, added=(first, n + 1))
+
+
+def test_a_second_fit_with_inserted_channels_reuses_the_first_and_equals_a_fresh_one():
+    """adapt_arx's second cross-validation (cascade units inserted before the gain units) computes only the new
+    channels' correlations: the head it chooses and its left-out ESR are those of a fit from scratch."""
+    torch.manual_seed(0)
+    model = MetaARX(nb=6, na=3, features="none")
+    x = signal(1.0)
+    y = np.tanh(3 * lfilter([0.3], [1, -0.7], x)) + 0.1 * x
+    bank = make_bank(16)
+    with torch.no_grad():
+        phi = ARXStream(model, bank=bank).features(torch.from_numpy(x))
+    at = phi.shape[0] - bank.n_gains  # inserted before the gain units, as adapt_arx does
+    new = torch.from_numpy(np.tanh(np.stack([2 * x, 5 * x - 0.2, lfilter([0.5], [1, -0.5], x)])))
+    ph2 = torch.cat([phi[:at], new, phi[at:]])
+    yt = torch.from_numpy(y)
+    first = ridge_fit_continuous(model, phi, yt, n_bank=bank.n_units, n_gain=bank.n_gains)
+    kw = dict(n_bank=bank.n_units + 3, n_gain=bank.n_gains, n_tuned=3, fitted_only=True, bank_min_equations=1.0)
+    fresh = ridge_fit_continuous(model, ph2, yt, **kw)
+    reused = ridge_fit_continuous(model, ph2, yt, known=first.correlations, added=(at, 3), **kw)
+    assert reused.scale == fresh.scale and reused.bank and reused.tuned
+    assert reused.cv_esr == pytest.approx(fresh.cv_esr, rel=1e-6)
+    assert torch.allclose(reused.b, fresh.b, rtol=1e-6, atol=1e-9) and torch.allclose(reused.a, fresh.a, atol=1e-9)
+    with pytest.raises(ValueError, match="added"):
+        ridge_fit_continuous(model, ph2, yt, known=first.correlations, **kw)
+    with pytest.raises(ValueError, match="do not fit"):
+        ridge_fit_continuous(model, ph2, yt, known=first.correlations, added=(at, 2), **kw)
 
 
 def signal(seconds: float = 2.0, seed: int = 0) -> np.ndarray:

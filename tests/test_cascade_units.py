@@ -5,7 +5,8 @@
   and a capture with the cascade is far better held out than one with the tuned units alone;
 * a bank with cascade units: the exported model's channels equal the reference computation, and
   streaming over ragged blocks equals the whole-file output; bad cascade units are refused;
-* the offer rule: a system the tuned units already explain gets no cascade search.
+* the offer rule: a system the tuned units already explain gets no cascade search; a search whose short runs
+  find nothing (a tremolo: no static cascade explains it) stops before its long run.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import torch
 from scipy.signal import lfilter
 
 from metafx.capture.adapt import adapt_arx, score
-from metafx.capture.cascade_units import CASCADE_MIN_CRITERION, vpoles
+from metafx.capture.cascade_units import (CASCADE_GIVE_UP, CASCADE_GRID, CASCADE_MIN_CRITERION, CASCADE_PRESELECT,
+                                          CASCADE_SHORT_ITERS, fit_cascade, vpoles)
+from metafx.capture.tuned_units import fit_prefilter
 from metafx.export import ARXStream
 from metafx.models.arx import MetaARX
 from metafx.wiener import adaa_tanh, cascade_channels, lowpass_pole, make_bank
@@ -63,6 +66,17 @@ def test_no_cascade_is_searched_where_the_tuned_units_explain_the_support():
         st = adapt_arx(model, x.astype(np.float32), y.astype(np.float32), 3 * SR, SR, 0)
     assert st.prefilter is not None and st.prefilter.criterion < CASCADE_MIN_CRITERION, st.prefilter
     assert st.cascade is None and st.n_cas == 0
+
+
+def test_a_search_whose_short_runs_find_nothing_skips_its_long_run():
+    x = signal(3.0, seed=2)
+    y = x * (1 + 0.5 * np.sin(2 * np.pi * 3 * np.arange(x.size) / SR))  # a tremolo: time-varying, no static curve
+    phi = np.stack([np.ones_like(x), x])  # the classical ARX head's channels
+    pf = fit_prefilter(x, y, phi, 8, 4, SR)
+    cas = fit_cascade(x, y, phi, 8, 4, SR, pf)
+    assert cas.criterion > CASCADE_GIVE_UP, cas
+    starts = 1 + math.prod(len(g) for g in CASCADE_GRID)
+    assert cas.evaluations <= starts + CASCADE_PRESELECT * 2 * CASCADE_SHORT_ITERS, cas  # no evaluation of a long run
 
 
 def cascade_bank_example():

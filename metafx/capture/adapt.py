@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -76,8 +76,59 @@ def simulate_head(phi: Tensor, b: Tensor, a: Tensor) -> np.ndarray:
     return simulate_heads(phi, [(b, a)])[0]
 
 
-def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int, n_lag0: int = 0
-                     ) -> tuple[Tensor, Tensor]:
+def lag_correlations(f: Tensor, s: int, e: int, nb: int, n_lag0: int = 0,
+                     known: list[Tensor] | None = None, added: tuple[int, int] | None = None) -> list[Tensor]:
+    """The lag correlations ``B_0 = sum_{u=s}^{e-1} f[u] f[u]^T`` and ``B_d = sum_u f[u] f[u-d, :L]^T``, ``1 <= d < nb``,
+    of :func:`normal_equations`.
+
+    They are its costly part (``C L (e - s) nb`` products). A second fit whose channels are a first
+    fit's with a few inserted (a capture's cascade units) passes the first fit's correlations as
+    ``known`` and the inserted rows as ``added``: only the inserted channels' rows and columns are
+    computed (9 channels of ~130: about a seventh of the products).
+
+    Args:
+        f: the lagged channels (C, S), float64 (``phi[1:]``).
+        s, e: the equations' sample range.
+        nb: lags.
+        n_lag0: trailing channels used at lag 0 only (not on the lagged side: ``L = C - n_lag0``).
+        known: the correlations of ``f`` without the inserted channels over the same range: (C - n, C - n) at lag 0,
+            (C - n, L - n) at the others.
+        added: ``(first, n)``: rows ``first .. first + n - 1`` of ``f`` are the inserted channels, all before the
+            lag-0-only ones.
+
+    Returns:
+        ``[B_0 (C, C), B_1 (C, L), .., B_{nb-1} (C, L)]``.
+
+    Raises:
+        ValueError: ``known`` without ``added`` or of another shape, or inserted rows among the lag-0-only ones.
+    """
+    C = f.shape[0]
+    L = C - n_lag0
+    fl = f[:L]
+    if known is None:
+        return [f[:, s:e] @ f[:, s:e].T] + [f[:, s:e] @ fl[:, s - d: e - d].T for d in range(1, nb)]
+    if added is None:
+        raise ValueError("lag_correlations(known=...) needs added=(first, n): the inserted channels")
+    a, n = added
+    if not (0 <= a and a + n <= L) or len(known) != nb or tuple(known[0].shape) != (C - n, C - n) \
+            or any(tuple(k.shape) != (C - n, L - n) for k in known[1:]):
+        raise ValueError(f"lag_correlations: known correlations of shapes {[tuple(k.shape) for k in known]} do "
+                         f"not fit {C} channels ({L} lagged, {nb} lags) with rows {a}..{a + n - 1} inserted")
+    old = torch.cat([torch.arange(a), torch.arange(a + n, C)])  # the first fit's channels in the new order
+    old_l = old[old < L]
+    out = []
+    for d in range(nb):
+        lagged = f if d == 0 else fl  # lag 0: every channel on the lagged side too
+        B = torch.empty(C, lagged.shape[0], dtype=f.dtype)
+        B[old[:, None], old if d == 0 else old_l] = known[d]
+        B[a: a + n] = f[a: a + n, s:e] @ lagged[:, s - d: e - d].T
+        B[:, a: a + n] = f[:, s:e] @ f[a: a + n, s - d: e - d].T
+        out.append(B)
+    return out
+
+
+def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int, n_lag0: int = 0,
+                     corr: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """``(A^T A, A^T y)`` of the equations ``s <= t < e``, without building the regressors ``A``.
 
     ``A``'s row ``t`` is ``[1, phi[1:, t - k] for k < nb (channel-major, lag-minor), -y[t - k] for
@@ -101,6 +152,7 @@ def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int, n
         s, e: the equations' sample range, ``max(nb - 1, na) <= s < e <= S``.
         nb, na: MA taps per channel, AR order.
         n_lag0: trailing channels used at lag 0 only.
+        corr: the lag correlations of ``phi[1:]`` over ``[s, e)`` (:func:`lag_correlations`), when already computed.
 
     Returns:
         ``(G (P, P), r (P,))``, ``P = 1 + (M - 1) nb + na``.
@@ -120,7 +172,8 @@ def normal_equations(phi: Tensor, y: Tensor, s: int, e: int, nb: int, na: int, n
     yy = y[s:e]
     FF = torch.zeros(C, nb, C, nb, dtype=phi.dtype)  # [m, k, m', k']
     # B_d = sum_{u=s}^{e-1} f[u] f[u-d]^T; at d >= 1 the lagged side is a channel with every lag, (C, L)
-    corr = [f[:, s:e] @ f[:, s:e].T] + [f[:, s:e] @ fl[:, s - d: e - d].T for d in range(1, nb)]
+    if corr is None:
+        corr = lag_correlations(f, s, e, nb, n_lag0)
     FF[:, 0, :, 0] = corr[0]
     for d in range(1, nb):  # lag 0 against lag d
         FF[:, 0, :L, d] = corr[d]
@@ -185,6 +238,8 @@ class ContinuousFit:
         bank: True when the Wiener bank's channels are in the head.
         cv_esr: the pooled left-out ESR of the chosen candidate (NaN with a single candidate: no cross-validation).
         tuned: True when the bank's tuned units are in the head too (their rows of ``b`` are zero otherwise).
+        correlations: each cross-validation segment's lag correlations of the features (:func:`lag_correlations`),
+            for a second fit with channels added (``ridge_fit_continuous(known=...)``).
     """
 
     b: Tensor
@@ -193,12 +248,14 @@ class ContinuousFit:
     bank: bool
     cv_esr: float
     tuned: bool = False
+    correlations: list[list[Tensor]] | None = field(default=None, repr=False, compare=False)
 
 
 def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple[float, ...] = RIDGE_SCALES,
                          n_bank: int = 0, bank_ridge: float = WIENER_RIDGE,
                          bank_min_equations: float = WIENER_MIN_EQUATIONS, n_gain: int = 0,
-                         n_tuned: int = 0, fitted_only: bool = False) -> ContinuousFit:
+                         n_tuned: int = 0, fitted_only: bool = False, known: list[list[Tensor]] | None = None,
+                         added: tuple[int, int] | None = None) -> ContinuousFit:
     """The equation-error ridge fit of :meth:`metafx.models.arx.MetaARX.fit_features` over one continuous stretch.
 
     The regressors, the meta-learned per-coefficient ridge and the prior mean of the meta-trained
@@ -239,12 +296,16 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
             units that do not help cannot cost the bank.
         fitted_only: cross-validate only the bank with its ``n_tuned`` fitted units (every scale): a second
             cross-validation after one without some of them (the folds are the same, so the left-out ESRs compare).
+        known: a first fit's :attr:`ContinuousFit.correlations` over the same support, whose features were these
+            without the rows ``added``: only the added channels' correlations are computed.
+        added: ``(first, n)``: rows ``first .. first + n - 1`` of ``phi`` are the channels added since ``known``.
 
     Returns:
         The :class:`ContinuousFit`.
 
     Raises:
         CaptureError: fewer equations than coefficients, or singular normal equations.
+        ValueError: ``known`` that does not fit (another support, or ``added`` missing or wrong).
     """
     from metafx.models.arx import stabilize
 
@@ -259,8 +320,15 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     edges = np.linspace(warm, S, CV_SEGMENTS + 1).round().astype(int)
     Gs = torch.zeros(CV_SEGMENTS, P, P, dtype=torch.float64)
     rs = torch.zeros(CV_SEGMENTS, P, dtype=torch.float64)
+    if known is not None and (len(known) != CV_SEGMENTS or added is None):
+        raise ValueError(f"ridge_fit_continuous(known=...) needs {CV_SEGMENTS} segments' correlations and added=")
+    correlations = []
     for g in range(CV_SEGMENTS):
-        Gs[g], rs[g] = normal_equations(phi, y, int(edges[g]), int(edges[g + 1]), nb, na, n_gain)
+        s, e = int(edges[g]), int(edges[g + 1])
+        corr = lag_correlations(phi[1:], s, e, nb, n_gain, None if known is None else known[g],
+                                None if added is None else (added[0] - 1, added[1]))
+        Gs[g], rs[g] = normal_equations(phi, y, s, e, nb, na, n_gain, corr)
+        correlations.append(corr)
     G, r = Gs.sum(0), rs.sum(0)
     with torch.no_grad():
         lb, la = model.ridge_strengths()
@@ -290,7 +358,9 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     def solve_all(Gm: Tensor, rm: Tensor, idx: Tensor, at: tuple[float, ...]) -> list[tuple[Tensor, Tensor]]:
         """The heads at each ridge scale of ``at``: the candidate's sub-system is taken out once for all of them.
 
-        (One solve per scale: a batched ``torch.linalg.solve`` of these sizes fails inside MKL's LU, DLASWP.)
+        (One solve per scale: a batched ``torch.linalg.solve`` of these sizes fails inside MKL's LU, DLASWP. By
+        Cholesky, half an LU's products: the ridged normal equations are symmetric positive definite; an LU where
+        rounding makes them not.)
         """
         Gi, ri, pi = Gm[idx][:, idx], rm[idx], prior[idx]
         base = torch.diagonal(Gi).mean() * lam[idx]
@@ -298,7 +368,9 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         for scale in at:
             D = base * scale
             try:
-                wi = torch.linalg.solve(Gi + torch.diag(D), ri + D * pi)
+                Ai, bi = Gi + torch.diag(D), ri + D * pi
+                Lc, info = torch.linalg.cholesky_ex(Ai)
+                wi = torch.cholesky_solve(bi[:, None], Lc)[:, 0] if int(info) == 0 else torch.linalg.solve(Ai, bi)
             except torch.linalg.LinAlgError as e:
                 raise CaptureError(f"the ridge fit of the support is singular ({e}): the support may be silent or "
                                    f"constant; record the whole probe") from e
@@ -336,7 +408,8 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
                     best, best_err = (var, scale), cv[(vi, scale)]
     (with_bank, tuned, idx), scale = best
     b, a = solve_all(G, r, idx, (scale,))[0]
-    return ContinuousFit(b, a, float(scale), with_bank, float(best_err) if several else math.nan, tuned)
+    return ContinuousFit(b, a, float(scale), with_bank, float(best_err) if several else math.nan, tuned,
+                         correlations)
 
 
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
@@ -443,7 +516,8 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
                 # only the new candidate (the others were cross-validated above, on the same folds)
                 res_c = ridge_fit_continuous(model, phi_c, ys, n_bank=offered_c.n_bank, n_gain=offered_c.n_gain,
                                              bank_min_equations=bank_min_equations,
-                                             n_tuned=offered_c.n_aa + offered_c.n_cas, fitted_only=True)
+                                             n_tuned=offered_c.n_aa + offered_c.n_cas, fitted_only=True,
+                                             known=res.correlations, added=(at, offered_c.n_cas))
                 if res_c.cv_esr < res.cv_esr:  # the same folds: the candidates' left-out ESRs compare
                     bank, offered, res = bank_c, offered_c, res_c
                 else:

@@ -28,7 +28,8 @@ responses truncated there, for the search only: the units themselves are exact r
 Starts: the tuned units' pre-filter and a grid of gains, high-pass corners and offsets; the
 :data:`CASCADE_PRESELECT` best by the criterion at their start get :data:`CASCADE_SHORT_ITERS`
 L-BFGS iterations, the best of those :data:`CASCADE_LONG_ITERS` more (scipy's L-BFGS-B on torch's
-gradients). Where the criterion reached is at most :data:`CASCADE_MAX_CRITERION`, the capture then
+gradients) unless it is above :data:`CASCADE_GIVE_UP` (the search would not reach
+:data:`CASCADE_MAX_CRITERION`). Where the criterion reached is at most :data:`CASCADE_MAX_CRITERION`, the capture then
 cross-validates again with the cascade (kept with the tuned units or left
 out with them: :func:`metafx.capture.adapt.ridge_fit_continuous`, ``n_tuned``) and keeps the head with
 the smaller left-out ESR (:func:`metafx.capture.adapt.adapt_arx`).
@@ -64,6 +65,11 @@ CASCADE_MIN_CV_ESR = 1e-3
 # and the Oberheim (0.046-0.27); 0.46 on the Korg 35 setting it made worse; 0.65-0.88 on the diode ladder,
 # compressor and limiter, where the cross-validation left it out
 CASCADE_MAX_CRITERION = 0.4
+# A search whose best short run ends above this stops there (its long run is skipped: ~1.2 s). Validation settings
+# at 3 s: the best short run reached 0.11-0.37 on the amp and 0.15-0.41 on the Oberheim (0.025-0.27 after the long
+# run, kept); 0.48-0.77 on the Korg 35 (long runs 0.46-0.68, left out); 0.77-0.92 on the diode ladder, compressor and
+# limiter, whose long runs ended at 0.65-0.88 (left out)
+CASCADE_GIVE_UP = 0.6
 CASCADE_RUNS = 16  # runs of the criterion (TUNED_RUN_LEN samples each)
 CASCADE_WARM = 1024  # samples each run's filters start before it (their impulse responses truncated there)
 CASCADE_GRID = ((1.0, 8.0, 64.0), (30.0, 300.0), (0.0, 0.4))  # start gains, high-pass corners (Hz), offsets
@@ -227,9 +233,11 @@ def _fit_cascade(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int
         at_start = [float(criterion(th)) for th in cands]
     pre = [cands[int(i)] for i in np.argsort(np.nan_to_num(at_start, nan=np.inf))[:CASCADE_PRESELECT]]
     short = sorted((refine(th, CASCADE_SHORT_ITERS) for th in pre), key=lambda tc: tc[1])
-    th, crit = refine(short[0][0], CASCADE_LONG_ITERS)
-    if crit > short[0][1]:
-        th, crit = short[0]
+    th, crit = short[0]
+    if crit <= CASCADE_GIVE_UP:
+        th_l, crit_l = refine(th, CASCADE_LONG_ITERS)
+        if crit_l <= crit:
+            th, crit = th_l, crit_l
     v = th.tolist()
     fc = min(max(math.exp(v[2]), 20.0), 20000.0)
     return Cascade(math.exp(v[0]), 1.0 / (1.0 + math.exp(-v[1])), fc, v[3], tuple(v[4:4 + J1]), v[4 + J1], crit,
@@ -247,6 +255,6 @@ def cascade_bank(bank: WienerBank, cas: Cascade, sr: int) -> WienerBank:
                                    s, c)
 
 
-__all__ = ["CASCADE_GRID", "CASCADE_LONG_ITERS", "CASCADE_MAX_CRITERION", "CASCADE_MIN_CRITERION", "CASCADE_MIN_CV_ESR", "CASCADE_PRESELECT", "CASCADE_RUNS",
+__all__ = ["CASCADE_GIVE_UP", "CASCADE_GRID", "CASCADE_LONG_ITERS", "CASCADE_MAX_CRITERION", "CASCADE_MIN_CRITERION", "CASCADE_MIN_CV_ESR", "CASCADE_PRESELECT", "CASCADE_RUNS",
            "CASCADE_SHORT_ITERS", "CASCADE_UNITS", "CASCADE_VPOLES_HZ", "CASCADE_WARM", "Cascade", "cascade_bank",
            "fit_cascade", "vpoles"]
