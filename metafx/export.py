@@ -233,8 +233,10 @@ class ARXStream(nn.Module):
         self.n_aa = 0 if bank is None else bank.n_aa
         self.n_gain = 0 if bank is None else bank.n_gains
         self.n_bank_lp = 0 if bank is None else bank.n_lowpass
-        self.n_peak = 0 if bank is None or not self.n_gain else int(bank.release.numel())  # peak followers
-        self.n_attack = 0 if bank is None or not self.n_gain else int(bank.attack.numel())
+        self.n_dyn = 0 if bank is None else bank.n_dynamics  # of the gain units: over the fitted envelope (last)
+        self.n_grid = self.n_gain - self.n_dyn  # of the gain units: the seeded grid's
+        self.n_peak = 0 if bank is None or not self.n_grid else int(bank.release.numel())  # peak followers
+        self.n_attack = 0 if bank is None or not self.n_grid else int(bank.attack.numel())
         self.n_att = self.n_peak * self.n_attack  # smoothed peak envelopes (one-pole rows), release-major
         # one-pole rows: envelopes, input filters, bank low-passes, smoothed peak envelopes
         self.n_pole = self.n_env + self.n_filter + self.n_bank_lp + self.n_att
@@ -333,8 +335,19 @@ class ARXStream(nn.Module):
                 self.cas_TT, self.cas_pw = empty.reshape(0, 0, 0), empty.reshape(0, 0)
                 self.cas_L, self.cas_Apow = empty.reshape(0, 0, 0), empty.reshape(0, 0)
             # the gain units: log of the peak followers' coefficients (Nr,), the levels (Nl,)
-            self.peak_logr = torch.log(bank.release.detach().to(dt)) if bank is not None and self.n_gain else empty
-            self.gain_levels = bank.levels.detach().to(dt) if bank is not None and self.n_gain else empty
+            self.peak_logr = torch.log(bank.release.detach().to(dt)) if bank is not None and self.n_grid else empty
+            self.gain_levels = bank.levels.detach().to(dt) if bank is not None and self.n_grid else empty
+            # the dynamics units: the hold (samples), the attack one-pole's and the release follower's scan tables,
+            # the log of the follower's coefficient, the levels (K3,)
+            self.dyn_hold = 0 if not self.n_dyn else int(bank.dyn_hold)
+            self.dyn_logr = 0.0 if not self.n_dyn else math.log(max(float(bank.dyn_release), 1e-300))
+            self.dyn_levels = bank.dyn_levels.detach().to(dt) if self.n_dyn else empty
+            if self.n_dyn:
+                self.dyn_TT, self.dyn_pw, self.dyn_L, self.dyn_Apow = _scan_tables(
+                    torch.tensor([float(bank.dyn_attack), float(bank.dyn_release)], dtype=dt), C, MAX_BLOCK)
+            else:
+                self.dyn_TT, self.dyn_pw = empty.reshape(0, 0, 0), empty.reshape(0, 0)
+                self.dyn_L, self.dyn_Apow = empty.reshape(0, 0, 0), empty.reshape(0, 0)
         self.n_framed = self.channels - self.n_gain  # channels with nb taps (the gain units have one: lag 0)
         self.fir_W = torch.zeros(self.nb, self.n_framed, dtype=dt)
         self.gain_w = torch.zeros(self.n_gain, dtype=dt)  # the gain units' lag-0 coefficients
@@ -377,13 +390,15 @@ class ARXStream(nn.Module):
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
         """Zero state: ``[one-poles, peak followers, the anti-aliased units' last inputs, the cascade's (its first
-        curve's last input, its one-poles, its units' last inputs) (n_pole + n_peak + n_aa [+ 1 + J + K2],),
+        curve's last input, its one-poles, its units' last inputs), the dynamics units' (the attack one-pole, the
+        follower, the last hold |x| samples) (n_pole + n_peak + n_aa [+ 1 + J + K2] [+ 2 + hold],),
         samples so far (1,), last nb-1 feature frames of the framed channels (M - n_gain, nb-1), last na outputs
         (na,)]`` followed by the trunk's state (none without a trunk). An anti-aliased curve's input before the
         first sample is its offset (x, its low-passes and the cascade's v are 0 there)."""
         dt = torch.float64
         return [torch.cat([torch.zeros(self.n_pole + self.n_peak, dtype=dt), self.aa_c.reshape(-1),
-                           self.cas_c.reshape(-1), torch.zeros(self.n_cas_lp, dtype=dt), self.cas_b.reshape(-1)]),
+                           self.cas_c.reshape(-1), torch.zeros(self.n_cas_lp, dtype=dt), self.cas_b.reshape(-1),
+                           torch.zeros(2 + self.dyn_hold if self.n_dyn else 0, dtype=dt)]),
                 torch.zeros(1, dtype=dt),
                 torch.zeros(self.n_framed, self.nb - 1, dtype=dt), torch.zeros(self.na, dtype=dt)] \
             + self.trunk.initial_state()
@@ -430,6 +445,33 @@ class ARXStream(nn.Module):
         carried = torch.log(s.clamp_min(self.gain_floor))[:, None] + (n + 1) * lr
         return torch.exp(torch.maximum(run, carried))
 
+    def _dynamics(self, x: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        """The dynamics units' envelope over a block (metafx.wiener.dynamics_envelope) from its state ``s`` =
+        ``[the attack one-pole, the follower, the last hold |x| samples]``; returns ((T,), the new state).
+
+        The hold is a running maximum over ``hold + 1`` samples by doubling windows (two overlapping powers of
+        two cover any window); the follower ``e[n] = max(u[n], (1 - r) u[n] + r e[n-1])`` is the one-pole ``S`` of
+        ``u`` from the carried ``e`` plus the largest restart ``r^(n-k) (u[k] - S[k])``, a log-domain running
+        maximum (exact, no overflow)."""
+        T = x.shape[0]
+        H = self.dyn_hold
+        a = torch.cat([s[2:], x.abs()])  # (H + T,)
+        m = a
+        if H:
+            w = 1
+            while 2 * w <= H + 1:  # m[i] = max a[i .. i + 2w - 1]
+                m = torch.maximum(m[w:], m[:-w])
+                w *= 2
+            m = torch.maximum(m[:T], m[H + 1 - w:H + 1 - w + T])  # window [n, n + H] of a: [n - H, n] of x
+        u = self._scan(m[None], s[:1], self.dyn_TT[:1], self.dyn_L[:1], self.dyn_Apow[:1], self.dyn_pw[:1])
+        S = self._scan(u, s[1:2], self.dyn_TT[1:], self.dyn_L[1:], self.dyn_Apow[1:], self.dyn_pw[1:])[0]
+        d = u[0] - S
+        n = torch.arange(T, dtype=x.dtype)
+        ld = torch.where(d > 0, torch.log(torch.where(d > 0, d, torch.ones_like(d))),
+                         torch.full_like(d, float("-inf")))
+        e = S + torch.exp(torch.cummax(ld - n * self.dyn_logr, 0)[0] + n * self.dyn_logr)
+        return e, torch.cat([u[0, T - 1:], e[T - 1:], a[a.shape[0] - H:]])
+
     def _adaa(self, z: Tensor, z_before: Tensor) -> Tuple[Tensor, Tensor]:
         """Anti-aliased tanh of each row of ``z`` (K, T) after ``z_before`` (K,) (metafx.wiener.adaa_tanh, float64):
         ``(log cosh z[n] - log cosh z[n-1]) / (z[n] - z[n-1])``, the midpoint's tanh for steps below
@@ -455,7 +497,10 @@ class ARXStream(nn.Module):
         F = self.n_filter
         poles = env_s
         aa_s = env_s[self.n_pole + self.n_peak:self.n_pole + self.n_peak + self.n_aa]
-        cas_s = env_s[self.n_pole + self.n_peak + self.n_aa:]
+        o_cas = self.n_pole + self.n_peak + self.n_aa
+        n_cas_s = 1 + self.n_cas_lp + self.n_cas if self.n_cas else 0
+        cas_s = env_s[o_cas:o_cas + n_cas_s]
+        dyn_s = env_s[o_cas + n_cas_s:]
         if self.n_pole:
             peak_s = env_s[self.n_pole:self.n_pole + self.n_peak]
             nx = self.n_pole - E - self.n_att  # rows driven by x: the input filters and the bank's low-passes
@@ -508,10 +553,14 @@ class ARXStream(nn.Module):
                 chans.append(cas)  # (K2, T)
                 env_s = torch.cat([env_s, u_last, lpv[:, T - 1], z_last])
         gains = x.new_zeros(0, T)
-        if self.n_gain:
+        if self.n_grid:
             env = poles[self.n_pole - self.n_att:].clamp_min(self.gain_floor)  # (Nr Na, T): smoothed peaks
-            gains = (self.gain_levels[None, :, None] / env[:, None, :]).clamp_max(1.0).reshape(self.n_gain, T)
-        return torch.cat(chans, 0), gains, env_s, trunk_s  # the gains envelope-major, level-minor
+            gains = (self.gain_levels[None, :, None] / env[:, None, :]).clamp_max(1.0).reshape(self.n_grid, T)
+        if self.n_dyn:
+            e, dyn_s = self._dynamics(x, dyn_s)
+            gains = torch.cat([gains, (self.dyn_levels[:, None] / e.clamp_min(self.gain_floor)[None]).clamp_max(1.0)])
+            env_s = torch.cat([env_s, dyn_s])
+        return torch.cat(chans, 0), gains, env_s, trunk_s  # the grid's gains envelope-major, level-minor
 
     def _block(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         T = x.shape[0]

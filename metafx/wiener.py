@@ -44,6 +44,11 @@ amp's preamp, tone stack and power stage): ``v = ADAA tanh(w1 . [x, lp..] + c1) 
 beta . [v, lp_1(v), .., lp_J(v)]`` over fixed one-poles of ``v``, units ``ADAA tanh(s_k w + c_k)``
 (after the tuned units, before the gain units).
 
+A capture whose tuned units fall short may also add *dynamics units* (:meth:`WienerBank.with_dynamics_units`,
+fitted by :mod:`metafx.capture.dynamics_units`): gain units ``x min(1, l / e)`` like the grid's, over one
+envelope with fitted times in a peak limiter's order (:func:`dynamics_envelope`: a peak hold, an
+attack one-pole, a release follower), after the grid's gain units and at lag 0 as they are.
+
 This module only defines the bank; :class:`metafx.export.ARXStream` computes its channels (the
 exported model carries the bank's numbers, not this code).
 """
@@ -94,6 +99,10 @@ class WienerBank:
             and a number; ``cas_poles``: the one-poles of its output ``v`` (J,); ``cas_beta``: the weights of ``[v,
             lp_1(v), .., lp_J(v)]`` (J + 1,); ``cas_gains``, ``cas_biases``: the cascade units ``ADAA tanh(s w + c)``
             (K2,); all empty (no cascade) in the seeded bank.
+        dyn_hold, dyn_attack, dyn_release, dyn_levels: the dynamics units ``x min(1, l / e)`` over one fitted
+            envelope ``e = follow_release(smooth_attack(max of |x| over the last dyn_hold + 1 samples))``
+            (:func:`dynamics_envelope`): the hold in samples, the attack one-pole's and the release follower's
+            coefficients (in [0, 1)) and the units' levels (K3,); no levels (no units) in the seeded bank.
     """
 
     poles: Tensor
@@ -110,6 +119,10 @@ class WienerBank:
     cas_beta: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     cas_gains: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     cas_biases: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    dyn_hold: int = 0
+    dyn_attack: float = 0.0
+    dyn_release: float = 0.0
+    dyn_levels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
 
     @property
     def n_curves(self) -> int:
@@ -139,9 +152,20 @@ class WienerBank:
         return int(self.release.numel() * self.attack.numel())
 
     @property
-    def n_gains(self) -> int:
-        """Nr x Na x Nl: gain units ``x min(1, l / e)``, envelope-major; 0 without dynamics."""
+    def n_grid_gains(self) -> int:
+        """Nr x Na x Nl: the seeded grid's gain units ``x min(1, l / e)``, envelope-major; 0 without dynamics."""
         return self.n_envelopes * int(self.levels.numel())
+
+    @property
+    def n_dynamics(self) -> int:
+        """K3: dynamics units ``x min(1, l / e)`` over a fitted envelope (:mod:`metafx.capture.dynamics_units`);
+        0 in the seeded bank."""
+        return int(self.dyn_levels.numel())
+
+    @property
+    def n_gains(self) -> int:
+        """Every channel at lag 0 only: the grid's gain units, then the dynamics units."""
+        return self.n_grid_gains + self.n_dynamics
 
     @property
     def n_units(self) -> int:
@@ -213,6 +237,30 @@ class WienerBank:
         t = lambda a: torch.from_numpy(a.copy())  # noqa: E731
         return replace(self._with_lowpass(pole), cas_weights=t(w), cas_bias=float(bias), cas_poles=t(vp),
                        cas_beta=t(be), cas_gains=t(g), cas_biases=t(c))
+
+    def with_dynamics_units(self, hold: int, attack: float, release: float, levels: np.ndarray) -> "WienerBank":
+        """This bank plus dynamics units over one envelope (a capture's fitted units; replaces any other).
+
+        Args:
+            hold: the peak hold in samples, >= 0 (the envelope's input is the max of |x| over the last
+                ``hold + 1`` samples).
+            attack: the one-pole coefficient smoothing the held peak, in [0, 1).
+            release: the follower's coefficient (instant rise, one-pole fall), in [0, 1).
+            levels: the units' levels ``l`` (K3,), > 0.
+
+        Returns:
+            A new :class:`WienerBank`.
+
+        Raises:
+            ValueError: a negative hold, a coefficient outside [0, 1), no levels or a level <= 0 or not finite.
+        """
+        lv = np.asarray(levels, dtype=np.float64).reshape(-1)
+        if not (int(hold) == hold and hold >= 0 and 0.0 <= attack < 1.0 and 0.0 <= release < 1.0 and lv.size > 0
+                and bool(np.all(np.isfinite(lv) & (lv > 0)))):
+            raise ValueError(f"dynamics units need a hold >= 0 samples, attack and release coefficients in [0, 1) and "
+                             f"levels > 0; got {hold}, {attack}, {release}, {lv.tolist()}")
+        return replace(self, dyn_hold=int(hold), dyn_attack=float(attack), dyn_release=float(release),
+                       dyn_levels=torch.from_numpy(lv.copy()))
 
     @property
     def n_lowpass(self) -> int:
@@ -352,6 +400,44 @@ def cascade_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     return adaa_tanh(bank.cas_gains.numpy()[:, None] * w[None] + c, c)
 
 
+def dynamics_envelope(x: np.ndarray, hold: int, attack: float, release: float) -> np.ndarray:
+    """The dynamics units' envelope of a whole signal from a zero state, float64, (T,).
+
+    ``h[n] = max(|x[n - hold]|, .., |x[n]|)`` (a peak hold), ``u = (1 - a) h[n] + a u[n - 1]`` (the attack
+    one-pole), ``e[n] = max(u[n], (1 - r) u[n] + r e[n - 1])`` (a follower that rises at once and falls by a
+    one-pole toward its input: Faust's ``an.peak_envelope``): the detector of a peak limiter
+    (``co.limiter_lad_mono``: peak hold, attack smoothing, release follower, gain ``min(1, ceiling / e)``),
+    with a sliding window for its hold (Faust's ``ba.peakholder`` holds one peak until a higher one or a time-out).
+
+    The follower's recursion is not linear, but it is the largest of the one-pole's continuations from every
+    restart: with ``S`` the one-pole of ``u`` from zero, ``e[n] = S[n] + max(0, max_{k <= n} r^(n-k) (u[k] - S[k]))``,
+    a running maximum in the log domain (numpy here, block by block in :class:`metafx.export.ARXStream`; tests
+    compare both to the sample loop).
+    """
+    from scipy.ndimage import maximum_filter1d
+    from scipy.signal import lfilter
+
+    a = np.abs(np.asarray(x, dtype=np.float64))
+    H = int(hold)
+    h = maximum_filter1d(a, H + 1, origin=H // 2, mode="constant") if H > 0 else a  # window [n - H, n]
+    u = lfilter([1.0 - attack], [1.0, -attack], h)
+    S = lfilter([1.0 - release], [1.0, -release], u)
+    d = u - S
+    n = np.arange(a.size)
+    lr = math.log(max(release, 1e-300))
+    with np.errstate(divide="ignore"):
+        ld = np.where(d > 0, np.log(np.where(d > 0, d, 1.0)), -np.inf)
+    return S + np.exp(np.maximum.accumulate(ld - n * lr) + n * lr)
+
+
+def dynamics_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
+    """The bank's dynamics units ``x min(1, l / e)`` over a whole signal from a zero state, float64, (n_dynamics, T)
+    (:func:`dynamics_envelope`)."""
+    x = np.asarray(x, dtype=np.float64)
+    e = dynamics_envelope(x, bank.dyn_hold, bank.dyn_attack, bank.dyn_release)
+    return x[None] * np.minimum(1.0, bank.dyn_levels.numpy()[:, None] / np.maximum(e, GAIN_FLOOR)[None])
+
+
 def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
     """The bank's channels of a whole signal from a zero state, float64, (n_units, T): a reference computation.
 
@@ -368,7 +454,7 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
         out.append(tuned_channels(bank, x))
     if bank.n_cascade:
         out.append(cascade_channels(bank, x))
-    if bank.n_gains:
+    if bank.n_grid_gains:
         r = bank.release.numpy()
         peak = np.zeros((r.size, x.size))
         p = np.zeros(r.size)
@@ -378,10 +464,12 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
         env = [lfilter([1.0 - a], [1.0, -a], peak[i]) for i in range(r.size) for a in bank.attack.tolist()]
         for e in env:
             out.append(x[None] * np.minimum(1.0, bank.levels.numpy()[:, None] / np.maximum(e, GAIN_FLOOR)[None]))
+    if bank.n_dynamics:
+        out.append(dynamics_channels(bank, x))
     return np.concatenate(out, 0)
 
 
 __all__ = ["ADAA_EPS", "ATTACK_S", "GAIN_FLOOR", "GAIN_LEVELS_DB", "GAIN_RANGE", "LOWPASS_HZ", "RELEASE_S", "WIENER_DYNAMICS",
            "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED", "WIENER_UNITS", "WienerBank",
-           "adaa_tanh", "bank_channels", "cascade_channels", "head_coefficients", "lowpass_pole", "make_bank",
+           "adaa_tanh", "bank_channels", "cascade_channels", "dynamics_channels", "dynamics_envelope", "head_coefficients", "lowpass_pole", "make_bank",
            "tuned_channels"]

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
 import capture as launch_capture  # noqa: E402  (launch/capture.py)
 from metafx import capture_signal as cs  # noqa: E402
 from metafx.bench.capture import render_through  # noqa: E402
+from metafx.capture.dynamics_units import DYN_UNITS  # noqa: E402
 from metafx.capture import SHIPPED_MODEL, CaptureError, find_latency, load_meta_model, read_recording, run_capture  # noqa: E402
 from metafx.tracking import TrackingError, log_capture, register_meta_model  # noqa: E402
 from metafx.wiener import WIENER_UNITS, make_bank  # noqa: E402
@@ -156,7 +157,11 @@ def test_the_wiener_bank_is_kept_where_it_lowers_the_error(tmp_path, family, set
         res[units] = json.loads((out / "results.json").read_text())
     kept, plain = res[WIENER_UNITS], res[0]
     assert kept["model"]["wiener_offered"] is True and kept["model"]["wiener_units"] == WIENER_UNITS
-    assert kept["model"]["wiener_gain_units"] == make_bank().n_gains
+    # the grid's gain units, and for the limiter the dynamics units fitted to its detector (hold, attack, release)
+    assert kept["model"]["wiener_gain_units"] == make_bank().n_gains + kept["model"]["wiener_dynamics_units"]
+    if family is LIMITER:
+        assert kept["model"]["wiener_dynamics_units"] == DYN_UNITS, kept["model"]
+        assert abs(kept["model"]["wiener_dynamics"]["hold_s"] - setting["hold"]) < 0.003, kept["model"]
     assert plain["model"]["wiener_offered"] is False and plain["model"]["wiener_units"] == 0
     assert kept["heldout"]["esr"] < factor * plain["heldout"]["esr"], (kept["heldout"], plain["heldout"])
     assert kept["heldout"]["esr"] < kept["baselines"]["arx"]["esr"]

@@ -66,21 +66,26 @@ def test_normal_equations_equal_the_explicit_regressors(M, S, nb, na, s, e, n_la
     assert not G[~used].any() and not G[:, ~used].any() and not r[~used].any()
 
 
-@pytest.mark.parametrize("C, n_lag0, first, n", [(12, 3, 4, 3), (12, 0, 0, 2), (9, 2, 7, 0), (9, 2, 5, 2)])
-def test_correlations_with_inserted_channels_reuse_the_known_ones_exactly(C, n_lag0, first, n):
-    g = torch.Generator().manual_seed(C + n_lag0 + first)
+@pytest.mark.parametrize("C, n_lag0, blocks", [(12, 3, [(4, 3)]), (12, 0, [(0, 2)]), (9, 2, [(7, 0)]), (9, 2, [(5, 2)]),
+                                               (14, 5, [(3, 2), (11, 3)]), (10, 2, [(8, 2)])])
+def test_correlations_with_inserted_channels_reuse_the_known_ones_exactly(C, n_lag0, blocks):
+    """Inserted blocks among the lagged channels (cascade units) and among the lag-0-only ones (dynamics units)."""
+    g = torch.Generator().manual_seed(C + n_lag0 + blocks[0][0])
     f = torch.randn(C, 900, generator=g, dtype=torch.float64)
-    old = torch.cat([torch.arange(first), torch.arange(first + n, C)])
-    known = lag_correlations(f[old], 20, 800, 5, n_lag0)
+    is_new = torch.zeros(C, dtype=torch.bool)
+    for a, n in blocks:
+        is_new[a:a + n] = True
+    n_lag0_old = n_lag0 - int(is_new[C - n_lag0:].sum())
+    known = lag_correlations(f[~is_new], 20, 800, 5, n_lag0_old)
     fresh = lag_correlations(f, 20, 800, 5, n_lag0)
-    reused = lag_correlations(f, 20, 800, 5, n_lag0, known=known, added=(first, n))
+    reused = lag_correlations(f, 20, 800, 5, n_lag0, known=known, added=blocks)
     assert [tuple(b.shape) for b in reused] == [(C, C)] + [(C, C - n_lag0)] * 4
     for a, b in zip(fresh, reused):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-10)
     with pytest.raises(ValueError, match="added"):
         lag_correlations(f, 20, 800, 5, n_lag0, known=known)
-    with pytest.raises(ValueError, match="do not fit"):
-        lag_correlations(f, 20, 800, 5, n_lag0, known=known, added=(first, n + 1))
+    with pytest.raises(ValueError, match="do not fit|straddle"):
+        lag_correlations(f, 20, 800, 5, n_lag0, known=known, added=[(blocks[0][0], blocks[0][1] + 1)])
 
 
 def test_a_second_fit_with_inserted_channels_reuses_the_first_and_equals_a_fresh_one():
@@ -100,14 +105,14 @@ def test_a_second_fit_with_inserted_channels_reuses_the_first_and_equals_a_fresh
     first = ridge_fit_continuous(model, phi, yt, n_bank=bank.n_units, n_gain=bank.n_gains)
     kw = dict(n_bank=bank.n_units + 3, n_gain=bank.n_gains, n_tuned=3, fitted_only=True, bank_min_equations=1.0)
     fresh = ridge_fit_continuous(model, ph2, yt, **kw)
-    reused = ridge_fit_continuous(model, ph2, yt, known=first.correlations, added=(at, 3), **kw)
+    reused = ridge_fit_continuous(model, ph2, yt, known=first.correlations, added=[(at, 3)], **kw)
     assert reused.scale == fresh.scale and reused.bank and reused.tuned
     assert reused.cv_esr == pytest.approx(fresh.cv_esr, rel=1e-6)
     assert torch.allclose(reused.b, fresh.b, rtol=1e-6, atol=1e-9) and torch.allclose(reused.a, fresh.a, atol=1e-9)
     with pytest.raises(ValueError, match="added"):
         ridge_fit_continuous(model, ph2, yt, known=first.correlations, **kw)
     with pytest.raises(ValueError, match="do not fit"):
-        ridge_fit_continuous(model, ph2, yt, known=first.correlations, added=(at, 2), **kw)
+        ridge_fit_continuous(model, ph2, yt, known=first.correlations, added=[(at, 2)], **kw)
 
 
 def signal(seconds: float = 2.0, seed: int = 0) -> np.ndarray:

@@ -246,7 +246,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                        "stage_cpu_seconds": res["cpu_seconds"], "ridge_scale": res["model"]["ridge_scale"],
                        "wiener_units": res["model"]["wiener_units"],
                        "tuned_units": res["model"].get("wiener_tuned_units"),
-                       "cascade_units": res["model"].get("wiener_cascade_units"), "render_seconds": render_s}
+                       "cascade_units": res["model"].get("wiener_cascade_units"),
+                       "dynamics_units": res["model"].get("wiener_dynamics_units"), "render_seconds": render_s}
                 if fit == "continuous" and S == TARGET_SUPPORT and mm.cfg.model.arch == "arx" and WIENER_UNITS:
                     nres = run_capture(wet_path, work / f"{st['family']}-nobank", support_seconds=S, mlflow=False,
                                        meta_model=mm, heldout_from_seconds=max(HELDOUT_FROM, S), measure_rtf=False,
@@ -366,14 +367,15 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
                   f"The capture offers the head the Wiener bank (metafx/wiener.py: {rep.get('wiener_units_offered', '-')} "
                   "random curve units and the gain units, which follow the input's peak level) with the units fitted "
                   "to the support (tuned units, metafx/capture/tuned_units.py; cascade units where those leave much "
-                  "unexplained, metafx/capture/cascade_units.py) and keeps it where the "
+                  "unexplained, metafx/capture/cascade_units.py; dynamics units, a fitted limiter envelope, "
+                  "metafx/capture/dynamics_units.py) and keeps it where the "
                   "support's cross-validation prefers it; the same capture without the offer (`--wiener-units 0`) "
                   "beside it.", "",
                   "| family | bank kept | with the offer | without (`--wiener-units 0`) | classical ARX | "
                   "capture s with / without |", "|---|---|---|---|---|---|"]
         for r in banked:
             kept = "no" if not r.get("wiener_units") else "yes" + (", tuned" if r.get("tuned_units") else "") + \
-                (", cascade" if r.get("cascade_units") else "")
+                (", cascade" if r.get("cascade_units") else "") + (", dynamics" if r.get("dynamics_units") else "")
             lines.append(f"| {r['family']} | {kept} | {_fmt(r['model']['esr'])} | "
                          f"{_fmt(r['no_bank']['esr'])} | {_fmt(r['arx']['esr'])} | {r['capture_seconds']:.2f} / "
                          f"{r['no_bank_capture_seconds']:.2f} |")

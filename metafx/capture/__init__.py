@@ -40,8 +40,9 @@ Steps of :func:`run_capture` (each timed, ``results.json`` ``seconds``):
    *tuned units* of a pre-filter fitted to the support (:mod:`metafx.capture.tuned_units`:
    anti-aliased curves of ``g (x - r lp(x))``, found by a variable-projection search) and, where
    those leave much of the support unexplained, *cascade units* (:mod:`metafx.capture.cascade_units`:
-   a second curve after a fitted filter of a first one, as in an amp); the exported model
-   computes the bank only when it was kept.
+   a second curve after a fitted filter of a first one, as in an amp) and *dynamics units*
+   (:mod:`metafx.capture.dynamics_units`: gain units over one fitted limiter envelope, a peak hold,
+   an attack and a release); the exported model computes the bank only when it was kept.
 5. ``predict``: the exported model on the whole dry file from a zero state: prediction.wav is
    produced by the very module written to model.ts.
 6. ``baselines`` and ``score``: on the held-out part (after the support), whole-signal ESR

@@ -21,10 +21,11 @@ from metafx.capture.meta_model import MetaModel
 from metafx.config import ARXConfig, Config
 from metafx.capture.cascade_units import (CASCADE_MAX_CRITERION, CASCADE_MIN_CRITERION, CASCADE_MIN_CV_ESR,
                                           CASCADE_UNITS, cascade_bank, fit_cascade)
+from metafx.capture.dynamics_units import DYN_EXPLAINS, DYN_MAX_CRITERION, DYN_UNITS, dynamics_bank, fit_dynamics
 from metafx.capture.tuned_units import TUNED_UNITS, fit_prefilter, tuned_bank
 from metafx.export import ARXStream, export_network
 from metafx.wiener import (WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, cascade_channels,
-                           head_coefficients, make_bank, tuned_channels)
+                           dynamics_channels, head_coefficients, make_bank, tuned_channels)
 
 MAX_SUPPORT_SLICES = 64  # gradient engines: support slices per adaptation (memory and time)
 
@@ -77,14 +78,14 @@ def simulate_head(phi: Tensor, b: Tensor, a: Tensor) -> np.ndarray:
 
 
 def lag_correlations(f: Tensor, s: int, e: int, nb: int, n_lag0: int = 0,
-                     known: list[Tensor] | None = None, added: tuple[int, int] | None = None) -> list[Tensor]:
+                     known: list[Tensor] | None = None, added: list[tuple[int, int]] | None = None) -> list[Tensor]:
     """The lag correlations ``B_0 = sum_{u=s}^{e-1} f[u] f[u]^T`` and ``B_d = sum_u f[u] f[u-d, :L]^T``, ``1 <= d < nb``,
     of :func:`normal_equations`.
 
     They are its costly part (``C L (e - s) nb`` products). A second fit whose channels are a first
-    fit's with a few inserted (a capture's cascade units) passes the first fit's correlations as
-    ``known`` and the inserted rows as ``added``: only the inserted channels' rows and columns are
-    computed (9 channels of ~130: about a seventh of the products).
+    fit's with a few inserted (a capture's cascade and dynamics units) passes the first fit's
+    correlations as ``known`` and the inserted rows as ``added``: only the inserted channels' rows and
+    columns are computed (14 channels of ~130: about a seventh of the products).
 
     Args:
         f: the lagged channels (C, S), float64 (``phi[1:]``).
@@ -92,37 +93,48 @@ def lag_correlations(f: Tensor, s: int, e: int, nb: int, n_lag0: int = 0,
         nb: lags.
         n_lag0: trailing channels used at lag 0 only (not on the lagged side: ``L = C - n_lag0``).
         known: the correlations of ``f`` without the inserted channels over the same range: (C - n, C - n) at lag 0,
-            (C - n, L - n) at the others.
-        added: ``(first, n)``: rows ``first .. first + n - 1`` of ``f`` are the inserted channels, all before the
-            lag-0-only ones.
+            (C - n, L - n_l) at the others (``n`` inserted rows, ``n_l`` of them before the lag-0-only ones).
+        added: ``[(first, n), ..]``: rows ``first .. first + n - 1`` of ``f`` are inserted channels (blocks in
+            ascending order, none straddling the first lag-0-only row).
 
     Returns:
         ``[B_0 (C, C), B_1 (C, L), .., B_{nb-1} (C, L)]``.
 
     Raises:
-        ValueError: ``known`` without ``added`` or of another shape, or inserted rows among the lag-0-only ones.
+        ValueError: ``known`` without ``added`` or of another shape, or blocks that overlap or straddle.
     """
     C = f.shape[0]
     L = C - n_lag0
     fl = f[:L]
     if known is None:
         return [f[:, s:e] @ f[:, s:e].T] + [f[:, s:e] @ fl[:, s - d: e - d].T for d in range(1, nb)]
-    if added is None:
-        raise ValueError("lag_correlations(known=...) needs added=(first, n): the inserted channels")
-    a, n = added
-    if not (0 <= a and a + n <= L) or len(known) != nb or tuple(known[0].shape) != (C - n, C - n) \
-            or any(tuple(k.shape) != (C - n, L - n) for k in known[1:]):
+    if not added:
+        raise ValueError("lag_correlations(known=...) needs added=[(first, n), ..]: the inserted channels")
+    is_new = torch.zeros(C, dtype=torch.bool)
+    last = -1
+    for a, n in added:
+        if not (a > last and a + n <= C and (a + n <= L or a >= L)):
+            raise ValueError(f"lag_correlations: inserted rows {added} overlap, are out of order or straddle the "
+                             f"lag-0-only channels ({C} channels, {L} lagged)")
+        is_new[a:a + n] = True
+        last = a + n - 1
+    new = torch.nonzero(is_new).flatten()
+    old = torch.nonzero(~is_new).flatten()  # the first fit's channels in the new order
+    new_l, old_l = new[new < L], old[old < L]
+    if len(known) != nb or tuple(known[0].shape) != (old.numel(), old.numel()) \
+            or any(tuple(k.shape) != (old.numel(), old_l.numel()) for k in known[1:]):
         raise ValueError(f"lag_correlations: known correlations of shapes {[tuple(k.shape) for k in known]} do "
-                         f"not fit {C} channels ({L} lagged, {nb} lags) with rows {a}..{a + n - 1} inserted")
-    old = torch.cat([torch.arange(a), torch.arange(a + n, C)])  # the first fit's channels in the new order
-    old_l = old[old < L]
+                         f"not fit {C} channels ({L} lagged, {nb} lags) with rows {added} inserted")
+    fn = f[new]  # (n, S): the inserted channels
     out = []
     for d in range(nb):
         lagged = f if d == 0 else fl  # lag 0: every channel on the lagged side too
+        cols_new = new if d == 0 else new_l
         B = torch.empty(C, lagged.shape[0], dtype=f.dtype)
         B[old[:, None], old if d == 0 else old_l] = known[d]
-        B[a: a + n] = f[a: a + n, s:e] @ lagged[:, s - d: e - d].T
-        B[:, a: a + n] = f[:, s:e] @ f[a: a + n, s - d: e - d].T
+        B[new] = fn[:, s:e] @ lagged[:, s - d: e - d].T
+        if cols_new.numel():
+            B[:, cols_new] = f[:, s:e] @ f[cols_new, s - d: e - d].T
         out.append(B)
     return out
 
@@ -255,7 +267,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
                          n_bank: int = 0, bank_ridge: float = WIENER_RIDGE,
                          bank_min_equations: float = WIENER_MIN_EQUATIONS, n_gain: int = 0,
                          n_tuned: int = 0, fitted_only: bool = False, known: list[list[Tensor]] | None = None,
-                         added: tuple[int, int] | None = None) -> ContinuousFit:
+                         added: list[tuple[int, int]] | None = None) -> ContinuousFit:
     """The equation-error ridge fit of :meth:`metafx.models.arx.MetaARX.fit_features` over one continuous stretch.
 
     The regressors, the meta-learned per-coefficient ridge and the prior mean of the meta-trained
@@ -298,7 +310,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
             cross-validation after one without some of them (the folds are the same, so the left-out ESRs compare).
         known: a first fit's :attr:`ContinuousFit.correlations` over the same support, whose features were these
             without the rows ``added``: only the added channels' correlations are computed.
-        added: ``(first, n)``: rows ``first .. first + n - 1`` of ``phi`` are the channels added since ``known``.
+        added: ``[(first, n), ..]``: rows ``first .. first + n - 1`` of ``phi`` are channels added since ``known``.
 
     Returns:
         The :class:`ContinuousFit`.
@@ -326,7 +338,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     for g in range(CV_SEGMENTS):
         s, e = int(edges[g]), int(edges[g + 1])
         corr = lag_correlations(phi[1:], s, e, nb, n_gain, None if known is None else known[g],
-                                None if added is None else (added[0] - 1, added[1]))
+                                None if added is None else [(a - 1, n) for a, n in added])
         Gs[g], rs[g] = normal_equations(phi, y, s, e, nb, na, n_gain, corr)
         correlations.append(corr)
     G, r = Gs.sum(0), rs.sum(0)
@@ -415,7 +427,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
               cfg: Config | None = None, fit: str = "continuous", wiener_units: int = WIENER_UNITS,
               bank_min_equations: float = WIENER_MIN_EQUATIONS, tuned_units: bool = True,
-              cascade_units: bool = True) -> ARXStream:
+              cascade_units: bool = True, dynamics_units: bool = True) -> ARXStream:
     """Adapt a :class:`metafx.models.arx.MetaARX` to the support and return its streaming export.
 
     Args:
@@ -438,14 +450,17 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             cascade leaves more than :data:`metafx.capture.cascade_units.CASCADE_MIN_CV_ESR` (and the support is
             long enough for the bank with both), also fit cascade units (:mod:`metafx.capture.cascade_units`) and
             cross-validate again with them: the head with the smaller left-out ESR is kept.
+        dynamics_units: likewise (the same rule, a bank with gain units), fit dynamics units
+            (:mod:`metafx.capture.dynamics_units`); they enter that second cross-validation with the cascade units.
 
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the
         attributes ``ridge_scale`` (the chosen multiplier), ``bank_offered`` (whether the support
         was long enough to offer the bank), ``n_bank`` (bank channels kept: 0, or the bank's
         curve, tuned, cascade and gain units, ``n_curve``, ``n_aa``, ``n_cas`` and ``n_gain``), ``prefilter``
-        (the fitted :class:`metafx.capture.tuned_units.PreFilter`, or None where none was fitted or kept) and
-        ``cascade`` (the fitted :class:`metafx.capture.cascade_units.Cascade`, or None likewise).
+        (the fitted :class:`metafx.capture.tuned_units.PreFilter`, or None where none was fitted or kept),
+        ``cascade`` (the fitted :class:`metafx.capture.cascade_units.Cascade`, or None likewise) and ``dynamics``
+        (the fitted :class:`metafx.capture.dynamics_units.Dynamics`, or None likewise; ``n_dyn`` units).
     """
     support = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32))
 
@@ -470,13 +485,19 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     bank = make_bank(wiener_units, sample_rate=sr) if wiener_units > 0 else None
     prefilter = None
     untuned = bank  # the bank without tuned units (the cross-validation may keep it so)
-    cascade = None
+    cascade = dynamics = None
+    if bank is None or not bank.n_grid_gains:  # dynamics units join a bank with gain units
+        dynamics_units = False
     if bank is not None and tuned_units:  # the tuned units count in the offer rule
         if not bank_offered(model, n_support, bank.n_units + TUNED_UNITS, bank_min_equations, bank.n_gains):
             tuned_units = False
         if not bank_offered(model, n_support, bank.n_units + TUNED_UNITS + CASCADE_UNITS, bank_min_equations,
                             bank.n_gains):
             cascade_units = False
+        extra = CASCADE_UNITS if cascade_units else 0
+        if not bank_offered(model, n_support, bank.n_units + TUNED_UNITS + extra + DYN_UNITS, bank_min_equations,
+                            bank.n_gains + DYN_UNITS):
+            dynamics_units = False
     if bank is not None and not bank_offered(model, n_support, bank.n_units, bank_min_equations, bank.n_gains):
         bank = None
     xs = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64))
@@ -498,33 +519,49 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
                 offered = build(bank)
         res = ridge_fit_continuous(model, phi, ys, n_bank=offered.n_bank, bank_min_equations=bank_min_equations,
                                    n_gain=offered.n_gain, n_tuned=offered.n_aa)
-        if (cascade_units and prefilter is not None and prefilter.criterion > CASCADE_MIN_CRITERION
+        if ((cascade_units or dynamics_units) and prefilter is not None and prefilter.criterion > CASCADE_MIN_CRITERION
                 and math.isfinite(res.cv_esr) and res.cv_esr > CASCADE_MIN_CV_ESR):
-            own = offered.channels - offered.n_bank  # the search sees the model's channels and the tuned units
-            try:
-                cascade = fit_cascade(xs.numpy(), ys.numpy(), torch.cat([phi[:own], tuned]).numpy(), model.nb,
-                                      model.na, sr, prefilter)
-            except np.linalg.LinAlgError:
-                cascade = None
-            if cascade is not None and cascade.criterion > CASCADE_MAX_CRITERION:  # the search found too little
-                cascade = None
-            if cascade is not None:  # after the tuned units, before the gain units; a fourth candidate of the CV
-                bank_c = cascade_bank(bank, cascade, sr)
-                at = lo + bank_c.n_aa
-                phi_c = torch.cat([phi[:at], torch.from_numpy(cascade_channels(bank_c, xs.numpy())), phi[at:]])
+            own = offered.channels - offered.n_bank  # the searches see the model's channels and the tuned units
+            span = torch.cat([phi[:own], tuned]).numpy()
+            if dynamics_units:
+                try:
+                    dynamics = fit_dynamics(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr)
+                except np.linalg.LinAlgError:
+                    dynamics = None
+                if dynamics is not None and dynamics.criterion > DYN_MAX_CRITERION:
+                    dynamics = None
+            if cascade_units and (dynamics is None or dynamics.criterion > DYN_EXPLAINS):  # not where they explain
+                try:
+                    cascade = fit_cascade(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr, prefilter)
+                except np.linalg.LinAlgError:
+                    cascade = None
+                if cascade is not None and cascade.criterion > CASCADE_MAX_CRITERION:  # the search found too little
+                    cascade = None
+            if cascade is not None or dynamics is not None:  # a fourth candidate of the cross-validation
+                bank_c, phi_c, added = bank, phi, []
+                if cascade is not None:  # after the tuned units, before the gain units
+                    bank_c = cascade_bank(bank_c, cascade, sr)
+                    at = lo + bank_c.n_aa
+                    phi_c = torch.cat([phi_c[:at], torch.from_numpy(cascade_channels(bank_c, xs.numpy())), phi_c[at:]])
+                    added.append((at, bank_c.n_cascade))
+                if dynamics is not None:  # after the grid's gain units, at lag 0 as they are
+                    bank_c = dynamics_bank(bank_c, dynamics, sr)
+                    added.append((phi_c.shape[0], bank_c.n_dynamics))
+                    phi_c = torch.cat([phi_c, torch.from_numpy(dynamics_channels(bank_c, xs.numpy()))])
                 offered_c = build(bank_c)
                 # only the new candidate (the others were cross-validated above, on the same folds)
                 res_c = ridge_fit_continuous(model, phi_c, ys, n_bank=offered_c.n_bank, n_gain=offered_c.n_gain,
                                              bank_min_equations=bank_min_equations,
                                              n_tuned=offered_c.n_aa + offered_c.n_cas, fitted_only=True,
-                                             known=res.correlations, added=(at, offered_c.n_cas))
+                                             known=res.correlations, added=added)
                 if res_c.cv_esr < res.cv_esr:  # the same folds: the candidates' left-out ESRs compare
                     bank, offered, res = bank_c, offered_c, res_c
                 else:
-                    cascade = None
+                    cascade = dynamics = None
     b = res.b
     n_fitted = offered.n_aa + offered.n_cas
     if res.bank and n_fitted and not res.tuned:  # the bank kept without its fitted units: a stream without them
+        # (never with dynamics units: they are kept only by the second cross-validation, with the fitted units)
         lo = offered.channels - offered.n_gain - n_fitted
         b = torch.cat([b[:lo], b[lo + n_fitted:]])
         stream = build(untuned)
@@ -535,6 +572,7 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     stream.bank_offered = bank is not None
     stream.prefilter = prefilter if stream.n_aa else None
     stream.cascade = cascade if stream.n_cas else None
+    stream.dynamics = dynamics if stream.n_dyn else None
     return stream
 
 

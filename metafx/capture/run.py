@@ -304,7 +304,10 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
                                            else None) if bank_fit else None,
                       "wiener_cascade_units": int(getattr(module, "n_cas", 0)) if bank_fit else None,
                       "wiener_cascade": (module.cascade.as_dict() if getattr(module, "cascade", None) is not None
-                                         else None) if bank_fit else None},
+                                         else None) if bank_fit else None,
+                      "wiener_dynamics_units": int(getattr(module, "n_dyn", 0)) if bank_fit else None,
+                      "wiener_dynamics": (module.dynamics.as_dict() if getattr(module, "dynamics", None) is not None
+                                          else None) if bank_fit else None},
             "heldout": held,
             "support": support,
             "baselines": baselines,
@@ -363,7 +366,8 @@ def _log_mlflow(results: dict[str, Any], tmp: Path, tracking_uri: str | None, ex
               "wiener_units": results["model"]["wiener_units"],
               "wiener_gain_units": results["model"]["wiener_gain_units"],
               "wiener_tuned_units": results["model"]["wiener_tuned_units"],
-              "wiener_cascade_units": results["model"]["wiener_cascade_units"]}
+              "wiener_cascade_units": results["model"]["wiener_cascade_units"],
+              "wiener_dynamics_units": results["model"]["wiener_dynamics_units"]}
     metrics = {"heldout": results["heldout"], "baselines": results["baselines"], "support": results["support"],
                "latency_samples": results["latency"]["samples"], "latency_ms": results["latency"]["ms"],
                "seconds": results["seconds"], "rtf_block256": results["export"]["rtf_block256_one_thread"],
