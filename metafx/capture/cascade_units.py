@@ -16,7 +16,7 @@ above :data:`CASCADE_MIN_CRITERION`) and whose cross-validated head leaves a lef
 ``w = beta . [v, lp_1(v), .., lp_J(v)]`` over :data:`CASCADE_VPOLES_HZ` fixed one-poles (a
 passive tone stack's poles are real: a sum of one-poles is its partial-fraction form; on the amp's
 validation settings these eight fit the exact tone stack output from the exact first curve to
-relative error 1e-3 .. 2e-5), and :data:`TUNED_SCALES` x :data:`TUNED_OFFSETS` units
+relative error 1e-3 .. 2e-5), and :data:`CASCADE_SCALES` x :data:`CASCADE_OFFSETS` units
 ``ADAA tanh(s w + c2 + o)`` offered to the head beside the bank. The 4 + (J + 1) + 1 numbers are
 fitted by L-BFGS (torch autograd) on the variable-projection criterion of the tuned units (the
 equation error after the head's model channels, the tuned units and the AR lags are projected out,
@@ -50,7 +50,9 @@ from metafx.capture.tuned_units import (TUNED_OFFSETS, TUNED_RUN_LEN, TUNED_SCAL
                                         criterion_rows)
 from metafx.wiener import ADAA_EPS, WienerBank, lowpass_pole
 
-CASCADE_UNITS = len(TUNED_SCALES) * len(TUNED_OFFSETS)  # units a cascade adds (the tuned units' grid)
+CASCADE_SCALES = TUNED_SCALES  # the units' gains relative to the fitted w
+CASCADE_OFFSETS = TUNED_OFFSETS  # the units' offsets relative to the fitted c2
+CASCADE_UNITS = len(CASCADE_SCALES) * len(CASCADE_OFFSETS)  # units a cascade adds
 CASCADE_VPOLES_HZ = (40.0, 8000.0, 8)  # the one-poles of the first curve's output: from, to (Hz), count (log-spaced)
 # A cascade is fitted only where the tuned units' criterion is above this: on the shipped study's validation settings
 # at 3 s it is at most 0.031 on the tube clipper and the fuzz (whose tuned units do the work; there a cascade helped the
@@ -184,8 +186,8 @@ def _fit_cascade(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int
     vp = torch.from_numpy(vpoles(sr))
     H = torch.cat([torch.eye(1, CASCADE_WARM, dtype=torch.float64), _impulse(vp, k)])
     J1 = H.shape[0]  # J + 1: v and its one-poles
-    scales = torch.tensor([s for s in TUNED_SCALES for _ in TUNED_OFFSETS], dtype=torch.float64)[:, None, None]
-    offs = torch.tensor([o for _ in TUNED_SCALES for o in TUNED_OFFSETS], dtype=torch.float64)[:, None, None]
+    scales = torch.tensor([s for s in CASCADE_SCALES for _ in CASCADE_OFFSETS], dtype=torch.float64)[:, None, None]
+    offs = torch.tensor([o for _ in CASCADE_SCALES for o in CASCADE_OFFSETS], dtype=torch.float64)[:, None, None]
     K = CASCADE_UNITS
     evals = [0]
 
@@ -249,12 +251,12 @@ def cascade_bank(bank: WienerBank, cas: Cascade, sr: int) -> WienerBank:
     F = bank.n_lowpass
     w = np.zeros(F + 2)
     w[0], w[F + 1] = cas.gain, -cas.gain * cas.ratio
-    s = np.array([s for s in TUNED_SCALES for _ in TUNED_OFFSETS])
-    c = np.array([cas.offset2 + o for _ in TUNED_SCALES for o in TUNED_OFFSETS])
+    s = np.array([s for s in CASCADE_SCALES for _ in CASCADE_OFFSETS])
+    c = np.array([cas.offset2 + o for _ in CASCADE_SCALES for o in CASCADE_OFFSETS])
     return bank.with_cascade_units(float(lowpass_pole(cas.fc, sr)), w, cas.offset, vpoles(sr), np.asarray(cas.beta),
                                    s, c)
 
 
-__all__ = ["CASCADE_GIVE_UP", "CASCADE_GRID", "CASCADE_LONG_ITERS", "CASCADE_MAX_CRITERION", "CASCADE_MIN_CRITERION", "CASCADE_MIN_CV_ESR", "CASCADE_PRESELECT", "CASCADE_RUNS",
+__all__ = ["CASCADE_GIVE_UP", "CASCADE_GRID", "CASCADE_OFFSETS", "CASCADE_SCALES", "CASCADE_LONG_ITERS", "CASCADE_MAX_CRITERION", "CASCADE_MIN_CRITERION", "CASCADE_MIN_CV_ESR", "CASCADE_PRESELECT", "CASCADE_RUNS",
            "CASCADE_SHORT_ITERS", "CASCADE_UNITS", "CASCADE_VPOLES_HZ", "CASCADE_WARM", "Cascade", "cascade_bank",
            "fit_cascade", "vpoles"]

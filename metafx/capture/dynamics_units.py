@@ -27,9 +27,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
-
-from metafx.capture.tuned_units import TUNED_RUN_LEN, TUNED_SPAN_S, criterion_rows
+from metafx.capture.tuned_units import (TUNED_RUN_LEN, TUNED_SPAN_S, criterion_rows, nelder_mead_from_best,
+                                        unexplained)
 from metafx.wiener import GAIN_FLOOR, WienerBank, dynamics_envelope
 
 DYN_SCALES = (0.5, 0.71, 1.0, 1.41, 2.0)  # unit levels relative to the fitted level
@@ -125,11 +124,7 @@ def fit_dynamics(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int
         att, rel, hold, lev = _decode(th, sr)
         e = dynamics_envelope(xs, hold, _pole(att, sr), _pole(rel, sr))[rows]
         L = xr[:, None] * np.minimum(1.0, lev * scales[None] / np.maximum(e, GAIN_FLOOR)[:, None])  # (rows, K)
-        Lp = L - Q @ (Q.T @ L)
-        G = Lp.T @ Lp
-        G[np.diag_indices_from(G)] += 1e-9 * np.trace(G) / G.shape[0] + 1e-300
-        r = resid - Lp @ np.linalg.solve(G, Lp.T @ resid)
-        return float(r @ r) / e0
+        return unexplained(L, Q, resid, e0, 1e-9)
 
     at, rt, ht, lt = DYN_GRID
     grid = [np.array([math.log(a), math.log(r), h, l * math.log(10) / 20]) for a in at for r in rt for h in ht
@@ -138,14 +133,7 @@ def fit_dynamics(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int
     if min(vals) > DYN_GIVE_UP:
         att, rel, hold, lev = _decode(grid[int(np.argmin(vals))], sr)
         return Dynamics(att, rel, hold / sr, lev, float(min(vals)), evals[0], time.perf_counter() - t0)
-    best = None
-    for i in np.argsort(vals)[:DYN_STARTS]:
-        th0 = grid[int(i)]
-        simplex = np.stack([th0] + [th0 + np.eye(4)[j] * _STEP[j] for j in range(4)])
-        res = minimize(criterion, th0, method="Nelder-Mead",
-                       options={"maxfev": DYN_EVALS, "xatol": 1e-2, "fatol": 1e-5, "initial_simplex": simplex})
-        if best is None or res.fun < best.fun:
-            best = res
+    best = nelder_mead_from_best(criterion, grid, vals, DYN_STARTS, _STEP, DYN_EVALS, 1e-5)
     att, rel, hold, lev = _decode(best.x, sr)
     return Dynamics(att, rel, hold / sr, lev, float(best.fun), evals[0], time.perf_counter() - t0)
 

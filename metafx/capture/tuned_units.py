@@ -28,10 +28,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.linalg import solve_triangular
-from scipy.optimize import minimize
+from scipy.optimize import OptimizeResult, minimize
 from scipy.signal import lfilter
 
 from metafx.wiener import WienerBank, adaa_tanh, lowpass_pole
@@ -119,6 +120,47 @@ def criterion_rows(y: np.ndarray, phi: np.ndarray, nb: int, na: int, lead: int, 
     return starts, Q, resid, float(resid @ resid) + 1e-300
 
 
+def unexplained(L: np.ndarray, Q: np.ndarray, resid: np.ndarray, e0: float, ridge: float) -> float:
+    """The variable-projection criterion of a search's units: the share of the equation error ``resid`` (already
+    free of the span of ``Q``) that the unit columns ``L`` leave, after their own part in that span is taken out.
+
+    The columns less their part in the span are formed explicitly: units are often nearly in it (the pointwise
+    channels), and ``L^T L - (Q^T L)^T (Q^T L)`` would lose the digits a search steers by.
+
+    Args:
+        L: the units' columns over the criterion's rows, (rows, K).
+        Q: orthonormal basis of the head's span over the rows (:func:`criterion_rows`), (rows, P).
+        resid: the equation error after that span, (rows,); e0: its energy.
+        ridge: relative ridge of the units' normal equations (to their mean diagonal).
+
+    Returns:
+        The error energy left over ``e0`` (1: the units explain nothing).
+
+    Raises:
+        numpy.linalg.LinAlgError: singular normal equations (all-zero columns).
+    """
+    Lp = L - Q @ (Q.T @ L)
+    G = Lp.T @ Lp
+    G[np.diag_indices_from(G)] += ridge * np.trace(G) / G.shape[0] + 1e-300
+    e = resid - Lp @ np.linalg.solve(G, Lp.T @ resid)
+    return float(e @ e) / e0
+
+
+def nelder_mead_from_best(criterion: Callable[[np.ndarray], float], grid: list[np.ndarray], values: list[float],
+                          starts: int, steps: tuple[float, ...], max_evals: int, fatol: float) -> OptimizeResult:
+    """Nelder-Mead runs of ``criterion`` from the ``starts`` best points of a start grid, each with an initial simplex
+    of ``steps`` along the axes; the best result (scipy's ``OptimizeResult``: ``x``, ``fun``)."""
+    best = None
+    for i in np.argsort(values)[:starts]:
+        th0 = grid[int(i)]
+        simplex = np.stack([th0] + [th0 + np.eye(th0.size)[j] * steps[j] for j in range(th0.size)])
+        res = minimize(criterion, th0, method="Nelder-Mead",
+                       options={"maxfev": max_evals, "xatol": 1e-2, "fatol": fatol, "initial_simplex": simplex})
+        if best is None or res.fun < best.fun:
+            best = res
+    return best
+
+
 def fit_prefilter(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int, sr: int) -> PreFilter:
     """Fit the tuned units' pre-filter and curve to a support (see the module docstring).
 
@@ -154,25 +196,12 @@ def fit_prefilter(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: in
         a = adaa_tanh(z[:, :, 1:], z[:, :, :1])  # (K, runs, nb - 1 + L)
         L = np.concatenate([a[:, :, nb - 1 - k: nb - 1 - k + TUNED_RUN_LEN].reshape(n_u, -1)
                             for k in range(min(nb, TUNED_SEARCH_LAGS))], 0).T
-        # the units' columns less their part in the model's span, formed explicitly: they are nearly in it (the
-        # pointwise channels), and L^T L - (Q^T L)^T (Q^T L) would lose the digits the search steers by
-        Lp = L - Q @ (Q.T @ L)
-        Gu = Lp.T @ Lp
-        Gu[np.diag_indices_from(Gu)] += 1e-6 * np.trace(Gu) / Gu.shape[0] + 1e-300
-        e = resid - Lp @ np.linalg.solve(Gu, Lp.T @ resid)
-        return float(e @ e) / e0
+        return unexplained(L, Q, resid, e0, 1e-6)
 
     grid = [np.array([math.log(g), rho, math.log(fc), c]) for g in (3.0, 20.0) for rho in (0.0, 3.0)
             for fc in (80.0, 700.0) for c in TUNED_GRID_OFFSETS]
     vals = [criterion(th) for th in grid]
-    best = None
-    for i in np.argsort(vals)[:TUNED_STARTS]:
-        th0 = grid[int(i)]
-        simplex = np.stack([th0] + [th0 + np.eye(4)[j] * _STEP[j] for j in range(4)])
-        res = minimize(criterion, th0, method="Nelder-Mead",
-                       options={"maxfev": TUNED_EVALS, "xatol": 1e-2, "fatol": 1e-4, "initial_simplex": simplex})
-        if best is None or res.fun < best.fun:
-            best = res
+    best = nelder_mead_from_best(criterion, grid, vals, TUNED_STARTS, _STEP, TUNED_EVALS, 1e-4)
     g, r, fc, c = _decode(best.x)
     return PreFilter(g, r, fc, c, float(best.fun), evals[0], time.perf_counter() - t0)
 
@@ -189,4 +218,4 @@ def tuned_bank(bank: WienerBank, pf: PreFilter, sr: int) -> WienerBank:
 
 
 __all__ = ["FC_RANGE_HZ", "PreFilter", "criterion_rows", "TUNED_EVALS", "TUNED_OFFSETS", "TUNED_RUNS", "TUNED_RUN_LEN", "TUNED_SCALES",
-           "TUNED_SEARCH_LAGS", "TUNED_SPAN_S", "TUNED_STARTS", "TUNED_UNITS", "fit_prefilter", "tuned_bank"]
+           "TUNED_SEARCH_LAGS", "TUNED_SPAN_S", "TUNED_STARTS", "TUNED_UNITS", "fit_prefilter", "nelder_mead_from_best", "tuned_bank", "unexplained"]
