@@ -43,7 +43,10 @@ Per model (how the state is carried and what is precomputed at export):
   two-level scan) and their last inputs. The bank's gain units (``x min(1, l / e)``) follow peak envelopes: instant-attack
   peak followers ``p[n] = max(|x[n]|, r p[n-1])``, computed per block exactly as a max-plus scan
   (a cumulative maximum in the log domain, :meth:`ARXStream._peaks`) from their carried last
-  value, then one-pole smoothed in the one-pole bank. The head ``A(z) y = sum_m B_m(z) phi_m`` is fixed
+  value, then one-pole smoothed in the one-pole bank; a capture's dynamics units follow one fitted envelope
+  (:func:`metafx.wiener.dynamics_envelope`: a hold, an attack one-pole, a release follower computed exactly per
+  block, :meth:`ARXStream._dynamics`) and carry its two states and the last hold samples of |x|. The head
+  ``A(z) y = sum_m B_m(z) phi_m`` is fixed
   after adaptation: its FIR part carries the last ``nb - 1`` feature frames; its recursive part
   carries the last ``na`` outputs. With a network trunk (``model.arx.features``) its projected
   hidden sequence is a feature too, streamed by :class:`_LSTMTrunk` (float64, carries ``(h, c)``)
@@ -187,7 +190,9 @@ class ARXStream(nn.Module):
       ``2 sigmoid(2 .) - 1`` (its
       low-passes in the one-pole bank); its gain units ``x min(1, l / e)`` (float64) over the
       smoothed peak envelopes (peak followers by :meth:`_peaks`, their smoothing in the one-pole
-      bank); the head is fitted on these same channels;
+      bank); the head is fitted on these same channels; a capture's dynamics units ``x min(1, l / e)``
+      over one fitted envelope (a running-maximum hold, an attack one-pole, a release follower:
+      :meth:`_dynamics`), float64;
     * FIR part: one product of the (nb, M) taps with the feature frames (the last ``nb - 1``
       carried), summed along the diagonals; the gain units have one tap (lag 0), so they are not
       framed: their weighted sum is one product with the block's gains, times x;
