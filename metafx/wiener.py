@@ -286,6 +286,12 @@ def lowpass_pole(fc: np.ndarray | float, sample_rate: int) -> np.ndarray | float
     return np.exp(-2 * math.pi * np.asarray(fc, dtype=np.float64) / sample_rate)
 
 
+def time_constant_pole(tau: np.ndarray | float, sample_rate: int) -> np.ndarray | float:
+    """The one-pole coefficient ``exp(-1 / (tau sr))`` of time constant ``tau`` s (Faust's ``ba.tau2pole``): the gain
+    units' attack and release, the dynamics units' times."""
+    return np.exp(-1.0 / (np.asarray(tau, dtype=np.float64) * sample_rate))
+
+
 def make_bank(n_units: int = WIENER_UNITS, n_lowpass: int = WIENER_LOWPASSES, sample_rate: int = 48000,
               seed: int = WIENER_SEED, dynamics: bool = WIENER_DYNAMICS) -> WienerBank:
     """The seeded bank (see the module docstring).
@@ -316,8 +322,8 @@ def make_bank(n_units: int = WIENER_UNITS, n_lowpass: int = WIENER_LOWPASSES, sa
     c = rng.uniform(-1.0, 1.0, n_units)
     if not dynamics:
         return WienerBank(torch.from_numpy(poles), torch.from_numpy(g[:, None] * d), torch.from_numpy(c))
-    release = np.exp(-1.0 / (np.asarray(RELEASE_S) * sample_rate))
-    attack = np.exp(-1.0 / (np.asarray(ATTACK_S) * sample_rate))
+    release = time_constant_pole(RELEASE_S, sample_rate)
+    attack = time_constant_pole(ATTACK_S, sample_rate)
     levels = 10.0 ** (np.linspace(GAIN_LEVELS_DB[0], GAIN_LEVELS_DB[1], int(GAIN_LEVELS_DB[2])) / 20.0)
     return WienerBank(torch.from_numpy(poles), torch.from_numpy(g[:, None] * d), torch.from_numpy(c),
                       torch.from_numpy(release), torch.from_numpy(attack), torch.from_numpy(levels))
@@ -471,5 +477,5 @@ def bank_channels(bank: WienerBank, x: np.ndarray) -> np.ndarray:
 
 __all__ = ["ADAA_EPS", "ATTACK_S", "GAIN_FLOOR", "GAIN_LEVELS_DB", "GAIN_RANGE", "LOWPASS_HZ", "RELEASE_S", "WIENER_DYNAMICS",
            "WIENER_LOWPASSES", "WIENER_MIN_EQUATIONS", "WIENER_RIDGE", "WIENER_SEED", "WIENER_UNITS", "WienerBank",
-           "adaa_tanh", "bank_channels", "cascade_channels", "dynamics_channels", "dynamics_envelope", "head_coefficients", "lowpass_pole", "make_bank",
+           "adaa_tanh", "bank_channels", "cascade_channels", "dynamics_channels", "dynamics_envelope", "head_coefficients", "lowpass_pole", "make_bank", "time_constant_pole",
            "tuned_channels"]

@@ -21,7 +21,7 @@ from scipy.signal import lfilter
 from metafx.capture.adapt import adapt_arx, score
 from metafx.capture.dynamics_units import DYN_GIVE_UP, DYN_GRID, DYN_UNITS, fit_dynamics
 from metafx.models.arx import MetaARX
-from metafx.wiener import GAIN_FLOOR, dynamics_channels, dynamics_envelope
+from metafx.wiener import GAIN_FLOOR, dynamics_channels, dynamics_envelope, time_constant_pole
 from test_cascade_units import cascade_bank_example, two_stage
 from test_tuned_units import SR, assert_random_head_streams, exported_bank_channels, signal
 
@@ -41,7 +41,7 @@ def envelope_loop(x: np.ndarray, hold: int, attack: float, release: float) -> np
 
 
 def pole(tau: float) -> float:
-    return math.exp(-1.0 / (tau * SR))
+    return float(time_constant_pole(tau, SR))
 
 
 @pytest.mark.parametrize("hold, attack_s, release_s", [(0, 0.0005, 0.01), (1, 0.002, 0.2), (7, 0.00002, 0.001),

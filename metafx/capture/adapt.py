@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -424,6 +425,16 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
                          correlations)
 
 
+def _found(search: Callable[[], Any], max_criterion: float) -> Any:
+    """A unit search's result, or None where its rows were degenerate (a support silent where it looked) or its
+    criterion ends above ``max_criterion`` (it found too little to be worth a second cross-validation)."""
+    try:
+        res = search()
+    except np.linalg.LinAlgError:
+        return None
+    return None if res.criterion > max_criterion else res
+
+
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
               cfg: Config | None = None, fit: str = "continuous", wiener_units: int = WIENER_UNITS,
               bank_min_equations: float = WIENER_MIN_EQUATIONS, tuned_units: bool = True,
@@ -524,19 +535,11 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             own = offered.channels - offered.n_bank  # the searches see the model's channels and the tuned units
             span = torch.cat([phi[:own], tuned]).numpy()
             if dynamics_units:
-                try:
-                    dynamics = fit_dynamics(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr)
-                except np.linalg.LinAlgError:
-                    dynamics = None
-                if dynamics is not None and dynamics.criterion > DYN_MAX_CRITERION:
-                    dynamics = None
+                dynamics = _found(lambda: fit_dynamics(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr),
+                                  DYN_MAX_CRITERION)
             if cascade_units and (dynamics is None or dynamics.criterion > DYN_EXPLAINS):  # not where they explain
-                try:
-                    cascade = fit_cascade(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr, prefilter)
-                except np.linalg.LinAlgError:
-                    cascade = None
-                if cascade is not None and cascade.criterion > CASCADE_MAX_CRITERION:  # the search found too little
-                    cascade = None
+                cascade = _found(lambda: fit_cascade(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr, prefilter),
+                                 CASCADE_MAX_CRITERION)
             if cascade is not None or dynamics is not None:  # a fourth candidate of the cross-validation
                 bank_c, phi_c, added = bank, phi, []
                 if cascade is not None:  # after the tuned units, before the gain units

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from metafx.capture.tuned_units import (TUNED_RUN_LEN, TUNED_SPAN_S, criterion_rows, nelder_mead_from_best,
                                         unexplained)
-from metafx.wiener import GAIN_FLOOR, WienerBank, dynamics_envelope
+from metafx.wiener import GAIN_FLOOR, WienerBank, dynamics_envelope, time_constant_pole
 
 DYN_SCALES = (0.5, 0.71, 1.0, 1.41, 2.0)  # unit levels relative to the fitted level
 DYN_UNITS = len(DYN_SCALES)  # units a capture adds
@@ -76,11 +76,6 @@ class Dynamics:
                 "evaluations": self.evaluations, "seconds": self.seconds}
 
 
-def _pole(tau: float, sr: int) -> float:
-    """A one-pole's coefficient for time constant ``tau`` s (Faust's ``ba.tau2pole``)."""
-    return math.exp(-1.0 / (tau * sr))
-
-
 def _decode(th: np.ndarray, sr: int) -> tuple[float, float, int, float]:
     """(attack s, release s, hold samples, level) of a search point ``[log attack, log release, hold ms, log level]``,
     clamped to :data:`DYN_RANGES`."""
@@ -122,7 +117,7 @@ def fit_dynamics(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int
     def criterion(th: np.ndarray) -> float:
         evals[0] += 1
         att, rel, hold, lev = _decode(th, sr)
-        e = dynamics_envelope(xs, hold, _pole(att, sr), _pole(rel, sr))[rows]
+        e = dynamics_envelope(xs, hold, float(time_constant_pole(att, sr)), float(time_constant_pole(rel, sr)))[rows]
         L = xr[:, None] * np.minimum(1.0, lev * scales[None] / np.maximum(e, GAIN_FLOOR)[:, None])  # (rows, K)
         return unexplained(L, Q, resid, e0, 1e-9)
 
@@ -140,8 +135,8 @@ def fit_dynamics(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int
 
 def dynamics_bank(bank: WienerBank, dyn: Dynamics, sr: int) -> WienerBank:
     """``bank`` plus the dynamics units of ``dyn``: :data:`DYN_UNITS` units at :data:`DYN_SCALES` times its level."""
-    return bank.with_dynamics_units(int(round(dyn.hold * sr)), _pole(dyn.attack, sr), _pole(dyn.release, sr),
-                                    dyn.level * np.asarray(DYN_SCALES))
+    return bank.with_dynamics_units(int(round(dyn.hold * sr)), float(time_constant_pole(dyn.attack, sr)),
+                                    float(time_constant_pole(dyn.release, sr)), dyn.level * np.asarray(DYN_SCALES))
 
 
 __all__ = ["DYN_EVALS", "DYN_EXPLAINS", "DYN_GIVE_UP", "DYN_GRID", "DYN_MAX_CRITERION", "DYN_RANGES", "DYN_RUNS", "DYN_SCALES", "DYN_STARTS",
