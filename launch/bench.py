@@ -8,6 +8,7 @@
     python launch/bench.py methods -- --part steps|speed|stability|rows   # methods beyond the paper
     python launch/bench.py universal [--budget local]   # one meta-model for every family, and left-out families
     python launch/bench.py capture                     # capture every family's held-out setting (issue 13)
+    python launch/bench.py universal_capture           # capture families the meta-model never saw (issue 14)
     python launch/bench.py bank                        # when a capture offers the Wiener bank (validation settings)
     python launch/bench.py ceiling                     # single-task ceiling per architecture, to convergence
     python launch/bench.py gpu                         # the GPU path on one GPU, a few minutes (issue 15)
@@ -33,6 +34,7 @@ SUITES = {
     "methods": "metafx.bench.methods",
     "universal": "metafx.bench.universal",
     "capture": "metafx.bench.capture",  # python launch/bench.py capture [-- --families a,b --support 0.5,1,3,10]
+    "universal_capture": "metafx.bench.universal_capture",  # [-- --families a,b --steps 500 --jobs 2 --workdir D]
     "bank": "metafx.bench.bank_rule",  # python launch/bench.py bank [-- --per-family 2 --support 0.5,1,2,3]
     "ceiling": "metafx.bench.ceiling",  # python launch/bench.py ceiling [-- --archs lstm,tcn,transformer --steps 2000]
     "gpu": "metafx.bench.gpu",  # python launch/bench.py gpu [-- --device cpu] (CUDA by default)

@@ -106,11 +106,18 @@ def render_through(family: dict[str, Any], params: dict[str, float], cache_dir: 
     return np.array(ts.input, dtype=np.float32), np.array(ts.targets[0], dtype=np.float32)
 
 
-def heldout_settings(study: Path, families: list[str] | None = None) -> list[dict[str, Any]]:
-    """One test-split setting per family of a study's task set (rendered if not cached).
+def heldout_settings(study: Path, families: list[str] | None = None, per_family: int | None = 1
+                     ) -> list[dict[str, Any]]:
+    """Test-split settings of each family of a study's task set (rendered if not cached).
+
+    Args:
+        study: the study file.
+        families: only these (None: every family).
+        per_family: settings per family (at most its test tasks; None: all of them); the first is always the
+            middle test task, the one this benchmark captures, then the others in task order.
 
     Returns:
-        ``{"family": name, "dsp": file, "params": {...}, "task_id": ...}`` per family, in study order.
+        ``{"family": name, "dsp": file, "params": {...}, "task_id": ...}`` per setting, in study order.
     """
     from metafx.config import load_config
     from metafx.data.tasks import load_taskset
@@ -124,8 +131,9 @@ def heldout_settings(study: Path, families: list[str] | None = None) -> list[dic
         test = [t for t in ts.tasks if t["family"] == fam.name and t["split"] == "test"]
         if not test:
             continue
-        t = test[len(test) // 2]
-        out.append({"family": fam.name, "dsp": Path(fam.dsp).name, "params": dict(t["params"]), "task_id": t["id"]})
+        mid = len(test) // 2
+        for t in ([test[mid]] + test[:mid] + test[mid + 1:])[:per_family]:
+            out.append({"family": fam.name, "dsp": Path(fam.dsp).name, "params": dict(t["params"]), "task_id": t["id"]})
     return out
 
 
