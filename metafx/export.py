@@ -392,6 +392,18 @@ class ARXStream(nn.Module):
             self.iir_T = torch.from_numpy(np.where(lag >= 0, h[np.clip(lag, 0, None)], 0.0))  # Toeplitz, (C, C)
             self.iir_O = torch.from_numpy(O)
 
+    @torch.jit.unused
+    def head(self) -> Tuple[Tensor, Tensor]:
+        """The installed head, as :meth:`set_head` took it.
+
+        Returns:
+            ``(b (M, nb), a (na + 1,))``, float64; the gain units' rows of ``b`` have their lag-0 tap only.
+        """
+        b = torch.zeros(self.channels, self.nb, dtype=torch.float64)
+        b[: self.n_framed] = self.fir_W.T.flip(-1)
+        b[self.n_framed:, 0] = self.gain_w
+        return b, self.a.clone()
+
     @torch.jit.export
     def initial_state(self) -> List[Tensor]:
         """Zero state: ``[one-poles, peak followers, the anti-aliased units' last inputs, the cascade's (its first

@@ -270,3 +270,21 @@ def test_units_that_do_not_help_cannot_cost_the_bank():
     res = ridge_fit_continuous(model, ph, torch.from_numpy(y), n_bank=bank.n_units + 6, n_gain=bank.n_gains, n_tuned=6)
     assert res.bank and not res.tuned
     assert torch.all(res.b[M0:M0 + 6] == 0)
+
+
+def test_the_classical_arx_baseline_is_its_exported_module_run_by_lfilter():
+    from metafx.capture.adapt import baseline_predictions, classical_arx_model
+    from metafx.capture.meta_model import load_meta_model
+
+    cfg = load_meta_model(None).cfg
+    x = signal(seed=3).astype(np.float32)
+    y = (0.3 + lfilter([0.5, 0.2], [1.0, -0.9], np.tanh(2 * x))).astype(np.float32)  # an offset too (channel 1)
+    n_sup = x.size // 2
+    base = baseline_predictions(cfg, x, y, n_sup, SR)
+    arx = adapt_arx(classical_arx_model(cfg), x, y, n_sup, SR, 0, wiener_units=0)
+    b, a = arx.head()
+    assert b.shape[0] == 2 and float(a[0]) == 1.0 and bool(b[0].abs().sum() > 0)
+    with torch.no_grad():
+        ref = arx.process(torch.from_numpy(x)).numpy()
+    assert base["arx"].dtype == np.float32 and base["arx"].shape == x.shape
+    assert np.max(np.abs(base["arx"] - ref)) <= 1e-5 * np.max(np.abs(ref))
