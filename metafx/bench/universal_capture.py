@@ -151,7 +151,9 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = "python launch/bench.py universal_capture" + (" -- " + shlex.join(rest) if rest else "")
     fams = opts.families.split(",") if opts.families else None
-    budget = None if args.budget == "local" else args.budget  # local: the shipped model's own settings
+    if args.budget != "local":
+        raise ValueError(f"bench universal_capture compares with the shipped meta-model, trained at the local budget; "
+                         f"drop --budget {args.budget}")
     settings = heldout_settings(_study(), fams, opts.settings)
     families = list(dict.fromkeys(st["family"] for st in settings))
     if fams and len(families) != len(fams):
@@ -160,7 +162,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     t0 = time.time()
     trained: dict[str, dict[str, Any]] = {}
     with ProcessPoolExecutor(max_workers=max(1, opts.jobs), mp_context=get_context("spawn")) as pool:
-        futs = {fam: pool.submit(train_left_out, fam, opts.steps, str(work / f"left_out-{fam}"), budget)
+        futs = {fam: pool.submit(train_left_out, fam, opts.steps, str(work / f"left_out-{fam}"))
                 for fam in families}
         for fam, fut in futs.items():
             trained[fam] = fut.result()
@@ -206,7 +208,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
 
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
-    result = {"command": command, "study": _study().name, "settings": len(settings), "shipped_meta_steps": shipped.cfg.maml.meta_steps,
+    result = {"command": command, "study": _study().name, "settings": len(settings),
+              "shipped_meta_steps": shipped.cfg.maml.meta_steps,
               "left_out_meta_steps": opts.steps or shipped.cfg.maml.meta_steps, "support_seconds": S,
               "heldout_from_seconds": max(HELDOUT_FROM, S), "machine": platform.machine(), "cores": os.cpu_count(),
               "torch": torch.__version__, "wall_seconds": round(time.time() - t0, 1), "rows": rows}
@@ -290,7 +293,7 @@ def report(result: dict[str, Any]) -> str:
     lines += ["", "## Target (issue 14, in the capture setting)", "",
               f"Left-out families: ESR <= {TARGET_LEFT_OUT_ESR} and below LS-FIR and classical ARX (family means).", ""]
     lines += targets(rows)
-    lines += ["", "## Every setting (held-out ESR)", "", "| family | setting " + head, "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Every setting (held-out ESR)", "", "| family | setting " + head, "|---" * 9 + "|"]
     for tid in dict.fromkeys(r["task_id"] for r in rows):
         rs = [r for r in rows if r["task_id"] == tid]
         by = {(r["setting"], r["method"], r["bank"]): r["esr"] for r in rs}
