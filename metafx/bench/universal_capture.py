@@ -212,7 +212,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
               "shipped_meta_steps": shipped.cfg.maml.meta_steps,
               "left_out_meta_steps": opts.steps or shipped.cfg.maml.meta_steps, "support_seconds": S,
               "heldout_from_seconds": max(HELDOUT_FROM, S), "machine": platform.machine(), "cores": os.cpu_count(),
-              "torch": torch.__version__, "wall_seconds": round(time.time() - t0, 1), "rows": rows}
+              "torch": torch.__version__, "wall_seconds": round(time.time() - t0, 1),
+              "models_reused": sum(bool(v["reused"]) for v in trained.values()), "rows": rows}
     (out / "universal_capture.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
     (out / "universal_capture.md").write_text(report(result), encoding="utf-8")
     print(report(result))
@@ -268,8 +269,10 @@ def report(result: dict[str, Any]) -> str:
             "| LS-FIR | classical ARX | identity |")
     lines = ["# Capturing effect families the meta-model has never seen",
              "",
-             f"Command: `{result['command']}` ({result['cores']} cores, {result['wall_seconds']:.0f} s in all, "
-             "meta-training included).",
+             f"Command: `{result['command']}` ({result['cores']} cores, {result['wall_seconds']:.0f} s in all"
+             + (f"; {result['models_reused']} left-out meta-models reused from an earlier run with the same "
+                "`--workdir`, their meta-training seconds in the table)." if result.get("models_reused") else
+                ", meta-training included)."),
              "",
              f"Every capture: the capture signal rendered through a held-out (test-split) setting of the family "
              f"(DAWDreamer), {result['support_seconds']:g} s of support, scored on the same held-out part (from "
