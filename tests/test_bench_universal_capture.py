@@ -59,3 +59,10 @@ def test_targets_need_all_three_conditions_on_the_family_mean():
     assert "| a | 1 | 0.005 | 0.01 | 0.01 | 0.02 | 0.5 | 0.4 | 1 | 100 |" in md
     assert "| e | 2 | 0.03 | 0.06 | 0.06 | 0.12 | 0.5 | 0.4 | 1 | 100 |" in md
     assert "| e | drive=0.5 | 0.05 | 0.1 | 0.1 | 0.2 | 0.5 | 0.4 | 1 |" in md  # the per-setting table
+
+
+def test_a_tie_at_float_rounding_is_reported_as_a_tie_not_as_met():
+    rows = _rows("lin", 3e-14, 1e-14, 5e-15) + _rows("lin2", 2e-7, 0.3, 7e-11)
+    lines = targets(rows)
+    assert "tie with a baseline" in lines[0] and lines[1].endswith("NOT met")  # 2e-7 is not rounding
+    assert lines[-1] == "Met on 0 of 2 families; 1 more tie with a baseline at float64 rounding."

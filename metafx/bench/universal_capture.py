@@ -1,7 +1,8 @@
 """Effects the capture meta-model has never seen: benchmarks/universal_capture.{json,md}.
 
     python launch/bench.py universal_capture [-- --families a,b --settings N --steps 500 --jobs 2
-                                                 --workdir DIR --cache DIR --support 3 --train-only]
+                                                 --workdir DIR --cache DIR --support 3 --train-only
+                                                 --report-only]
 
 The episode benchmark (:mod:`metafx.bench.universal`) scores meta-models on 4 x 2048-sample
 zero-state slices. A user captures a device from seconds of continuous audio
@@ -146,8 +147,14 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                     "folder)")
     ap.add_argument("--cache", default=None, help="render cache of the captures (default: a temporary folder)")
     ap.add_argument("--train-only", action="store_true", help="meta-train the left-out models and stop")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON in --out")
     rest = [a for a in rest if a != "--"]
     opts = ap.parse_args(rest)
+    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks"
+    if opts.report_only:
+        (out / "universal_capture.md").write_text(report(json.loads((out / "universal_capture.json").read_text())),
+                                                  encoding="utf-8")
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = "python launch/bench.py universal_capture" + (" -- " + shlex.join(rest) if rest else "")
     fams = opts.families.split(",") if opts.families else None
@@ -206,7 +213,6 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
               f"left-out {got[('left_out', True)]:.4g} (no bank {got[('left_out', False)]:.4g})  "
               f"lsfir {base['lsfir']['esr']:.4g}  arx {base['arx']['esr']:.4g}", flush=True)
 
-    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "study": _study().name, "settings": len(settings),
               "shipped_meta_steps": shipped.cfg.maml.meta_steps,
@@ -244,7 +250,9 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     Returns:
         One line per family and a last line with the count.
     """
-    lines, met = [], 0
+    from metafx.bench.capture import PRECISION_FLOOR
+
+    lines, met, tied = [], 0, 0
     for fam, d in family_means(rows).items():
         left = next((v for (s, _, b), v in d.items() if s == "left_out" and b), None)
         uni = next((v for (s, m, b), v in d.items() if s == "in_family" and b and m not in BASELINES), None)
@@ -252,10 +260,17 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         if left is None or fir is None or arx is None:
             continue
         ok = left <= TARGET_LEFT_OUT_ESR and left < fir and left < arx
+        # a baseline as good as the model where both are exact to float64 rounding: a tie, not a win or a loss
+        tie = not ok and left <= TARGET_LEFT_OUT_ESR and all(left < v or max(left, v) < PRECISION_FLOOR
+                                                             for v in (fir, arx))
         met += ok
+        tied += tie
+        verdict = "met" if ok else (f"tie with a baseline (both below {PRECISION_FLOOR:g}, float64 rounding)"
+                                    if tie else "NOT met")
         lines.append(f"* {fam}: left-out ESR {_f(left)} (LS-FIR {_f(fir)}, classical ARX {_f(arx)}; the model that "
-                     f"saw the family {_f(uni)}): {'met' if ok else 'NOT met'}")
-    return lines + ["", f"Met on {met} of {len(lines)} families."]
+                     f"saw the family {_f(uni)}): {verdict}")
+    return lines + ["", f"Met on {met} of {len(lines)} families" + (f"; {tied} more tie with a baseline at float64 "
+                                                                     "rounding" if tied else "") + "."]
 
 
 def report(result: dict[str, Any]) -> str:
