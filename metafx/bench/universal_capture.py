@@ -300,7 +300,8 @@ def report(result: dict[str, Any]) -> str:
              "prefers them); *features only*: `wiener_units=0`, the meta-learned features and the ridge head alone, "
              "which is what meta-learning transfers.",
              "",
-             f"## ESR per family (mean over its {result.get('settings', '-')} settings in all: see the last table)",
+             f"## ESR per family (the mean over the family's settings; {result.get('settings', '-')} settings in all, "
+             "each in the last table)",
              "",
              "| family | settings " + head + " left-out meta-training s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
