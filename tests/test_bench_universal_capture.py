@@ -66,3 +66,19 @@ def test_a_tie_at_float_rounding_is_reported_as_a_tie_not_as_met():
     lines = targets(rows)
     assert "tie with a baseline" in lines[0] and lines[1].endswith("NOT met")  # 2e-7 is not rounding
     assert lines[-1] == "Met on 0 of 2 families; 1 more tie with a baseline at float64 rounding."
+
+
+def test_bad_input_is_one_line_and_exit_status_2_before_any_training(tmp_path):
+    import subprocess
+    import sys
+
+    from metafx.config import REPO_ROOT
+
+    for argv in (["--", "--families", "nope,amp", "--workdir", str(tmp_path / "w")],
+                 ["--budget", "smoke", "--", "--workdir", str(tmp_path / "w")]):
+        r = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "bench.py"), "universal_capture", *argv],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and ("nope" in err[0] or "--budget smoke" in err[0]) and "Traceback" not in r.stderr
+        assert not (tmp_path / "w").exists()  # nothing trained, nothing written

@@ -133,7 +133,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
 
     from metafx.bench.capture import HELDOUT_FROM, heldout_settings, render_through
     from metafx.capture import load_meta_model, run_capture
-    from metafx.config import REPO_ROOT
+    from metafx.config import REPO_ROOT, load_config
+    from metafx.config_io import ConfigError
 
     ap = argparse.ArgumentParser(prog="bench universal_capture")
     ap.add_argument("--families", default=None, help="comma-separated subset (default: every family of the study)")
@@ -159,12 +160,15 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     command = "python launch/bench.py universal_capture" + (" -- " + shlex.join(rest) if rest else "")
     fams = opts.families.split(",") if opts.families else None
     if args.budget != "local":
-        raise ValueError(f"bench universal_capture compares with the shipped meta-model, trained at the local budget; "
-                         f"drop --budget {args.budget}")
+        raise ConfigError(f"bench universal_capture compares with the shipped meta-model, trained at the local budget; "
+                          f"drop --budget {args.budget}")
+    known = [f.name for f in load_config(_study()).data.families]
+    unknown = [f for f in fams or () if f not in known]
+    if unknown:
+        raise ConfigError(f"--families {','.join(unknown)}: not families of {_study().name}; name some of "
+                          f"{','.join(known)}")
     settings = heldout_settings(_study(), fams, opts.settings)
     families = list(dict.fromkeys(st["family"] for st in settings))
-    if fams and len(families) != len(fams):
-        raise ValueError(f"--families {opts.families}: not all are families of {_study().name} with test settings")
     work = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="metafx-universal-capture-"))
     t0 = time.time()
     trained: dict[str, dict[str, Any]] = {}
