@@ -48,7 +48,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENV_MODE = "METAFX_DISTRIBUTED_RENDER"  # auto (default) | 1 | 0
-CANCEL_DRAIN_S = 10.0  # seconds an interrupted render waits for its cancelled parts to report back
+# No ray.cancel here on a task that may be running: in Ray 2.60 a cancel that lands after a
+# task's reply has arrived but before the reply is processed fails the task (TASK_CANCELLED), and processing the
+# reply then fails a Ray-internal check ("Tried to complete task that was not pending", task_manager.cc) that ends
+# the driver with status 1, whatever the driver was doing (seen in CI on SIGTERM; reproduced with force=False too).
+# Running tasks end with the driver's job instead.
 
 
 # --------------------------------------------------------------------------- does every node see a directory?
@@ -87,9 +91,7 @@ def nodes_not_seeing(directory: str | os.PathLike[str], timeout: float = 180.0) 
         try:
             seen = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout)))
         except ray.exceptions.GetTimeoutError:
-            for r in refs.values():
-                ray.cancel(r, force=True)
-            return None
+            return None  # not cancelled (no ray.cancel: see the top of the module): a zero-CPU check task ends with the job
     finally:
         marker.unlink(missing_ok=True)
     return [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in alive if not seen.get(n["NodeID"])]
@@ -269,15 +271,10 @@ def render_on_ray(cfg: "Config", *, cpus_per_part: int = 1, tasks_per_part: int 
                 done_tasks += len(p.indices)
                 bar.update(done_tasks)
     except BaseException:
-        for ref in pending:  # interrupted or failed: stop the parts still running (finished ones stay for reuse)
-            ray.cancel(ref, force=True)
-        # Let the cancelled tasks' replies arrive before Ray shuts down: a reply that comes in after the driver's
-        # task table is torn down fails a Ray-internal check (task_manager.cc, "Tried to complete task that was
-        # not pending") that ends the driver with status 1 instead of its own (seen once under load in CI).
-        try:
-            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_DRAIN_S)
-        except BaseException:  # a second Ctrl-C / SIGTERM, or Ray already gone: leave as asked
-            pass
+        # Interrupted or failed: the parts still running are not cancelled (see the top of the module). They end with
+        # this driver's job (the local Ray it started shuts down; on a cluster the raylets kill a finished job's
+        # workers), and a part that finishes first is kept for reuse like any other.
+        log.info("render %s stopped with %d part(s) still running; Ray ends them with this job", h[:8], len(pending))
         raise
     t_render = time.perf_counter() - t0
 
