@@ -255,7 +255,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                        "wiener_units": res["model"]["wiener_units"],
                        "tuned_units": res["model"].get("wiener_tuned_units"),
                        "cascade_units": res["model"].get("wiener_cascade_units"),
-                       "dynamics_units": res["model"].get("wiener_dynamics_units"), "render_seconds": render_s}
+                       "dynamics_units": res["model"].get("wiener_dynamics_units"),
+                       "linear_head": res["model"].get("linear_head"), "render_seconds": render_s}
                 if fit == "continuous" and S == TARGET_SUPPORT and mm.cfg.model.arch == "arx" and WIENER_UNITS:
                     nres = run_capture(wet_path, work / f"{st['family']}-nobank", support_seconds=S, mlflow=False,
                                        meta_model=mm, heldout_from_seconds=max(HELDOUT_FROM, S), measure_rtf=False,
@@ -378,11 +379,13 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
                   "unexplained, metafx/capture/cascade_units.py; dynamics units, a fitted limiter envelope, "
                   "metafx/capture/dynamics_units.py) and keeps it where the "
                   "support's cross-validation prefers it; the same capture without the offer (`--wiener-units 0`) "
-                  "beside it.", "",
+                  "beside it. The same cross-validation may keep the head on [1, x] alone (classical ARX of the "
+                  "model's orders: \"linear head\").", "",
                   "| family | bank kept | with the offer | without (`--wiener-units 0`) | classical ARX | "
                   "capture s with / without |", "|---|---|---|---|---|---|"]
         for r in banked:
-            kept = "no" if not r.get("wiener_units") else "yes" + (", tuned" if r.get("tuned_units") else "") + \
+            kept = ("no, linear head" if r.get("linear_head") else "no") if not r.get("wiener_units") else \
+                "yes" + (", tuned" if r.get("tuned_units") else "") + \
                 (", cascade" if r.get("cascade_units") else "") + (", dynamics" if r.get("dynamics_units") else "")
             lines.append(f"| {r['family']} | {kept} | {_fmt(r['model']['esr'])} | "
                          f"{_fmt(r['no_bank']['esr'])} | {_fmt(r['arx']['esr'])} | {r['capture_seconds']:.2f} / "

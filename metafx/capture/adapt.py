@@ -253,6 +253,8 @@ class ContinuousFit:
         tuned: True when the bank's tuned units are in the head too (their rows of ``b`` are zero otherwise).
         correlations: each cross-validation segment's lag correlations of the features (:func:`lag_correlations`),
             for a second fit with channels added (``ridge_fit_continuous(known=...)``).
+        linear: True when the linear candidate won: only the constant and ``x`` are in the head (classical ARX of
+            the model's orders; every other row of ``b`` is zero).
     """
 
     b: Tensor
@@ -262,13 +264,14 @@ class ContinuousFit:
     cv_esr: float
     tuned: bool = False
     correlations: list[list[Tensor]] | None = field(default=None, repr=False, compare=False)
+    linear: bool = False
 
 
 def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple[float, ...] = RIDGE_SCALES,
                          n_bank: int = 0, bank_ridge: float = WIENER_RIDGE,
                          bank_min_equations: float = WIENER_MIN_EQUATIONS, n_gain: int = 0,
                          n_tuned: int = 0, fitted_only: bool = False, known: list[list[Tensor]] | None = None,
-                         added: list[tuple[int, int]] | None = None) -> ContinuousFit:
+                         added: list[tuple[int, int]] | None = None, linear: bool = True) -> ContinuousFit:
     """The equation-error ridge fit of :meth:`metafx.models.arx.MetaARX.fit_features` over one continuous stretch.
 
     The regressors, the meta-learned per-coefficient ridge and the prior mean of the meta-trained
@@ -295,6 +298,13 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     bank's last ``n_gain`` channels are gain units, fitted at lag 0 only (their other lags' rows
     of ``b`` are zero).
 
+    With ``linear`` (and features beyond ``[1, x]``) the head on ``[1, x]`` alone is a candidate too: classical ARX
+    of the model's orders, under the same meta-learned ridge and scales. A linear device (an EQ, a linear filter)
+    is fitted by it to float64 rounding, where the learned channels, fitted beside it, leave ~1e-7 of error energy
+    (benchmarks/universal_capture.md: the Moog VCF and the EQ, left out of meta-training, 2.5e-7 and 6.7e-7 against
+    classical ARX's 1.8e-11 and 1.5e-9); on a nonlinear device its left-out ESR is far above the others', so it
+    is never kept there.
+
     Args:
         model: the :class:`metafx.models.arx.MetaARX`.
         phi: features of the support, (M, S), float64: the model's channels, then ``n_bank`` bank channels.
@@ -312,6 +322,8 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         known: a first fit's :attr:`ContinuousFit.correlations` over the same support, whose features were these
             without the rows ``added``: only the added channels' correlations are computed.
         added: ``[(first, n), ..]``: rows ``first .. first + n - 1`` of ``phi`` are channels added since ``known``.
+        linear: offer the ``[1, x]`` head as a candidate (not with ``fitted_only``, and only where the model has
+            channels beyond ``[1, x]``: for classical ARX it is the head without the bank).
 
     Returns:
         The :class:`ContinuousFit`.
@@ -355,18 +367,22 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     keep = torch.ones(P, dtype=torch.bool)
     if n_gain:
         keep[1 + (M - 1 - n_gain) * nb: 1 + (M - 1) * nb] = (torch.arange(n_gain * nb) % nb) == 0
-    # (bank in the head, tuned units in the head, the candidate's columns)
-    variants = [(False, False, without)] + ([(True, n_tuned > 0, torch.nonzero(keep).flatten())]
-                                            if bank_offered(model, S, n_bank, bank_min_equations, n_gain) else [])
+    # (bank in the head, tuned units in the head, the candidate's columns, the rows of phi it simulates on)
+    variants = [(False, False, without, M - n_bank)] + (
+        [(True, n_tuned > 0, torch.nonzero(keep).flatten(), M)]
+        if bank_offered(model, S, n_bank, bank_min_equations, n_gain) else [])
     if n_tuned and len(variants) > 1:  # the bank without its tuned units (their columns: before the gain units')
         plain = keep.clone()
         lo = 1 + (M - 1 - n_gain - n_tuned) * nb
         plain[lo: lo + n_tuned * nb] = False
-        variants.insert(1, (True, False, torch.nonzero(plain).flatten()))
+        variants.insert(1, (True, False, torch.nonzero(plain).flatten(), M))
     if fitted_only:
         if not (n_tuned and len(variants) > 1):
             raise ValueError("ridge_fit_continuous(fitted_only=True) needs an offered bank with fitted units")
         variants = variants[-1:]
+    elif linear and M - n_bank > 2:  # [1, x]: the DC column, x's nb lags (columns 1 .. nb), the AR part
+        lin = torch.cat([torch.arange(1 + nb), torch.arange(n_b, P)])
+        variants.insert(1, (False, False, lin, 2))
 
     def solve_all(Gm: Tensor, rm: Tensor, idx: Tensor, at: tuple[float, ...]) -> list[tuple[Tensor, Tensor]]:
         """The heads at each ridge scale of ``at``: the candidate's sub-system is taken out once for all of them.
@@ -402,9 +418,9 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         folds = [[k, k + CV_FOLDS] for k in range(CV_FOLDS)]
         left_in = [(G - Gs[segs].sum(0), r - rs[segs].sum(0)) for segs in folds]  # each fold's equations, once
         cv: dict[tuple[int, float], float] = {}  # (variant, scale) -> left-out ESR
-        for vi, (v, _, idx) in enumerate(variants):  # every scale of a variant simulated together
+        for vi, (_, _, idx, m) in enumerate(variants):  # every scale of a variant simulated together
             err, tgt = np.zeros(len(scales)), 0.0
-            m = M if v else M - n_bank  # without the bank its rows of b are zero: leave them out
+            # (the rows of b after the candidate's m are zero: left out of the simulation)
             for segs, (Gk, rk) in zip(folds, left_in):
                 heads = solve_all(Gk, rk, idx, scales)
                 stop = int(edges[max(segs) + 1])  # a zero-state simulation up to the last left-out sample
@@ -419,10 +435,10 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
             for scale in scales:
                 if cv[(vi, scale)] < best_err:
                     best, best_err = (var, scale), cv[(vi, scale)]
-    (with_bank, tuned, idx), scale = best
+    (with_bank, tuned, idx, m), scale = best
     b, a = solve_all(G, r, idx, (scale,))[0]
     return ContinuousFit(b, a, float(scale), with_bank, float(best_err) if several else math.nan, tuned,
-                         correlations)
+                         correlations, linear=m == 2 and M - n_bank > 2)
 
 
 def _found(search: Callable[[], Any], max_criterion: float) -> Any:
@@ -471,7 +487,9 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         curve, tuned, cascade and gain units, ``n_curve``, ``n_aa``, ``n_cas`` and ``n_gain``), ``prefilter``
         (the fitted :class:`metafx.capture.tuned_units.PreFilter`, or None where none was fitted or kept),
         ``cascade`` (the fitted :class:`metafx.capture.cascade_units.Cascade`, or None likewise) and ``dynamics``
-        (the fitted :class:`metafx.capture.dynamics_units.Dynamics`, or None likewise; ``n_dyn`` units).
+        (the fitted :class:`metafx.capture.dynamics_units.Dynamics`, or None likewise; ``n_dyn`` units) and
+        ``linear_head`` (True where the cross-validation kept the head on ``[1, x]`` alone:
+        :func:`ridge_fit_continuous`, ``linear``).
     """
     support = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32))
 
@@ -572,6 +590,7 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         stream = offered if res.bank or bank is None else build()  # the bank left out: a stream without it
     stream.set_head(b[: stream.channels], res.a)
     stream.ridge_scale = res.scale  # recorded in results.json (an attribute of the export module too)
+    stream.linear_head = res.linear  # the [1, x] candidate won (classical ARX of the model's orders)
     stream.bank_offered = bank is not None
     stream.prefilter = prefilter if stream.n_aa else None
     stream.cascade = cascade if stream.n_cas else None
