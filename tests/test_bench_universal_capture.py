@@ -41,7 +41,7 @@ def test_per_family_model_is_trained_on_the_family_alone_with_the_same_held_out_
     monkeypatch.setenv("METAFX_CACHE", str(tmp_path / "cache"))
     cfg = left_out_config("cubicnl", 2, "smoke", per_family=True)
     others = [f.name for f in cfg.data.families if f.name != "cubicnl"]
-    assert sorted(cfg.data.left_out_families) == sorted(others) and len(others) == 12
+    assert sorted(cfg.data.left_out_families) == sorted(others) and others  # every other family of the budget
     ts = load_taskset(cfg.data, progress=False)
     full = load_taskset(left_out_config("moog_vcf", 2, "smoke").data, progress=False)  # cubicnl not left out there
     assert ts.split("test", "cubicnl") == full.split("test", "cubicnl")  # the same held-out settings

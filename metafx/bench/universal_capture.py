@@ -125,7 +125,8 @@ def train_left_out(family: str, steps: int | None, workdir: str, budget: str | N
             **({"per_family": True} if per_family else {})}
     if info_file.is_file() and best.is_file():
         info = json.loads(info_file.read_text())
-        if all(info.get(k) == v for k, v in want.items()):
+        # (a left-out run has no "per_family" key: its train.json predates the per-family models)
+        if all(info.get(k) == v for k, v in want.items()) and bool(info.get("per_family")) == per_family:
             return {**info, "reused": True}
     taskset = load_taskset(cfg.data, progress=False)
     for f in cfg.data.left_out_families:
