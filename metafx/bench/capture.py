@@ -256,7 +256,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                        "tuned_units": res["model"].get("wiener_tuned_units"),
                        "cascade_units": res["model"].get("wiener_cascade_units"),
                        "dynamics_units": res["model"].get("wiener_dynamics_units"),
-                       "linear_head": res["model"].get("linear_head"), "render_seconds": render_s}
+                       "classical_arx": res["model"].get("classical_arx"), "render_seconds": render_s}
                 if fit == "continuous" and S == TARGET_SUPPORT and mm.cfg.model.arch == "arx" and WIENER_UNITS:
                     nres = run_capture(wet_path, work / f"{st['family']}-nobank", support_seconds=S, mlflow=False,
                                        meta_model=mm, heldout_from_seconds=max(HELDOUT_FROM, S), measure_rtf=False,
@@ -379,12 +379,12 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
                   "unexplained, metafx/capture/cascade_units.py; dynamics units, a fitted limiter envelope, "
                   "metafx/capture/dynamics_units.py) and keeps it where the "
                   "support's cross-validation prefers it; the same capture without the offer (`--wiener-units 0`) "
-                  "beside it. The same cross-validation may keep the head on [1, x] alone (classical ARX of the "
-                  "model's orders: \"linear head\").", "",
+                  "beside it. The capture also cross-validates classical ARX itself on the same support and keeps "
+                  "it where it is better (\"classical ARX\": a linear device).", "",
                   "| family | bank kept | with the offer | without (`--wiener-units 0`) | classical ARX | "
                   "capture s with / without |", "|---|---|---|---|---|---|"]
         for r in banked:
-            kept = ("no, linear head" if r.get("linear_head") else "no") if not r.get("wiener_units") else \
+            kept = ("no, classical ARX" if r.get("classical_arx") else "no") if not r.get("wiener_units") else \
                 "yes" + (", tuned" if r.get("tuned_units") else "") + \
                 (", cascade" if r.get("cascade_units") else "") + (", dynamics" if r.get("dynamics_units") else "")
             lines.append(f"| {r['family']} | {kept} | {_fmt(r['model']['esr'])} | "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -253,8 +253,6 @@ class ContinuousFit:
         tuned: True when the bank's tuned units are in the head too (their rows of ``b`` are zero otherwise).
         correlations: each cross-validation segment's lag correlations of the features (:func:`lag_correlations`),
             for a second fit with channels added (``ridge_fit_continuous(known=...)``).
-        linear: True when the linear candidate won: only the constant and ``x`` are in the head (classical ARX of
-            the model's orders; every other row of ``b`` is zero).
     """
 
     b: Tensor
@@ -264,14 +262,13 @@ class ContinuousFit:
     cv_esr: float
     tuned: bool = False
     correlations: list[list[Tensor]] | None = field(default=None, repr=False, compare=False)
-    linear: bool = False
 
 
 def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple[float, ...] = RIDGE_SCALES,
                          n_bank: int = 0, bank_ridge: float = WIENER_RIDGE,
                          bank_min_equations: float = WIENER_MIN_EQUATIONS, n_gain: int = 0,
                          n_tuned: int = 0, fitted_only: bool = False, known: list[list[Tensor]] | None = None,
-                         added: list[tuple[int, int]] | None = None, linear: bool = True) -> ContinuousFit:
+                         added: list[tuple[int, int]] | None = None) -> ContinuousFit:
     """The equation-error ridge fit of :meth:`metafx.models.arx.MetaARX.fit_features` over one continuous stretch.
 
     The regressors, the meta-learned per-coefficient ridge and the prior mean of the meta-trained
@@ -298,13 +295,6 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     bank's last ``n_gain`` channels are gain units, fitted at lag 0 only (their other lags' rows
     of ``b`` are zero).
 
-    With ``linear`` (and features beyond ``[1, x]``) the head on ``[1, x]`` alone is a candidate too: classical ARX
-    of the model's orders, under the same meta-learned ridge and scales. A linear device (an EQ, a linear filter)
-    is fitted by it to float64 rounding, where the learned channels, fitted beside it, leave ~1e-7 of error energy
-    (benchmarks/universal_capture.md: the Moog VCF and the EQ, left out of meta-training, 2.5e-7 and 6.7e-7 against
-    classical ARX's 1.8e-11 and 1.5e-9); on a nonlinear device its left-out ESR is far above the others', so it
-    is never kept there.
-
     Args:
         model: the :class:`metafx.models.arx.MetaARX`.
         phi: features of the support, (M, S), float64: the model's channels, then ``n_bank`` bank channels.
@@ -322,8 +312,6 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         known: a first fit's :attr:`ContinuousFit.correlations` over the same support, whose features were these
             without the rows ``added``: only the added channels' correlations are computed.
         added: ``[(first, n), ..]``: rows ``first .. first + n - 1`` of ``phi`` are channels added since ``known``.
-        linear: offer the ``[1, x]`` head as a candidate (not with ``fitted_only``, and only where the model has
-            channels beyond ``[1, x]``: for classical ARX it is the head without the bank).
 
     Returns:
         The :class:`ContinuousFit`.
@@ -367,22 +355,18 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     keep = torch.ones(P, dtype=torch.bool)
     if n_gain:
         keep[1 + (M - 1 - n_gain) * nb: 1 + (M - 1) * nb] = (torch.arange(n_gain * nb) % nb) == 0
-    # (bank in the head, tuned units in the head, the candidate's columns, the rows of phi it simulates on)
-    variants = [(False, False, without, M - n_bank)] + (
-        [(True, n_tuned > 0, torch.nonzero(keep).flatten(), M)]
-        if bank_offered(model, S, n_bank, bank_min_equations, n_gain) else [])
+    # (bank in the head, tuned units in the head, the candidate's columns)
+    variants = [(False, False, without)] + ([(True, n_tuned > 0, torch.nonzero(keep).flatten())]
+                                            if bank_offered(model, S, n_bank, bank_min_equations, n_gain) else [])
     if n_tuned and len(variants) > 1:  # the bank without its tuned units (their columns: before the gain units')
         plain = keep.clone()
         lo = 1 + (M - 1 - n_gain - n_tuned) * nb
         plain[lo: lo + n_tuned * nb] = False
-        variants.insert(1, (True, False, torch.nonzero(plain).flatten(), M))
+        variants.insert(1, (True, False, torch.nonzero(plain).flatten()))
     if fitted_only:
         if not (n_tuned and len(variants) > 1):
             raise ValueError("ridge_fit_continuous(fitted_only=True) needs an offered bank with fitted units")
         variants = variants[-1:]
-    elif linear and M - n_bank > 2:  # [1, x]: the DC column, x's nb lags (columns 1 .. nb), the AR part
-        lin = torch.cat([torch.arange(1 + nb), torch.arange(n_b, P)])
-        variants.insert(1, (False, False, lin, 2))
 
     def solve_all(Gm: Tensor, rm: Tensor, idx: Tensor, at: tuple[float, ...]) -> list[tuple[Tensor, Tensor]]:
         """The heads at each ridge scale of ``at``: the candidate's sub-system is taken out once for all of them.
@@ -418,9 +402,9 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         folds = [[k, k + CV_FOLDS] for k in range(CV_FOLDS)]
         left_in = [(G - Gs[segs].sum(0), r - rs[segs].sum(0)) for segs in folds]  # each fold's equations, once
         cv: dict[tuple[int, float], float] = {}  # (variant, scale) -> left-out ESR
-        for vi, (_, _, idx, m) in enumerate(variants):  # every scale of a variant simulated together
+        for vi, (v, _, idx) in enumerate(variants):  # every scale of a variant simulated together
             err, tgt = np.zeros(len(scales)), 0.0
-            # (the rows of b after the candidate's m are zero: left out of the simulation)
+            m = M if v else M - n_bank  # without the bank its rows of b are zero: leave them out
             for segs, (Gk, rk) in zip(folds, left_in):
                 heads = solve_all(Gk, rk, idx, scales)
                 stop = int(edges[max(segs) + 1])  # a zero-state simulation up to the last left-out sample
@@ -435,10 +419,10 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
             for scale in scales:
                 if cv[(vi, scale)] < best_err:
                     best, best_err = (var, scale), cv[(vi, scale)]
-    (with_bank, tuned, idx, m), scale = best
+    (with_bank, tuned, idx), scale = best
     b, a = solve_all(G, r, idx, (scale,))[0]
     return ContinuousFit(b, a, float(scale), with_bank, float(best_err) if several else math.nan, tuned,
-                         correlations, linear=m == 2 and M - n_bank > 2)
+                         correlations)
 
 
 def _found(search: Callable[[], Any], max_criterion: float) -> Any:
@@ -454,7 +438,7 @@ def _found(search: Callable[[], Any], max_criterion: float) -> Any:
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
               cfg: Config | None = None, fit: str = "continuous", wiener_units: int = WIENER_UNITS,
               bank_min_equations: float = WIENER_MIN_EQUATIONS, tuned_units: bool = True,
-              cascade_units: bool = True, dynamics_units: bool = True) -> ARXStream:
+              cascade_units: bool = True, dynamics_units: bool = True, classical: bool = True) -> ARXStream:
     """Adapt a :class:`metafx.models.arx.MetaARX` to the support and return its streaming export.
 
     Args:
@@ -479,6 +463,15 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             cross-validate again with them: the head with the smaller left-out ESR is kept.
         dynamics_units: likewise (the same rule, a bank with gain units), fit dynamics units
             (:mod:`metafx.capture.dynamics_units`); they enter that second cross-validation with the cascade units.
+        classical: with a continuous fit of a model with learned channels, classical ARX (:func:`classical_arx_model`:
+            its own orders and ridge, on ``[1, x]``) is a candidate too, cross-validated on the same segments of the
+            support (:func:`ridge_fit_continuous` over ``[1, x]``), and returned (its own stream) where its left-out
+            ESR is the smaller. A linear device (an EQ, a linear filter) is fitted by it to float64 rounding, where
+            the meta-model's head leaves a little of the learned channels it fits beside ``x`` (the Moog VCF and the
+            EQ left out of meta-training: 2.5e-7 and 6.7e-7 against classical ARX's 1.8e-11 and 1.5e-9,
+            benchmarks/universal_capture.md); on a nonlinear device it loses by orders of magnitude. (The segments
+            start after ``max(nb - 1, na)`` samples of each model: the same for the shipped model's (8, 12) and
+            classical ARX's (13, 12), a few samples apart otherwise.)
 
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the
@@ -486,10 +479,9 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         was long enough to offer the bank), ``n_bank`` (bank channels kept: 0, or the bank's
         curve, tuned, cascade and gain units, ``n_curve``, ``n_aa``, ``n_cas`` and ``n_gain``), ``prefilter``
         (the fitted :class:`metafx.capture.tuned_units.PreFilter`, or None where none was fitted or kept),
-        ``cascade`` (the fitted :class:`metafx.capture.cascade_units.Cascade`, or None likewise) and ``dynamics``
+        ``cascade`` (the fitted :class:`metafx.capture.cascade_units.Cascade`, or None likewise), ``dynamics``
         (the fitted :class:`metafx.capture.dynamics_units.Dynamics`, or None likewise; ``n_dyn`` units) and
-        ``linear_head`` (True where the cross-validation kept the head on ``[1, x]`` alone:
-        :func:`ridge_fit_continuous`, ``linear``).
+        ``classical_arx`` (True where classical ARX won: the stream is then classical ARX's, on ``[1, x]``).
     """
     support = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32))
 
@@ -579,6 +571,18 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
                     bank, offered, res = bank_c, offered_c, res_c
                 else:
                     cascade = dynamics = None
+    if classical and int(model.channels) > 2 and math.isfinite(res.cv_esr):
+        c_model = classical_arx_model()
+        c_stream = ARXStream(c_model, sample_rate=sr, latency_samples=latency)
+        with torch.no_grad():
+            c_res = ridge_fit_continuous(c_model, c_stream.features(xs), ys)
+        if c_res.cv_esr < res.cv_esr:  # the same segments: the left-out ESRs compare
+            c_stream.set_head(c_res.b, c_res.a)
+            c_stream.ridge_scale = c_res.scale
+            c_stream.classical_arx = True
+            c_stream.bank_offered = bank is not None
+            c_stream.prefilter = c_stream.cascade = c_stream.dynamics = None
+            return c_stream
     b = res.b
     n_fitted = offered.n_aa + offered.n_cas
     if res.bank and n_fitted and not res.tuned:  # the bank kept without its fitted units: a stream without them
@@ -590,7 +594,7 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         stream = offered if res.bank or bank is None else build()  # the bank left out: a stream without it
     stream.set_head(b[: stream.channels], res.a)
     stream.ridge_scale = res.scale  # recorded in results.json (an attribute of the export module too)
-    stream.linear_head = res.linear  # the [1, x] candidate won (classical ARX of the model's orders)
+    stream.classical_arx = False
     stream.bank_offered = bank is not None
     stream.prefilter = prefilter if stream.n_aa else None
     stream.cascade = cascade if stream.n_cas else None
@@ -645,11 +649,13 @@ def adapt_and_export(mm: MetaModel, dry: np.ndarray, wet: np.ndarray, n_support:
     return export_network(net, cfg.model.arch, ctx, sx, cfg.maml.slice_len, sr, latency)
 
 
-def classical_arx_model(cfg: Config) -> nn.Module:
-    """Classical ARX(13, 12) on [1, x] (``model.arx`` defaults, ``features: none``, no meta-learning)."""
-    from metafx.evaluate import classical_arx
+def classical_arx_model() -> nn.Module:
+    """Classical ARX(13, 12) on [1, x] (``model.arx`` defaults, ``features: none``, no meta-learning): the same
+    model whatever the study, the capture's baseline and its classical candidate (:func:`adapt_arx`)."""
+    from metafx.config import ModelConfig
+    from metafx.models import build_model
 
-    return classical_arx(replace(cfg, model=replace(cfg.model, arx=ARXConfig())))
+    return build_model(ModelConfig(arch="arx", arx=ARXConfig(features="none")))
 
 
 # --------------------------------------------------------------------------- scoring
@@ -684,7 +690,7 @@ def baseline_predictions(cfg: Config, dry: np.ndarray, wet: np.ndarray, n_suppor
         # lsfir_predict's causal zero-state FIR, by FFT (the same sums; a direct float64 convolution of
         # a whole file with 256 taps costs seconds)
         fir = oaconvolve(dry.astype(np.float64), h.numpy())[: dry.size].astype(np.float32)
-        arx = adapt_arx(classical_arx_model(cfg), dry, wet, n_support, sr, 0, wiener_units=0)  # [1, x] only
+        arx = adapt_arx(classical_arx_model(), dry, wet, n_support, sr, 0, wiener_units=0)  # [1, x] only
         b, a = (v.numpy() for v in arx.head())
         if b.shape[0] != 2:
             raise RuntimeError(f"the classical ARX baseline has {b.shape[0]} channels, not [1, x]")

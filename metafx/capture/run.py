@@ -296,7 +296,7 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
                       "arch": mm.cfg.model.arch, "method": mm.cfg.maml.method, "step": mm.step,
                       "slice_len": L, "ridge_fit": ridge_fit if mm.cfg.model.arch == "arx" else None,
                       "ridge_scale": getattr(module, "ridge_scale", None),
-                      "linear_head": bool(getattr(module, "linear_head", False)) if bank_fit else None,
+                      "classical_arx": bool(getattr(module, "classical_arx", False)) if bank_fit else None,
                       "wiener_offered": bool(getattr(module, "bank_offered", False)) if bank_fit else None,
                       "wiener_units": int(getattr(module, "n_curve", 0)) if bank_fit else None,
                       "wiener_gain_units": int(getattr(module, "n_gain", 0)) if bank_fit else None,
