@@ -126,7 +126,7 @@ def pole_radius(a: Tensor) -> Tensor:
         a: (..., na + 1).
 
     Returns:
-        (...,) radii (zeros when na = 0).
+        (...,) radii (zeros when na = 0; NaN for a polynomial with a non-finite coefficient).
     """
     na = a.shape[-1] - 1
     if na == 0:
@@ -138,7 +138,11 @@ def pole_radius(a: Tensor) -> Tensor:
         if na > 1:
             idx = torch.arange(na - 1, device=a.device)
             comp[..., idx + 1, idx] = 1.0
-        return torch.linalg.eigvals(comp).abs().amax(-1)
+        # a non-finite polynomial (a NaN in the task's audio) has no radius: NaN, and no eigenvalue call (LAPACK's
+        # eigenvalue routine on a NaN matrix crashed the process with a segmentation fault on this stack)
+        finite = torch.isfinite(comp).all(-1).all(-1)
+        r = torch.linalg.eigvals(torch.where(finite[..., None, None], comp, 0.0)).abs().amax(-1)
+        return torch.where(finite, r, torch.full_like(r, float("nan")))
 
 
 def stabilize(a: Tensor, rmax: float) -> tuple[Tensor, Tensor]:
