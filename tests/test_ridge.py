@@ -48,11 +48,14 @@ def test_ridge_fit_recovers_a_known_arx_system():
     sx2, sy2 = _arx_data([0.5], [1.0, -0.5], K=3, L=600, seed=2)
     hb = model.fit(torch.stack([sx, sx2]), torch.stack([sy, sy2]))
     torch.testing.assert_close(hb.a[0], head.a)
-    h2 = model.fit(sx2, sy2)  # an over-parametrized fit (pole-zero cancellation): check the response
-    torch.testing.assert_close(hb.a[1], h2.a)
-    torch.testing.assert_close(hb.b[1], h2.b)
+    # The second task is over-parametrized (ARX(3, 2) for a one-pole system: a pole-zero pair
+    # cancels along a null direction that only the 1e-14 ridge pins down), so its coefficients are
+    # not identified: batched and single solves round differently along that direction (percent
+    # level, depending on the BLAS kernel). What is identified is the response: both must give it.
+    h2 = model.fit(sx2, sy2)
     qy2 = torch.from_numpy(scipy.signal.lfilter([0.5], [1.0, -0.5], qx.numpy(), axis=-1))
     torch.testing.assert_close(model.predict(qx, h2), qy2, atol=1e-8, rtol=0)
+    torch.testing.assert_close(model.predict(qx, ARXHead(hb.b[1], hb.a[1])), qy2, atol=1e-8, rtol=0)
 
 
 def test_cv_ridge_picks_light_shrinkage_for_a_clean_system_and_heavy_for_a_noisy_short_support():
