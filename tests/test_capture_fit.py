@@ -24,7 +24,7 @@ import torch
 from scipy.signal import lfilter
 
 from metafx.bench.bank_rule import report_markdown
-from metafx.capture.adapt import (adapt_arx, lag_correlations, normal_equations, ridge_fit_continuous,
+from metafx.capture.adapt import (adapt_arx, classical_arx_fit, lag_correlations, normal_equations, ridge_fit_continuous,
                                   simulate_head)
 from metafx.capture.tuned_units import TUNED_UNITS
 from metafx.export import ARXStream
@@ -197,6 +197,9 @@ def test_classical_arx_is_kept_for_a_linear_filter_and_never_for_a_nonlinearity(
     full = adapt_arx(model, x, linear, n, SR, 0, wiener_units=0, classical=False)
     assert lin.classical_arx and not full.classical_arx
     assert lin.channels == 2 and lin.nb == 13 and lin.na == 12  # classical ARX's own stream, on [1, x]
+    handed = classical_arx_fit(x, linear, n, SR)  # fitted once by a capture, handed to the choice
+    pre = adapt_arx(model, x, linear, n, SR, 0, wiener_units=0, classical=handed)
+    assert pre is handed and all(torch.equal(u, v) for u, v in zip(pre.head(), lin.head()))
     with torch.no_grad():
         out_lin = lin.process(torch.from_numpy(x)).double().numpy()[n:]
         out_full = full.process(torch.from_numpy(x)).double().numpy()[n:]
@@ -304,7 +307,7 @@ def test_units_that_do_not_help_cannot_cost_the_bank():
 
 
 def test_the_classical_arx_baseline_is_its_exported_module_run_by_lfilter():
-    from metafx.capture.adapt import baseline_predictions, classical_arx_model
+    from metafx.capture.adapt import baseline_predictions, classical_arx_fit, classical_arx_model
     from metafx.capture.meta_model import load_meta_model
 
     cfg = load_meta_model(None).cfg
@@ -312,7 +315,14 @@ def test_the_classical_arx_baseline_is_its_exported_module_run_by_lfilter():
     y = (0.3 + lfilter([0.5, 0.2], [1.0, -0.9], np.tanh(2 * x))).astype(np.float32)  # an offset too (channel 1)
     n_sup = x.size // 2
     base = baseline_predictions(cfg, x, y, n_sup, SR)
-    arx = adapt_arx(classical_arx_model(), x, y, n_sup, SR, 0, wiener_units=0)
+    arx = classical_arx_fit(x, y, n_sup, SR)
+    # the same head as every ARX capture's continuous fit of the classical model, and the same baseline when a
+    # capture hands its classical fit on (run_capture fits it once)
+    own = adapt_arx(classical_arx_model(), x, y, n_sup, SR, 0, wiener_units=0)
+    for u, v in zip(arx.head(), own.head()):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    assert arx.classical_arx and not own.classical_arx
+    np.testing.assert_array_equal(baseline_predictions(cfg, x, y, n_sup, SR, arx=arx)["arx"], base["arx"])
     b, a = arx.head()
     assert b.shape[0] == 2 and float(a[0]) == 1.0 and bool(b[0].abs().sum() > 0)
     with torch.no_grad():

@@ -56,7 +56,7 @@ MLflow run (:func:`metafx.tracking.log_capture`) is created only after every che
 ends FAILED if logging fails, so neither holds half a capture.
 """
 from metafx.capture.adapt import (adapt_and_export, adapt_arx, adapted_network, baseline_predictions,
-                                  classical_arx_model, ridge_fit_continuous, score, support_slices)
+                                  classical_arx_fit, classical_arx_model, ridge_fit_continuous, score, support_slices)
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import SHIPPED_DIR, SHIPPED_MODEL, MetaModel, load_meta_model
 from metafx.capture.recording import Latency, Recording, find_latency, impulse_response, read_recording
@@ -64,5 +64,5 @@ from metafx.capture.run import CaptureResult, apply_exported, run_capture, write
 
 __all__ = ["CaptureError", "CaptureResult", "Latency", "MetaModel", "Recording", "SHIPPED_DIR", "SHIPPED_MODEL",
            "adapt_and_export", "adapt_arx", "adapted_network", "apply_exported", "baseline_predictions",
-           "classical_arx_model", "find_latency", "impulse_response", "load_meta_model", "read_recording",
-           "ridge_fit_continuous", "run_capture", "score", "support_slices", "write_capture_signal"]
+           "classical_arx_fit", "classical_arx_model", "find_latency", "impulse_response", "load_meta_model",
+           "read_recording", "ridge_fit_continuous", "run_capture", "score", "support_slices", "write_capture_signal"]

@@ -438,7 +438,8 @@ def _found(search: Callable[[], Any], max_criterion: float) -> Any:
 def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
               cfg: Config | None = None, fit: str = "continuous", wiener_units: int = WIENER_UNITS,
               bank_min_equations: float = WIENER_MIN_EQUATIONS, tuned_units: bool = True,
-              cascade_units: bool = True, dynamics_units: bool = True, classical: bool = True) -> ARXStream:
+              cascade_units: bool = True, dynamics_units: bool = True,
+              classical: bool | ARXStream = True) -> ARXStream:
     """Adapt a :class:`metafx.models.arx.MetaARX` to the support and return its streaming export.
 
     Args:
@@ -471,7 +472,9 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             EQ left out of meta-training: 2.5e-7 and 6.7e-7 against classical ARX's 1.8e-11 and 1.5e-9,
             benchmarks/universal_capture.md); on a nonlinear device it loses by orders of magnitude. (The segments
             start after ``max(nb - 1, na)`` samples of each model: the same for the shipped model's (8, 12) and
-            classical ARX's (13, 12), a few samples apart otherwise.)
+            classical ARX's (13, 12), a few samples apart otherwise.) An :class:`ARXStream` from
+            :func:`classical_arx_fit` on the same support is that candidate, already fitted (a capture fits it once,
+            for this choice and for its ``arx`` baseline); False: no classical candidate.
 
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the
@@ -571,34 +574,53 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
                     bank, offered, res = bank_c, offered_c, res_c
                 else:
                     cascade = dynamics = None
-    if classical and int(model.channels) > 2 and math.isfinite(res.cv_esr):
-        c_model = classical_arx_model()
-        c_stream = ARXStream(c_model, sample_rate=sr, latency_samples=latency)
-        with torch.no_grad():
-            c_res = ridge_fit_continuous(c_model, c_stream.features(xs), ys)
-        if c_res.cv_esr < res.cv_esr:  # the same segments: the left-out ESRs compare
-            c_stream.set_head(c_res.b, c_res.a)
-            c_stream.ridge_scale = c_res.scale
-            c_stream.classical_arx = True
-            c_stream.bank_offered = bank is not None
-            c_stream.prefilter = c_stream.cascade = c_stream.dynamics = None
-            return c_stream
-    b = res.b
-    n_fitted = offered.n_aa + offered.n_cas
-    if res.bank and n_fitted and not res.tuned:  # the bank kept without its fitted units: a stream without them
-        # (never with dynamics units: they are kept only by the second cross-validation, with the fitted units)
-        lo = offered.channels - offered.n_gain - n_fitted
-        b = torch.cat([b[:lo], b[lo + n_fitted:]])
-        stream = build(untuned)
-    else:
-        stream = offered if res.bank or bank is None else build()  # the bank left out: a stream without it
-    stream.set_head(b[: stream.channels], res.a)
-    stream.ridge_scale = res.scale  # recorded in results.json (an attribute of the export module too)
-    stream.classical_arx = False
+    stream: ARXStream | None = None
+    if classical is not False and int(model.channels) > 2 and math.isfinite(res.cv_esr):
+        c_stream = classical if isinstance(classical, ARXStream) else classical_arx_fit(dry, wet, n_support, sr, latency)
+        if c_stream.cv_esr < res.cv_esr:  # the same segments: the left-out ESRs compare
+            stream = c_stream
+    if stream is None:
+        b = res.b
+        n_fitted = offered.n_aa + offered.n_cas
+        if res.bank and n_fitted and not res.tuned:  # the bank kept without its fitted units: a stream without them
+            # (never with dynamics units: they are kept only by the second cross-validation, with the fitted units)
+            lo = offered.channels - offered.n_gain - n_fitted
+            b = torch.cat([b[:lo], b[lo + n_fitted:]])
+            stream = build(untuned)
+        else:
+            stream = offered if res.bank or bank is None else build()  # the bank left out: a stream without it
+        stream.set_head(b[: stream.channels], res.a)
+        stream.ridge_scale = res.scale  # recorded in results.json (an attribute of the export module too)
+        stream.cv_esr = res.cv_esr
+        stream.classical_arx = False
     stream.bank_offered = bank is not None
-    stream.prefilter = prefilter if stream.n_aa else None
+    stream.prefilter = prefilter if stream.n_aa else None  # classical ARX's stream has no bank: None
     stream.cascade = cascade if stream.n_cas else None
     stream.dynamics = dynamics if stream.n_dyn else None
+    return stream
+
+
+def classical_arx_fit(dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int = 0) -> ARXStream:
+    """Classical ARX (:func:`classical_arx_model`) fitted to the support by :func:`ridge_fit_continuous` over ``[1, x]``.
+
+    Args:
+        dry, wet: the aligned pair (T,) at the rate ``sr``; the first ``n_support`` samples are fitted.
+        sr, latency: recorded on the export.
+
+    Returns:
+        Its :class:`ARXStream` with the head set and the attributes ``ridge_scale``, ``cv_esr`` (the
+        cross-validated left-out ESR :func:`adapt_arx` compares) and ``classical_arx`` (True).
+    """
+    xs = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float64))
+    ys = torch.from_numpy(np.ascontiguousarray(wet[:n_support], dtype=np.float64))
+    c_model = classical_arx_model()
+    stream = ARXStream(c_model, sample_rate=sr, latency_samples=latency)
+    with torch.no_grad():
+        res = ridge_fit_continuous(c_model, stream.features(xs), ys)
+    stream.set_head(res.b, res.a)
+    stream.ridge_scale = res.scale
+    stream.cv_esr = res.cv_esr
+    stream.classical_arx = True
     return stream
 
 
@@ -636,14 +658,17 @@ def adapted_network(mm: MetaModel, sx: Tensor, sy: Tensor) -> tuple[nn.Module, T
 
 
 def adapt_and_export(mm: MetaModel, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
-                     ridge_fit: str = "continuous", wiener_units: int = WIENER_UNITS) -> nn.Module:
+                     ridge_fit: str = "continuous", wiener_units: int = WIENER_UNITS,
+                     classical: bool | ARXStream = True) -> nn.Module:
     """Adapt ``mm`` to the support of an aligned pair; return the (eager) export module of the adapted model.
 
-    ``ridge_fit`` and ``wiener_units`` apply to ARX meta-models (:func:`adapt_arx`); the gradient methods ignore them.
+    ``ridge_fit``, ``wiener_units`` and ``classical`` apply to ARX meta-models (:func:`adapt_arx`); the gradient
+    methods ignore them.
     """
     cfg = mm.cfg
     if cfg.model.arch == "arx":
-        return adapt_arx(mm.learner, dry, wet, n_support, sr, latency, cfg, fit=ridge_fit, wiener_units=wiener_units)
+        return adapt_arx(mm.learner, dry, wet, n_support, sr, latency, cfg, fit=ridge_fit, wiener_units=wiener_units,
+                         classical=classical)
     sx, sy = support_slices(dry, wet, n_support, cfg.maml.slice_len)
     net, ctx = adapted_network(mm, sx, sy)
     return export_network(net, cfg.model.arch, ctx, sx, cfg.maml.slice_len, sr, latency)
@@ -670,13 +695,13 @@ def score(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
                 "mrstft": float(M.mrstft(p, t))}
 
 
-def baseline_predictions(cfg: Config, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int
-                         ) -> dict[str, np.ndarray]:
+def baseline_predictions(cfg: Config, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int,
+                         arx: ARXStream | None = None) -> dict[str, np.ndarray]:
     """Whole-file predictions of ``lsfir``, ``arx`` (classical) and ``identity`` fitted on the same support.
 
-    The classical ARX head is fitted as every capture's is (:func:`adapt_arx` without features) and run by
-    ``scipy.signal.lfilter`` on its two channels ``[1, x]`` (the exported module's own recursion gives the
-    same samples, to float32 rounding, several times slower over a whole file).
+    The classical ARX head is :func:`classical_arx_fit`'s (``arx``, where the capture has fitted it already on
+    this support, else fitted here), run by ``scipy.signal.lfilter`` on its two channels ``[1, x]`` (the exported
+    module's own recursion gives the same samples, to float32 rounding, several times slower over a whole file).
     """
     from scipy.signal import lfilter, oaconvolve
 
@@ -690,7 +715,8 @@ def baseline_predictions(cfg: Config, dry: np.ndarray, wet: np.ndarray, n_suppor
         # lsfir_predict's causal zero-state FIR, by FFT (the same sums; a direct float64 convolution of
         # a whole file with 256 taps costs seconds)
         fir = oaconvolve(dry.astype(np.float64), h.numpy())[: dry.size].astype(np.float32)
-        arx = adapt_arx(classical_arx_model(), dry, wet, n_support, sr, 0, wiener_units=0)  # [1, x] only
+        if arx is None:
+            arx = classical_arx_fit(dry, wet, n_support, sr)
         b, a = (v.numpy() for v in arx.head())
         if b.shape[0] != 2:
             raise RuntimeError(f"the classical ARX baseline has {b.shape[0]} channels, not [1, x]")

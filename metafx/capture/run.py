@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from metafx import capture_signal as cs
-from metafx.capture.adapt import adapt_and_export, baseline_predictions, score
+from metafx.capture.adapt import adapt_and_export, baseline_predictions, classical_arx_fit, score
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel, load_meta_model
 from metafx.capture.recording import Recording, find_latency, fit_length, read_recording
@@ -235,9 +235,11 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
     apply_tmp: Path | None = None
     try:
         t = time.perf_counter()
+        # classical ARX, fitted once: the continuous ARX fit's candidate and the ``arx`` baseline
+        classical = classical_arx_fit(dry_a, wet_a, n_sup, sr, lat.samples)
         try:
             module = adapt_and_export(mm, dry_a, wet_a, n_sup, sr, lat.samples, ridge_fit=ridge_fit,
-                                      wiener_units=wiener_units)
+                                      wiener_units=wiener_units, classical=classical)
         except ExportError as e:
             raise CaptureError(f"{mm.checkpoint}: {e}") from e
         t = stage("adapt", t)
@@ -248,7 +250,7 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
             pred_full = scripted.process(torch.from_numpy(dx)).numpy()  # the whole dry file from a zero state
         pred = pred_full[:n]
         t = stage("predict", t)
-        base = baseline_predictions(mm.cfg, dry_a, wet_a, n_sup, sr)
+        base = baseline_predictions(mm.cfg, dry_a, wet_a, n_sup, sr, arx=classical)
         t = stage("baselines", t)
         target = wet_a[h0:]
         held = score(pred[h0:], target)
