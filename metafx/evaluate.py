@@ -33,7 +33,7 @@ import torch
 
 from metafx import metrics as M
 from metafx.baselines import identity_predict, lsfir_fit, lsfir_predict
-from metafx.config import EVAL_METRICS, VAL_METRICS, Config, is_cutoff_param
+from metafx.config import EVAL_METRICS, VAL_METRICS, Config, ModelConfig, is_cutoff_param
 from metafx.data.tasks import Episode, EpisodeSampler, TaskSet
 from metafx.engines import NonFiniteLossError, adapt_and_predict, engine_for
 from metafx.metrics import crop_like
@@ -118,14 +118,18 @@ def lsfir(ep: Episode, cfg: Config) -> torch.Tensor:
     return lsfir_predict(h, ep.query_x)
 
 
-def classical_arx(cfg: Config) -> torch.nn.Module:
-    """Classical ARX (no meta-learning): a :class:`metafx.models.arx.MetaARX` of ``cfg`` with ``features: none``.
+def classical_arx(model: ModelConfig) -> torch.nn.Module:
+    """Classical ARX (no meta-learning): a :class:`metafx.models.arx.MetaARX` of ``model.arx``'s orders and ridge
+    with ``features: none``.
 
     Evaluated with the ridge engine, it is an ARX(nb, na) on ``[1, x]`` fitted by ridge on the
-    support slices of each task.
+    support slices of each task; a capture fits the default one (``ModelConfig()``) continuously
+    (:func:`metafx.capture.adapt.classical_arx_fit`).
+
+    Args:
+        model: a study's model section (only its ``arx`` orders and ridge are read).
     """
-    arx_cfg = replace(cfg.model, arch="arx", context_dim=0, arx=replace(cfg.model.arx, features="none"))
-    return build_model(arx_cfg)
+    return build_model(replace(model, arch="arx", context_dim=0, arx=replace(model.arx, features="none")))
 
 
 def arx_baseline(cfg: Config, episodes: Sequence[Episode], device) -> dict[str, float]:
@@ -140,7 +144,7 @@ def arx_baseline(cfg: Config, episodes: Sequence[Episode], device) -> dict[str, 
         The metrics of the ``arx`` baseline, averaged over the episodes.
     """
     arx_cfg = replace(cfg, model=replace(cfg.model, arch="arx"), maml=replace(cfg.maml, method="ridge"))
-    rows, _ = evaluate_adaptation(classical_arx(arx_cfg).to(device), episodes, arx_cfg, device)
+    rows, _ = evaluate_adaptation(classical_arx(arx_cfg.model).to(device), episodes, arx_cfg, device)
     return mean_rows([{k: v for k, v in r.items() if k.endswith("_post")} for r in rows], "test/arx/")
 
 

@@ -114,7 +114,7 @@ def main(args, rest) -> int:
             m = baseline_rows("lsfir", lambda ep: lsfir(ep, cfg), eps, cfg)
             rows.append({**common, "setting": "in_family", "method": "lsfir", "model": f"fir{cfg.eval.lsfir_taps}",
                          "variant": "baseline", "meta_train_seconds": 0.0, **_cols(m, "test/lsfir/")})
-            m = _evaluate(classical_arx(arx_cfg), arx_cfg, eps, device)
+            m = _evaluate(classical_arx(arx_cfg.model), arx_cfg, eps, device)
             rows.append({**common, "setting": "in_family", "method": "arx", "model": "arx", "variant": "baseline",
                          "meta_train_seconds": 0.0, **_cols(m, "test/")})
             m = baseline_rows("identity", lambda ep: identity_predict(ep.query_x), eps, cfg)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from metafx import metrics as M
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
-from metafx.config import ARXConfig, Config
+from metafx.config import Config
 from metafx.capture.cascade_units import (CASCADE_MAX_CRITERION, CASCADE_MIN_CRITERION, CASCADE_MIN_CV_ESR,
                                           CASCADE_UNITS, cascade_bank, fit_cascade)
 from metafx.capture.dynamics_units import DYN_EXPLAINS, DYN_MAX_CRITERION, DYN_UNITS, dynamics_bank, fit_dynamics
@@ -675,12 +675,13 @@ def adapt_and_export(mm: MetaModel, dry: np.ndarray, wet: np.ndarray, n_support:
 
 
 def classical_arx_model() -> nn.Module:
-    """Classical ARX(13, 12) on [1, x] (``model.arx`` defaults, ``features: none``, no meta-learning): the same
-    model whatever the study, the capture's baseline and its classical candidate (:func:`adapt_arx`)."""
+    """Classical ARX(13, 12) on [1, x] (:func:`metafx.evaluate.classical_arx` of the ``model.arx`` defaults, no
+    meta-learning): the same model whatever the study, the capture's baseline and its classical candidate
+    (:func:`adapt_arx`)."""
     from metafx.config import ModelConfig
-    from metafx.models import build_model
+    from metafx.evaluate import classical_arx
 
-    return build_model(ModelConfig(arch="arx", arx=ARXConfig(features="none")))
+    return classical_arx(ModelConfig())
 
 
 # --------------------------------------------------------------------------- scoring
