@@ -340,6 +340,16 @@ def test_clipped_wet_warns_with_the_fraction(pair, tmp_path, caplog):
     assert "clipped.wav" in msg and "clipped" in msg and "lower the recording level" in msg
     found = float(re.search(r"([0-9.]+) % of the samples are clipped", msg).group(1))
     assert abs(found - 100 * frac) < 1.0, (frac, msg)  # hard clips, plus flat tops at the peak
+    assert "device itself clips" not in msg
+
+    # a flat top below full scale (a device that clips, or a clipped take scaled down): the warning says both
+    caplog.clear()
+    sf.write(tmp_path / "flat.wav", np.clip(wet * 40, -0.5, 0.5), SR, subtype="FLOAT")
+    with caplog.at_level(logging.WARNING), pytest.raises(CaptureError, match="support"):
+        run_capture(tmp_path / "flat.wav", tmp_path / "out", dry=pair / "dry.wav", support_seconds=100, mlflow=False)
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "flat.wav" in msg and "below full scale" in msg and "device itself clips" in msg, msg
+    assert float(re.search(r"([0-9.]+) % of the samples are clipped", msg).group(1)) > 1.0
 
 
 def test_a_failure_while_logging_ends_the_run_failed(tmp_path):

@@ -24,7 +24,7 @@ from metafx import capture_signal as cs
 from metafx.capture.adapt import adapt_and_export, baseline_predictions, classical_arx_fit, score
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel, load_meta_model
-from metafx.capture.recording import Recording, find_latency, fit_length, read_recording
+from metafx.capture.recording import CLIP_LEVEL, Recording, find_latency, fit_length, read_recording
 from metafx.data.sources import resample
 from metafx.export import ExportError, real_time_factor, save, script
 from metafx.plots import capture_plots, write_capture_audio
@@ -192,8 +192,13 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
     if d_rms < SILENT_RMS:
         raise CaptureError(f"--dry file {dry} is silent: pass the signal that was played into the device")
     if wet_rec.clipped_fraction > CLIP_WARN_FRACTION:
-        warn(f"--wet file {wet}: {100 * wet_rec.clipped_fraction:.3f} % of the samples are clipped (peak "
-             f"{wet_rec.peak:.4f}): lower the recording level and record again; the model learns the clipping")
+        if wet_rec.peak >= CLIP_LEVEL:  # at full scale: the recorder (or the interface) clipped
+            warn(f"--wet file {wet}: {100 * wet_rec.clipped_fraction:.3f} % of the samples are clipped (peak "
+                 f"{wet_rec.peak:.4f}): lower the recording level and record again; the model learns the clipping")
+        else:  # a flat top below full scale: a clipped take scaled down, or a device that clips (its own sound)
+            warn(f"--wet file {wet}: {100 * wet_rec.clipped_fraction:.3f} % of the samples are clipped (a flat top at "
+                 f"{wet_rec.peak:.4f}, below full scale): if the take was clipped and then scaled, lower the recording "
+                 f"level and record again; if the device itself clips (a fuzz, a hard clipper), that is its sound")
     t = stage("load_audio", t)
 
     max_lag = int(round(max_latency_seconds * sr))
