@@ -352,6 +352,20 @@ def test_clipped_wet_warns_with_the_fraction(pair, tmp_path, caplog):
     assert float(re.search(r"([0-9.]+) % of the samples are clipped", msg).group(1)) > 1.0
 
 
+def test_clipped_fraction_counts_full_scale_and_flat_tops_not_a_float_file_above_full_scale():
+    from metafx.capture.recording import clipped_fraction
+
+    t = np.arange(48000) / 48000
+    x = np.sin(2 * np.pi * 100 * t)
+    assert clipped_fraction(0.5 * x) == 0.0
+    hard = np.clip(2 * x, -1, 1)  # clipped at full scale
+    assert abs(clipped_fraction(hard) - np.mean(np.abs(hard) >= 0.999)) < 1e-3 and clipped_fraction(hard) > 0.3
+    flat = np.clip(2 * x, -0.5, 0.5)  # a flat top below full scale
+    assert clipped_fraction(flat) > 0.3
+    over = 1.4 * x  # a float file above full scale, not clipped: the samples above 0.999 are not clips
+    assert clipped_fraction(over) < 1e-3
+
+
 def test_a_failure_while_logging_ends_the_run_failed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     art = tmp_path / "art"

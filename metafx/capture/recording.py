@@ -63,10 +63,13 @@ def read_recording(path: Path, role: str, sr: int) -> Recording:
 
 
 def clipped_fraction(x: np.ndarray) -> float:
-    """Fraction of samples at full scale (|x| >= 0.999), or on a flat top (3+ equal samples at the peak)."""
+    """Fraction of samples at full scale (|x| >= 0.999), or on a flat top (3+ equal samples at the peak).
+
+    A float file that goes above full scale (peak > 1) was not clipped there: only its flat tops count.
+    """
     a = np.abs(x)
-    hard = a >= CLIP_LEVEL
     peak = float(a.max()) if a.size else 0.0
+    hard = a >= CLIP_LEVEL if peak <= 1.0 else np.zeros(a.shape, dtype=bool)
     flat = np.zeros_like(hard)
     if peak > 0.05 and a.size > 2:
         at = a >= peak * (1 - 1e-6)
