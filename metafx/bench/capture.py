@@ -57,6 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from metafx.bench.machine import cpu_model
+
 log = logging.getLogger(__name__)
 
 SUPPORT_SECONDS = ("0.5", "1", "3", "probe", "10")  # "probe": the capture signal's probe, a capture's default
@@ -67,18 +69,6 @@ TARGET_CAPTURE_SECONDS = 10.0
 TARGET_RTF = 50.0
 PRECISION_FLOOR = 1e-8  # two ESRs below this are both exact to float rounding
 TAKE_NOISE = 1e-7  # RMS of the noise that makes another take of the same wet (-140 dBFS)
-
-
-def cpu_model() -> str:
-    """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): results of the searches
-    and the timings depend on it (float rounding differs between instruction sets)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def render_through(family: dict[str, Any], params: dict[str, float], cache_dir: Path, x: np.ndarray | None = None,

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from metafx.bench.machine import cpu_model
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -115,14 +117,6 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import numpy as np
 
@@ -135,7 +129,7 @@ def _machine() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
         "memory_gib": round(mem, 1),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
