@@ -5,7 +5,7 @@
 
     python launch/capture.py --dry in.wav --wet out.wav --out DIR [--support-seconds S] [--model M]
         [--apply song.wav --apply-out song_fx.wav] [--tracking-uri URI | --no-mlflow] [--experiment capture]
-        [--wiener-units N]
+        [--wiener-units N] [--tries N]
     python launch/capture.py apply --model DIR/model.ts IN OUT  # process a file with an exported model
 
 --model: a checkpoint (best.pt / checkpoint.pt or its folder), a search folder (ray_results/<name>:
@@ -24,6 +24,11 @@ curves of a pre-filter fitted to the support (metafx/capture/tuned_units.py; res
 model.wiener_tuned_units, model.wiener_prefilter), and where they leave much unexplained 9 cascade units, a second
 curve after a filtered first one (metafx/capture/cascade_units.py; model.wiener_cascade_units, model.wiener_cascade),
 kept with the bank or left out. 0 offers no bank.
+
+--tries N: the cascade units' search is not convex (an amp's held-out ESR varied 2.5x between takes that
+differ only by noise at -140 dBFS); N searches, each on other runs of the support, and the head with the
+smallest cross-validated ESR on the support is kept (results.json: model.wiener_cascade_tries). Each further
+try costs about 3 s on 2 cores, only where a cascade is searched (an amp, a driven filter). Default 1.
 """
 from __future__ import annotations
 
@@ -96,8 +101,12 @@ def _capture(argv: list[str]) -> int:
     ap.add_argument("--wiener-units", type=int, default=None,
                     help="curve units of the Wiener bank (with its gain units) offered to an ARX head, kept where the "
                          "support's cross-validation prefers them (default: metafx.wiener.WIENER_UNITS; 0: no bank)")
+    ap.add_argument("--tries", type=int, default=None,
+                    help="searches for the cascade units, the best by the support's cross-validation kept (default: "
+                         "metafx.capture.cascade_units.CASCADE_TRIES; 3 for an amp or another two-stage device)")
     args = ap.parse_args(argv)
     from metafx.capture import CaptureError, run_capture
+    from metafx.capture.cascade_units import CASCADE_TRIES
     from metafx.capture.run import CAPTURE_THREADS
     from metafx.wiener import WIENER_UNITS
 
@@ -107,7 +116,8 @@ def _capture(argv: list[str]) -> int:
                           run_name=args.run_name, apply=args.apply, apply_out=args.apply_out,
                           max_latency_seconds=args.max_latency_ms / 1000.0, overwrite=args.overwrite,
                           threads=CAPTURE_THREADS if args.threads is None else args.threads,
-                          wiener_units=WIENER_UNITS if args.wiener_units is None else args.wiener_units, command="python launch/capture.py " + shlex.join(argv))
+                          wiener_units=WIENER_UNITS if args.wiener_units is None else args.wiener_units,
+                          tries=CASCADE_TRIES if args.tries is None else args.tries, command="python launch/capture.py " + shlex.join(argv))
     except CaptureError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return cli.EXIT_BAD_INPUT

@@ -41,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
 import capture as launch_capture  # noqa: E402  (launch/capture.py)
 from metafx import capture_signal as cs  # noqa: E402
 from metafx.bench.capture import render_through  # noqa: E402
+from metafx.capture.cascade_units import CASCADE_MAX_CRITERION  # noqa: E402
 from metafx.capture.dynamics_units import DYN_UNITS  # noqa: E402
+from metafx.capture.tuned_units import TUNED_SEED  # noqa: E402
 from metafx.capture import SHIPPED_MODEL, CaptureError, find_latency, load_meta_model, read_recording, run_capture  # noqa: E402
 from metafx.tracking import TrackingError, log_capture, register_meta_model  # noqa: E402
 from metafx.wiener import WIENER_UNITS, make_bank  # noqa: E402
@@ -186,6 +188,28 @@ def test_the_amp_keeps_its_cascade_where_the_short_runs_end_near_the_give_up(tmp
     assert res["heldout"]["esr"] < 0.1, res["heldout"]
 
 
+def test_tries_keep_the_head_the_support_cross_validates_best(tmp_path):
+    """Two searches for the amp's cascade (DAWDreamer, +24 dB drive), each on other runs of the support: both are
+    recorded, and the head kept is the one whose cross-validated ESR on the support is the smallest."""
+    x = cs.capture_signal()[: int(SECONDS * SR)]
+    dry, wet = render_through(AMP, AMP_SETTING, tmp_path / "cache", x=x)
+    sf.write(tmp_path / "dry.wav", dry, SR, subtype="FLOAT")
+    sf.write(tmp_path / "wet.wav", wet, SR, subtype="FLOAT")
+    rc = launch_capture.main(["--dry", str(tmp_path / "dry.wav"), "--wet", str(tmp_path / "wet.wav"), "--out",
+                              str(tmp_path / "out"), "--support-seconds", "3", "--no-mlflow", "--tries", "2"])
+    assert rc == 0
+    m = json.loads((tmp_path / "out" / "results.json").read_text())["model"]
+    tries = m["wiener_cascade_tries"]
+    assert m["tries"] == 2 and [t["seed"] for t in tries] == [TUNED_SEED, TUNED_SEED + 1], m
+    validated = [t for t in tries if t["cv_esr"] is not None]
+    assert validated and all(t["criterion"] <= CASCADE_MAX_CRITERION for t in validated), tries
+    assert m["cv_esr"] <= min(t["cv_esr"] for t in validated), m  # no try's head cross-validates better
+    cas = m["wiener_cascade"]
+    if cas is not None:  # the kept cascade is the try whose head cross-validated best
+        assert m["cv_esr"] == min(t["cv_esr"] for t in validated), m
+        assert cas["seed"] == min(validated, key=lambda t: t["cv_esr"])["seed"], m
+
+
 def test_exported_model_streams_like_the_whole_file(captured, pair):
     out, *_ = captured
     m = torch.jit.load(str(out / "model.ts"))
@@ -299,6 +323,11 @@ def test_dry_and_wet_of_different_takes(pair, tmp_path, capsys):
 def test_negative_wiener_units(pair, tmp_path, capsys):
     _bad(pair, tmp_path, capsys, ["--dry", str(pair / "dry.wav"), "--wet", str(pair / "wet.wav"), "--wiener-units", "-1"],
          "--wiener-units must be >= 0", "0 offers no Wiener bank")
+
+
+def test_tries_below_one(pair, tmp_path, capsys):
+    _bad(pair, tmp_path, capsys, ["--dry", str(pair / "dry.wav"), "--wet", str(pair / "wet.wav"), "--tries", "0"],
+         "--tries must be >= 1", "1 is the default")
 
 
 def test_silent_wet(pair, tmp_path, capsys):

@@ -21,9 +21,9 @@ from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel
 from metafx.config import Config
 from metafx.capture.cascade_units import (CASCADE_MAX_CRITERION, CASCADE_MIN_CRITERION, CASCADE_MIN_CV_ESR,
-                                          CASCADE_UNITS, cascade_bank, fit_cascade)
+                                          CASCADE_TRIES, CASCADE_UNITS, Cascade, cascade_bank, fit_cascade)
 from metafx.capture.dynamics_units import DYN_EXPLAINS, DYN_MAX_CRITERION, DYN_UNITS, dynamics_bank, fit_dynamics
-from metafx.capture.tuned_units import TUNED_UNITS, fit_prefilter, tuned_bank
+from metafx.capture.tuned_units import TUNED_SEED, TUNED_UNITS, fit_prefilter, tuned_bank
 from metafx.export import ARXStream, export_network
 from metafx.wiener import (WIENER_MIN_EQUATIONS, WIENER_RIDGE, WIENER_UNITS, WienerBank, cascade_channels,
                            dynamics_channels, head_coefficients, make_bank, tuned_channels)
@@ -446,7 +446,7 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
               cfg: Config | None = None, fit: str = "continuous", wiener_units: int = WIENER_UNITS,
               bank_min_equations: float = WIENER_MIN_EQUATIONS, tuned_units: bool = True,
               cascade_units: bool = True, dynamics_units: bool = True,
-              classical: bool | ARXStream = True) -> ARXStream:
+              classical: bool | ARXStream = True, cascade_tries: int = CASCADE_TRIES) -> ARXStream:
     """Adapt a :class:`metafx.models.arx.MetaARX` to the support and return its streaming export.
 
     Args:
@@ -482,6 +482,9 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             classical ARX's (13, 12), a few samples apart otherwise.) An :class:`ARXStream` from
             :func:`classical_arx_fit` on the same support is that candidate, already fitted (a capture fits it once,
             for this choice and for its ``arx`` baseline); False: no classical candidate.
+        cascade_tries: searches for the cascade units (:data:`metafx.capture.cascade_units.CASCADE_TRIES`), each on
+            other rows of the support; every cascade found is cross-validated (with the dynamics units, where those
+            were found) and the head with the smallest left-out ESR of all is kept.
 
     Returns:
         The :class:`ARXStream` (eager; :func:`metafx.export.script` it to save), with the
@@ -491,9 +494,18 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         (the fitted :class:`metafx.capture.tuned_units.PreFilter`, or None where none was fitted or kept),
         ``cascade`` (the fitted :class:`metafx.capture.cascade_units.Cascade`, or None likewise), ``dynamics``
         (the fitted :class:`metafx.capture.dynamics_units.Dynamics`, or None likewise; ``n_dyn`` units) and
-        ``classical_arx`` (True where classical ARX won: the stream is then classical ARX's, on ``[1, x]``).
+        ``classical_arx`` (True where classical ARX won: the stream is then classical ARX's, on ``[1, x]``) and
+        ``cascade_tries`` (one ``{"seed", "criterion", "cv_esr"}`` per search: the criterion reached, None where the
+        search found too little; the cross-validated ESR of the head with that cascade, None where it was not
+        cross-validated; ``"same_as": seed`` where it found an earlier try's cascade; empty where none ran).
+
+    Raises:
+        ValueError: ``cascade_tries`` < 1, or a ``fit`` other than ``"continuous"`` or ``"slices"``.
     """
+    if cascade_tries < 1:
+        raise ValueError(f"cascade_tries must be >= 1, got {cascade_tries}")
     support = torch.from_numpy(np.ascontiguousarray(dry[:n_support], dtype=np.float32))
+    tries: list[dict[str, Any]] = []
 
     def build(bank: WienerBank | None = None) -> ARXStream:
         return ARXStream(model, sample_rate=sr, latency_samples=latency, support=support, bank=bank)
@@ -557,13 +569,29 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
             if dynamics_units:
                 dynamics = _found(lambda: fit_dynamics(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr),
                                   DYN_MAX_CRITERION)
+            bank_u, kept_dyn = bank, None  # the bank with the tuned units; the dynamics units where a candidate won
+            found: list[Cascade | None] = [None]  # no cascade (the dynamics units alone, where they were found)
             if cascade_units and (dynamics is None or dynamics.criterion > DYN_EXPLAINS):  # not where they explain
-                cascade = _found(lambda: fit_cascade(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr, prefilter),
-                                 CASCADE_MAX_CRITERION)
-            if cascade is not None or dynamics is not None:  # a fourth candidate of the cross-validation
-                bank_c, phi_c, added = bank, phi, []
-                if cascade is not None:  # after the tuned units, before the gain units
-                    bank_c = cascade_bank(bank_c, cascade, sr)
+                # each try searches on other rows of the support; a cascade found twice is cross-validated once
+                found = []
+                for k in range(cascade_tries):
+                    c = _found(lambda k=k: fit_cascade(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr, prefilter,
+                                                       seed=TUNED_SEED + k), CASCADE_MAX_CRITERION)
+                    tries.append({"seed": TUNED_SEED + k, "criterion": None if c is None else c.criterion,
+                                  "cv_esr": None})
+                    twin = next((f for f in found if c is not None and _same_cascade(c, f)), None)
+                    if twin is not None:
+                        tries[-1]["same_as"] = twin.seed
+                    elif c is not None:
+                        found.append(c)
+                found = found or [None]  # none found: the dynamics units alone, where they were found
+            first = res  # the fit without cascade or dynamics units, whose correlations the candidates extend
+            for cas in found:
+                if cas is None and dynamics is None:
+                    continue
+                bank_c, phi_c, added = bank_u, phi, []  # a candidate of the cross-validation beside the first's
+                if cas is not None:  # after the tuned units, before the gain units
+                    bank_c = cascade_bank(bank_c, cas, sr)
                     at = lo + bank_c.n_aa
                     phi_c = torch.cat([phi_c[:at], torch.from_numpy(cascade_channels(bank_c, xs.numpy())), phi_c[at:]])
                     added.append((at, bank_c.n_cascade))
@@ -576,11 +604,12 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
                 res_c = ridge_fit_continuous(model, phi_c, ys, n_bank=offered_c.n_bank, n_gain=offered_c.n_gain,
                                              bank_min_equations=bank_min_equations,
                                              n_tuned=offered_c.n_aa + offered_c.n_cas, fitted_only=True,
-                                             known=res.correlations, added=added)
+                                             known=first.correlations, added=added)
+                if cas is not None:
+                    next(t for t in tries if t["seed"] == cas.seed)["cv_esr"] = res_c.cv_esr
                 if res_c.cv_esr < res.cv_esr:  # the same folds: the candidates' left-out ESRs compare
-                    bank, offered, res = bank_c, offered_c, res_c
-                else:
-                    cascade = dynamics = None
+                    bank, offered, res, cascade, kept_dyn = bank_c, offered_c, res_c, cas, dynamics
+            dynamics = kept_dyn
     stream: ARXStream | None = None
     if classical is not False and int(model.channels) > 2 and math.isfinite(res.cv_esr):
         c_stream = classical if isinstance(classical, ARXStream) else classical_arx_fit(dry, wet, n_support, sr, latency)
@@ -604,7 +633,15 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     stream.prefilter = prefilter if stream.n_aa else None  # classical ARX's stream has no bank: None
     stream.cascade = cascade if stream.n_cas else None
     stream.dynamics = dynamics if stream.n_dyn else None
+    stream.cascade_tries = tries
     return stream
+
+
+def _same_cascade(a: Cascade, b: Cascade) -> bool:
+    """Whether two searches ended at the same cascade (to a relative 1e-9: the same channels, one cross-validation)."""
+    va = np.array([a.gain, a.ratio, a.fc, a.offset, *a.beta, a.offset2])
+    vb = np.array([b.gain, b.ratio, b.fc, b.offset, *b.beta, b.offset2])
+    return bool(np.allclose(va, vb, rtol=1e-9, atol=1e-12))
 
 
 def classical_arx_fit(dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int = 0) -> ARXStream:
@@ -666,16 +703,16 @@ def adapted_network(mm: MetaModel, sx: Tensor, sy: Tensor) -> tuple[nn.Module, T
 
 def adapt_and_export(mm: MetaModel, dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int,
                      ridge_fit: str = "continuous", wiener_units: int = WIENER_UNITS,
-                     classical: bool | ARXStream = True) -> nn.Module:
+                     classical: bool | ARXStream = True, cascade_tries: int = CASCADE_TRIES) -> nn.Module:
     """Adapt ``mm`` to the support of an aligned pair; return the (eager) export module of the adapted model.
 
-    ``ridge_fit``, ``wiener_units`` and ``classical`` apply to ARX meta-models (:func:`adapt_arx`); the gradient
-    methods ignore them.
+    ``ridge_fit``, ``wiener_units``, ``classical`` and ``cascade_tries`` apply to ARX meta-models
+    (:func:`adapt_arx`); the gradient methods ignore them.
     """
     cfg = mm.cfg
     if cfg.model.arch == "arx":
         return adapt_arx(mm.learner, dry, wet, n_support, sr, latency, cfg, fit=ridge_fit, wiener_units=wiener_units,
-                         classical=classical)
+                         classical=classical, cascade_tries=cascade_tries)
     sx, sy = support_slices(dry, wet, n_support, cfg.maml.slice_len)
     net, ctx = adapted_network(mm, sx, sy)
     return export_network(net, cfg.model.arch, ctx, sx, cfg.maml.slice_len, sr, latency)

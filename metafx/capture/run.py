@@ -22,6 +22,7 @@ import torch
 
 from metafx import capture_signal as cs
 from metafx.capture.adapt import adapt_and_export, baseline_predictions, classical_arx_fit, score
+from metafx.capture.cascade_units import CASCADE_TRIES
 from metafx.capture.errors import CaptureError
 from metafx.capture.meta_model import MetaModel, load_meta_model
 from metafx.capture.recording import CLIP_LEVEL, Recording, find_latency, fit_length, read_recording
@@ -79,6 +80,7 @@ def run_capture(
     overwrite: bool = False,
     ridge_fit: str = "continuous",
     wiener_units: int = WIENER_UNITS,
+    tries: int = CASCADE_TRIES,
     heldout_from_seconds: float | None = None,
     measure_rtf: bool = True,
     command: str | None = None,
@@ -100,6 +102,9 @@ def run_capture(
         ridge_fit: ``"continuous"`` or ``"slices"`` (ARX meta-models; :func:`adapt_arx`).
         wiener_units: curve units of the Wiener bank (with its gain units) offered to a continuous ARX fit
             (:mod:`metafx.wiener`; 0: no bank).
+        tries: searches for the bank's cascade units, each on other rows of the support, the head with the smallest
+            cross-validated ESR on the support kept (:data:`metafx.capture.cascade_units.CASCADE_TRIES`; they run
+            only where a cascade is searched: devices of two nonlinear stages with a filter between, an amp).
         heldout_from_seconds: score from here instead of from the end of the support (a fixed
             held-out part for comparisons across support lengths; >= ``support_seconds``).
         measure_rtf: time the exported model (blocks of 256, one thread).
@@ -124,7 +129,7 @@ def run_capture(
         return _run_capture(wet, out, dry=dry, support_seconds=support_seconds, model=model, tracking_uri=tracking_uri,
                             experiment=experiment, mlflow=mlflow, run_name=run_name, apply=apply, apply_out=apply_out,
                             max_latency_seconds=max_latency_seconds, overwrite=overwrite, ridge_fit=ridge_fit,
-                            wiener_units=wiener_units,
+                            wiener_units=wiener_units, tries=tries,
                             heldout_from_seconds=heldout_from_seconds, measure_rtf=measure_rtf, command=command,
                             meta_model=meta_model)
     finally:
@@ -134,7 +139,7 @@ def run_capture(
 def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: float | None, model: str | None,
                  tracking_uri: str | None, experiment: str | None, mlflow: bool, run_name: str | None,
                  apply: Path | None, apply_out: Path | None, max_latency_seconds: float, overwrite: bool,
-                 ridge_fit: str, wiener_units: int, heldout_from_seconds: float | None, measure_rtf: bool,
+                 ridge_fit: str, wiener_units: int, tries: int, heldout_from_seconds: float | None, measure_rtf: bool,
                  command: str | None, meta_model: MetaModel | None) -> CaptureResult:
     t_all = time.perf_counter()
     sec: dict[str, float] = {}
@@ -164,6 +169,8 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
         raise CaptureError(f"--support-seconds must be > 0, got {support_seconds}")
     if wiener_units < 0:
         raise CaptureError(f"--wiener-units must be >= 0 (0 offers no Wiener bank), got {wiener_units}")
+    if tries < 1:
+        raise CaptureError(f"--tries must be >= 1 (searches for the cascade units; 1 is the default), got {tries}")
 
     t = time.perf_counter()
     mm = meta_model if meta_model is not None else load_meta_model(model, tracking_uri)
@@ -244,7 +251,7 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
         classical = classical_arx_fit(dry_a, wet_a, n_sup, sr, lat.samples)
         try:
             module = adapt_and_export(mm, dry_a, wet_a, n_sup, sr, lat.samples, ridge_fit=ridge_fit,
-                                      wiener_units=wiener_units, classical=classical)
+                                      wiener_units=wiener_units, classical=classical, cascade_tries=tries)
         except ExportError as e:
             raise CaptureError(f"{mm.checkpoint}: {e}") from e
         t = stage("adapt", t)
@@ -313,6 +320,10 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
                       "wiener_cascade_units": int(getattr(module, "n_cas", 0)) if bank_fit else None,
                       "wiener_cascade": (module.cascade.as_dict() if getattr(module, "cascade", None) is not None
                                          else None) if bank_fit else None,
+                      "cv_esr": (float(module.cv_esr) if math.isfinite(getattr(module, "cv_esr", math.nan)) else None)
+                      if bank_fit else None,
+                      "tries": tries,
+                      "wiener_cascade_tries": list(getattr(module, "cascade_tries", [])) if bank_fit else None,
                       "wiener_dynamics_units": int(getattr(module, "n_dyn", 0)) if bank_fit else None,
                       "wiener_dynamics": (module.dynamics.as_dict() if getattr(module, "dynamics", None) is not None
                                           else None) if bank_fit else None},
@@ -374,7 +385,7 @@ def _log_mlflow(results: dict[str, Any], tmp: Path, tracking_uri: str | None, ex
               "wiener_units": results["model"]["wiener_units"],
               "wiener_gain_units": results["model"]["wiener_gain_units"],
               "wiener_tuned_units": results["model"]["wiener_tuned_units"],
-              "wiener_cascade_units": results["model"]["wiener_cascade_units"],
+              "wiener_cascade_units": results["model"]["wiener_cascade_units"], "tries": results["model"]["tries"],
               "wiener_dynamics_units": results["model"]["wiener_dynamics_units"]}
     metrics = {"heldout": results["heldout"], "baselines": results["baselines"], "support": results["support"],
                "latency_samples": results["latency"]["samples"], "latency_ms": results["latency"]["ms"],

@@ -87,7 +87,7 @@ def _decode(th: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def criterion_rows(y: np.ndarray, phi: np.ndarray, nb: int, na: int, lead: int, runs: int,
-                   what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                   what: str, seed: int = TUNED_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """The rows of a variable-projection criterion (this module's and :mod:`metafx.capture.cascade_units`'): up to
     ``runs`` seeded runs of :data:`TUNED_RUN_LEN` samples, none before ``lead``, and the part of ``y`` there that
     the head's channels ``phi`` (every tap) and the output's AR lags do not explain, projected out once.
@@ -96,6 +96,8 @@ def criterion_rows(y: np.ndarray, phi: np.ndarray, nb: int, na: int, lead: int, 
         y: the wet span (S,); phi: the head's channels over it (M, S); nb, na: the head's orders.
         lead: the first sample a run may start at (the lags and any filter warm-up before it).
         runs: runs wanted; what: the units' name for the error.
+        seed: the runs' positions (another seed draws other runs: another criterion of the same units, which a
+            cascade search's further tries use, :data:`metafx.capture.cascade_units.CASCADE_TRIES`).
 
     Returns:
         ``(starts (runs,), Q (rows, P) orthonormal basis of the projected columns, resid (rows,), e0 = |resid|^2)``.
@@ -107,7 +109,7 @@ def criterion_rows(y: np.ndarray, phi: np.ndarray, nb: int, na: int, lead: int, 
     n_runs = min(runs, (S - lead) // L)
     if n_runs < 1:
         raise ValueError(f"a support of {S} samples is too short for the {what} (needs {lead + L})")
-    rng = np.random.default_rng(TUNED_SEED)
+    rng = np.random.default_rng(seed)
     starts = np.sort(rng.choice(np.arange(lead, S - L + 1, L), size=n_runs, replace=False))
     rows = (starts[:, None] + np.arange(L)[None]).reshape(-1)
     target = y[rows]
