@@ -27,8 +27,10 @@ kept with the bank or left out. 0 offers no bank.
 
 --tries N: the cascade units' search is not convex (an amp's held-out ESR varied 2.5x between takes that
 differ only by noise at -140 dBFS); N searches, each on other runs of the support, and the head with the
-smallest cross-validated ESR on the support is kept (results.json: model.wiener_cascade_tries). Each further
-try costs about 3 s on 2 cores, only where a cascade is searched (an amp, a driven filter). Default 1.
+smallest cross-validated ESR on the support is kept (results.json: model.wiener_cascade_tries). It guards
+against a search that loses the cascade; between cascades that all work it does not reliably pick the better
+(README, benchmarks/capture_tries/). Each further try costs about 3-4 s on 2 cores, only where a cascade is
+searched (an amp, a driven filter). Default 1.
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ def _capture(argv: list[str]) -> int:
                          "support's cross-validation prefers them (default: metafx.wiener.WIENER_UNITS; 0: no bank)")
     ap.add_argument("--tries", type=int, default=None,
                     help="searches for the cascade units, the best by the support's cross-validation kept (default: "
-                         "metafx.capture.cascade_units.CASCADE_TRIES; 3 for an amp or another two-stage device)")
+                         "metafx.capture.cascade_units.CASCADE_TRIES; more guard against a lost cascade)")
     args = ap.parse_args(argv)
     from metafx.capture import CaptureError, run_capture
     from metafx.capture.cascade_units import CASCADE_TRIES

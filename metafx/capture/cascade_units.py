@@ -90,9 +90,11 @@ _START_RATIO = 0.999  # the grid's starts are high-passes (r near 1)
 # 0.051) where the search's own criterion did not; on the Oberheim's, three seeds gave 0.022 / 0.027 / 0.016,
 # 0.00038 / 0.00051 / 0.00069 and 0.00058 / 0.0014 / 0.0035 (cascade lost), the cross-validated ESR picking the
 # best or the second best. With three tries (seeds 0, 1, 2) the mean over these six settings is 0.015, against 0.019
-# for seed 0 alone and 0.035 for one try on average over the three seeds (the lost cascades avoided). One try by
-# default: each further one costs a search and a cross-validation (about 3 s on 2 cores) on the devices that fit a
-# cascade, against the capture's 10 s target
+# for seed 0 alone and 0.035 for one try on average over the three seeds (the lost cascades avoided). On the capture
+# benchmark's test amp, though, five takes went from 0.025 / 0.016 / 0.011 / 0.0099 / 0.025 with one try to
+# 0.025 / 0.016 / 0.029 / 0.020 / 0.025 with three (benchmarks/capture_tries/): between cascades that all work the
+# cross-validation does not reliably pick the better. One try by default: the tries guard against a lost cascade,
+# and each costs a search and a cross-validation (about 3-4 s on 2 cores) on the devices that fit a cascade
 CASCADE_TRIES = 1
 
 
