@@ -39,7 +39,7 @@ Takes: a capture whose cascade units were kept (the non-convex search of
 same wet, each with independent noise of RMS :data:`TAKE_NOISE` (-140 dBFS, far below any recording's
 noise floor) added: how much the result depends on the search's path rather than on the device. Each take is
 captured again with ``--tries`` searches (``launch/capture.py --tries``: the head the support's cross-validation
-prefers is kept), which is what a user of such a device is advised to run.
+prefers is kept): whether more searches steady the result.
 
 Writes ``benchmarks/capture.md`` and ``benchmarks/capture.json`` (or ``--out``).
 """

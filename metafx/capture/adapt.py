@@ -497,7 +497,7 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
         ``classical_arx`` (True where classical ARX won: the stream is then classical ARX's, on ``[1, x]``) and
         ``cascade_tries`` (one ``{"seed", "criterion", "cv_esr"}`` per search: the criterion reached, None where the
         search found too little; the cross-validated ESR of the head with that cascade, None where it was not
-        cross-validated; ``"same_as": seed`` where it found an earlier try's cascade; empty where none ran).
+        cross-validated; empty where none ran).
 
     Raises:
         ValueError: ``cascade_tries`` < 1, or a ``fit`` other than ``"continuous"`` or ``"slices"``.
@@ -570,23 +570,18 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
                 dynamics = _found(lambda: fit_dynamics(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr),
                                   DYN_MAX_CRITERION)
             bank_u, kept_dyn = bank, None  # the bank with the tuned units; the dynamics units where a candidate won
-            found: list[Cascade | None] = [None]  # no cascade (the dynamics units alone, where they were found)
+            found: list[tuple[Cascade | None, dict[str, Any] | None]] = []  # each cascade found, with its try's record
             if cascade_units and (dynamics is None or dynamics.criterion > DYN_EXPLAINS):  # not where they explain
-                # each try searches on other rows of the support; a cascade found twice is cross-validated once
-                found = []
-                for k in range(cascade_tries):
+                for k in range(cascade_tries):  # each try searches on other rows of the support
                     c = _found(lambda k=k: fit_cascade(xs.numpy(), ys.numpy(), span, model.nb, model.na, sr, prefilter,
                                                        seed=TUNED_SEED + k), CASCADE_MAX_CRITERION)
                     tries.append({"seed": TUNED_SEED + k, "criterion": None if c is None else c.criterion,
                                   "cv_esr": None})
-                    twin = next((f for f in found if c is not None and _same_cascade(c, f)), None)
-                    if twin is not None:
-                        tries[-1]["same_as"] = twin.seed
-                    elif c is not None:
-                        found.append(c)
-                found = found or [None]  # none found: the dynamics units alone, where they were found
+                    if c is not None:
+                        found.append((c, tries[-1]))
             first = res  # the fit without cascade or dynamics units, whose correlations the candidates extend
-            for cas in found:
+            # none found: the dynamics units alone, where they were found
+            for cas, record in found or [(None, None)]:
                 if cas is None and dynamics is None:
                     continue
                 bank_c, phi_c, added = bank_u, phi, []  # a candidate of the cross-validation beside the first's
@@ -605,8 +600,8 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
                                              bank_min_equations=bank_min_equations,
                                              n_tuned=offered_c.n_aa + offered_c.n_cas, fitted_only=True,
                                              known=first.correlations, added=added)
-                if cas is not None:
-                    next(t for t in tries if t["seed"] == cas.seed)["cv_esr"] = res_c.cv_esr
+                if record is not None:
+                    record["cv_esr"] = res_c.cv_esr
                 if res_c.cv_esr < res.cv_esr:  # the same folds: the candidates' left-out ESRs compare
                     bank, offered, res, cascade, kept_dyn = bank_c, offered_c, res_c, cas, dynamics
             dynamics = kept_dyn
@@ -635,13 +630,6 @@ def adapt_arx(model: nn.Module, dry: np.ndarray, wet: np.ndarray, n_support: int
     stream.dynamics = dynamics if stream.n_dyn else None
     stream.cascade_tries = tries
     return stream
-
-
-def _same_cascade(a: Cascade, b: Cascade) -> bool:
-    """Whether two searches ended at the same cascade (to a relative 1e-9: the same channels, one cross-validation)."""
-    va = np.array([a.gain, a.ratio, a.fc, a.offset, *a.beta, a.offset2])
-    vb = np.array([b.gain, b.ratio, b.fc, b.offset, *b.beta, b.offset2])
-    return bool(np.allclose(va, vb, rtol=1e-9, atol=1e-12))
 
 
 def classical_arx_fit(dry: np.ndarray, wet: np.ndarray, n_support: int, sr: int, latency: int = 0) -> ARXStream:
