@@ -258,3 +258,47 @@ def test_non_finite_query_raises_naming_the_task(smoke):
     assert ep.task_id in str(e.value)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two threads (where MKL's batched LU failed), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ridge_solve_batched_large_systems_on_two_threads(two_threads):
+    """A batch of float64 ridge systems of hundreds of unknowns on two threads (a batched ``torch.linalg.solve`` of
+    these failed inside MKL's LU, DLASWP), one of them not positive definite (the LU fallback): each solution is
+    the one numpy finds for that system alone."""
+    from metafx.models.arx import ridge_solve
+
+    rng = np.random.default_rng(0)
+    P = 300
+    X = rng.standard_normal((4, P, P + 20))
+    A = X @ X.transpose(0, 2, 1) + 1e-3 * np.eye(P)
+    A[2] = -A[2]  # negative definite: Cholesky fails, the LU does not
+    b = rng.standard_normal((4, P, 2))
+    x = ridge_solve(torch.from_numpy(A), torch.from_numpy(b))
+    assert x.shape == (4, P, 2) and x.dtype == torch.float64
+    for i in range(4):
+        np.testing.assert_allclose(x[i].numpy(), np.linalg.solve(A[i], b[i]), rtol=1e-7, atol=1e-9)
+
+
+def test_universal_heads_fit_per_task_on_two_threads(two_threads):
+    """The universal study's ARX head (364 coefficients) fitted on four tasks at once on two threads: the ridge
+    engine's per-slice fits of its validation stopped on MKL's batched LU. Each task's head equals its own fit."""
+    cfg = load_config("universal.yaml", "local")
+    model = build_model(cfg.model).double()
+    assert model.n_coef >= 300
+    g = torch.Generator().manual_seed(0)
+    sx = 0.3 * torch.randn(4, 3, 1, 2048, generator=g, dtype=torch.float64)
+    sy = torch.tanh(2 * sx) + 0.01 * torch.randn(sx.shape, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        head = model.fit(sx, sy)
+        one = model.fit(sx[1], sy[1])
+    assert torch.isfinite(head.b).all() and torch.isfinite(head.a).all()
+    torch.testing.assert_close(head.b[1], one.b, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(head.a[1], one.a, rtol=1e-6, atol=1e-8)

@@ -327,7 +327,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
         CaptureError: fewer equations than coefficients, or singular normal equations.
         ValueError: ``known`` that does not fit (another support, or ``added`` missing or wrong).
     """
-    from metafx.models.arx import stabilize
+    from metafx.models.arx import ridge_solve, stabilize
 
     M, S = phi.shape
     nb, na = model.nb, model.na
@@ -378,9 +378,8 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
     def solve_all(Gm: Tensor, rm: Tensor, idx: Tensor, at: tuple[float, ...]) -> list[tuple[Tensor, Tensor]]:
         """The heads at each ridge scale of ``at``: the candidate's sub-system is taken out once for all of them.
 
-        (One solve per scale: a batched ``torch.linalg.solve`` of these sizes fails inside MKL's LU, DLASWP. By
-        Cholesky, half an LU's products: the ridged normal equations are symmetric positive definite; an LU where
-        rounding makes them not.)
+        (One solve per scale, by :func:`metafx.models.arx.ridge_solve`: Cholesky, an LU where rounding makes the
+        ridged normal equations not positive definite.)
         """
         Gi, ri, pi = Gm[idx][:, idx], rm[idx], prior[idx]
         base = torch.diagonal(Gi).mean() * lam[idx]
@@ -389,8 +388,7 @@ def ridge_fit_continuous(model: nn.Module, phi: Tensor, y: Tensor, scales: tuple
             D = base * scale
             try:
                 Ai, bi = Gi + torch.diag(D), ri + D * pi
-                Lc, info = torch.linalg.cholesky_ex(Ai)
-                wi = torch.cholesky_solve(bi[:, None], Lc)[:, 0] if int(info) == 0 else torch.linalg.solve(Ai, bi)
+                wi = ridge_solve(Ai, bi[:, None])[:, 0]
             except torch.linalg.LinAlgError as e:
                 raise CaptureError(f"the ridge fit of the support is singular ({e}): the support may be silent or "
                                    f"constant; record the whole probe") from e
