@@ -114,7 +114,6 @@ def _trainable(config: dict[str, Any], study: Config) -> None:
     # on short slices): recorded beside them (MLflow tags, the trial table).
     node["stft_resolution"] = resolution_text([stft_resolution(cfg.maml.slice_len)])
     node["mrstft_resolutions"] = resolution_text(mrstft_resolutions(cfg.maml.slice_len))
-    trial_dir = Path(tune.get_context().get_trial_dir())
     taskset = load_taskset(cfg.data, progress=False)
     ckpt = tune.get_checkpoint()
     resume = None
@@ -129,8 +128,11 @@ def _trainable(config: dict[str, Any], study: Config) -> None:
             tune.report(m)
 
     try:
-        meta_train(cfg, taskset, report, resume_from=resume, workdir=trial_dir / "work",
-                   baselines=False, artifacts=True)
+        # The checkpoints meta_train writes go to its own temporary folder, outside the trial directory: Tune syncs
+        # that directory to the storage while the trial runs, and a checkpoint being written there
+        # (checkpoint.tmp, renamed a moment later) failed the driver's sync with FileNotFoundError (seen in
+        # `make run`). Tune copies every reported checkpoint into the storage itself (checkpoint_NNNNNN).
+        meta_train(cfg, taskset, report, resume_from=resume, baselines=False, artifacts=True)
     except NonFiniteLossError as e:
         # Divergence is deterministic: retrying from a checkpoint would diverge again. End the
         # trial with its message (the MLflow run is marked FAILED) and let the search go on.

@@ -134,6 +134,19 @@ def test_one_best_trial_everywhere(smoke_search):
             assert run.data.metrics[f"best/{metric}"] == pytest.approx(r[col])
 
 
+def test_trial_directories_hold_only_tunes_checkpoints(smoke_search):
+    """A trial's scratch checkpoints stay out of its trial directory, which Tune syncs to the storage while the
+    trial runs (a checkpoint.tmp renamed during that copy failed the sync with FileNotFoundError in `make run`);
+    what the storage keeps of a trial is Tune's own files and the checkpoints it copied (checkpoint_NNNNNN)."""
+    _, out, _, root = smoke_search
+    trial_dirs = [d for d in (root / "ray" / "smoke-e2e").iterdir() if d.is_dir() and d.name.startswith("_trainable")]
+    assert len(trial_dirs) == len(out.table)
+    for d in trial_dirs:
+        dirs = sorted(p.name for p in d.iterdir() if p.is_dir())
+        assert dirs and all(n.startswith("checkpoint_") for n in dirs), (d.name, dirs)
+        assert not list(d.rglob("*.tmp")), d.name
+
+
 def test_best_meta_model_is_registered_and_loads_for_a_capture(smoke_search, tmp_path):
     """The search hands its best meta-model on: a Model Registry version under the study's name, holding the
     tested checkpoint, its config and the dataset manifest; ``--model models:/<study>/<version>`` loads it."""
