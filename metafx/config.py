@@ -419,6 +419,9 @@ class _Validator(FieldValidator):
             if obj.ridge_feat is not None and not obj.per_coef_ridge:
                 raise self.err(k + "ridge_feat", obj.ridge_feat, "a separate ridge for the learned channels needs "
                                f"{k}per_coef_ridge: true (or ridge_feat: null)")
+            if obj.cv_classical and not obj.cv_ridge:
+                raise self.err(k + "cv_classical", obj.cv_classical, "classical ARX is a candidate of the per-task "
+                               f"cross-validation: set {k}cv_ridge: true (or cv_classical: false)")
 
     # ---- the whole study
 

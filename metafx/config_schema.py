@@ -219,6 +219,9 @@ class ARXConfig:
     # adaptation picks the ridge multiplier per task by leave-one-slice-out CV on the support
     # (metafx.models.arx.CV_RIDGE_SCALES); meta-training's fits are unchanged
     cv_ridge: bool = flag(False)
+    # with cv_ridge: classical ARX (the head on [1, x] alone, initial ridge, identity prior) is a candidate of that
+    # cross-validation too, kept where it predicts the left-out support slices strictly better
+    cv_classical: bool = flag(False)
 
 
 @dataclass(frozen=True)

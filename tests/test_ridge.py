@@ -111,6 +111,73 @@ def test_cv_ridge_is_what_the_ridge_engine_adapts_with_when_set():
         torch.testing.assert_close(ENGINE.adapt(model, x, y, cfg.maml)(q), model.predict(q, model.fit(x, y)))
 
 
+def _lin(x):
+    return scipy.signal.lfilter(B_TRUE, A_TRUE, x, axis=-1)
+
+
+def _pairs(f, K, L, seed):
+    x = 0.3 * np.random.default_rng(seed).standard_normal((K, L))
+    return torch.from_numpy(x)[:, None], torch.from_numpy(f(x))[:, None]
+
+
+def test_fit_classical_is_the_classical_arx_baseline_head():
+    """MetaARX.fit_classical on a learned-feature model is exactly the head classical_arx fits on the same support
+    (its [1, x] rows; the learned channels' rows zero), and it simulates to the same output through this model."""
+    from metafx.evaluate import classical_arx
+
+    cfg = load_config("universal.yaml", "smoke")
+    model = ENGINE.build_learner(cfg).double()
+    carx = classical_arx(cfg.model).double()
+    assert model.channels > 2 and carx.channels == 2
+    x, y = _pairs(lambda v: np.tanh(2 * _lin(v)), 4, 512, 1)
+    q, _ = _pairs(_lin, 3, 1024, 2)
+    with torch.no_grad():
+        for scale in (1.0, 1e4):
+            h = model.fit_classical(model.feats(x)[None], y[None, :, 0], ridge_scale=scale)
+            hc = carx.fit_features(carx.feats(x)[None], y[None, :, 0], ridge_scale=scale)
+            torch.testing.assert_close(h.b[0, :2], hc.b[0], rtol=1e-9, atol=1e-12)
+            assert bool((h.b[0, 2:] == 0).all())
+            torch.testing.assert_close(h.a, hc.a, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(model.predict(q, ARXHead(h.b[0], h.a[0])),
+                                       carx.predict(q, ARXHead(hc.b[0], hc.a[0])), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("effect, L, want_classical", [("linear", 160, True), ("linear", 512, True),
+                                                        ("tanh", 512, False), ("tanh", 2048, False)])
+def test_cv_classical_keeps_classical_arx_only_where_it_predicts_left_out_slices_better(effect, L, want_classical):
+    """model.arx.cv_classical: a linear system on short slices overfits the learned head's 364 coefficients (the
+    cross-validation keeps classical ARX, whose query error is then far below the learned head's); a memoryless
+    curve, which [1, x] cannot fit, keeps the learned head (the same head as without the option)."""
+    f = _lin if effect == "linear" else (lambda v: np.tanh(3 * v))
+    cfg = load_config("universal.yaml", "smoke", ["model.arx.cv_classical=true"])
+    model = ENGINE.build_learner(cfg).double()
+    assert model.cv_ridge and model.cv_classical
+    x, y = _pairs(f, 4, L, 1)
+    q, qy = _pairs(f, 4, 2048, 2)
+    with torch.no_grad():
+        head, scale = model.fit_selected(x, y)
+        model.cv_classical = False
+        learned, _ = model.fit_selected(x, y)
+        assert not learned.classical
+        model.cv_classical = True
+        assert head.classical == want_classical
+        if want_classical:
+            ref = model.fit_classical(model.feats(x)[None], y[None, :, 0], ridge_scale=scale)
+            torch.testing.assert_close(head.b, ref.b[0])
+            torch.testing.assert_close(head.a, ref.a[0])
+            assert float(M.esr(model.predict(q, head), qy)) < 1e-3 * float(M.esr(model.predict(q, learned), qy))
+        else:
+            torch.testing.assert_close(head.b, learned.b)
+            torch.testing.assert_close(head.a, learned.a)
+        # what the ridge engine adapts with
+        torch.testing.assert_close(ENGINE.adapt(model, x, y, cfg.maml)(q), model.predict(q, head))
+
+
+def test_cv_classical_needs_cv_ridge():
+    with pytest.raises(ConfigError, match="cv_classical.*cv_ridge: true"):
+        load_config("arx.yaml", "smoke", ["model.arx.cv_classical=true"])
+
+
 def test_fft_iir_simulation_matches_lfilter():
     rng = np.random.default_rng(3)
     poles = [0.97 * np.exp(0.05j), 0.97 * np.exp(-0.05j), 0.6, -0.5]

@@ -43,7 +43,7 @@ def _cols(m: dict[str, float], prefix: str) -> dict[str, float | None]:
             "stft": get("query_stft_post"), "mrstft": get("query_mrstft_post")}
 
 
-def _train(cfg, taskset, workdir: Path):
+def train_best(cfg, taskset, workdir: Path):
     """Meta-train on ``taskset``'s train split (validation picks the checkpoint); the best learner and seconds."""
     import torch
 
@@ -92,7 +92,7 @@ def main(args, rest) -> int:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="metafx-universal-") as tmp:
         tmp = Path(tmp)
-        universal, uni_s, uni_step = _train(cfg, full, tmp / "universal")
+        universal, uni_s, uni_step = train_best(cfg, full, tmp / "universal")
         log.info("universal model: %.1f s of meta-training", uni_s)
         arx_cfg = replace(cfg, maml=replace(cfg.maml, method="ridge"))
         for fam in families:
@@ -101,13 +101,13 @@ def main(args, rest) -> int:
             rows.append({**common, "setting": "in_family", **base, "variant": "universal",
                          "meta_train_seconds": round(uni_s, 1), "best_step": uni_step,
                          **_cols(_evaluate(universal, cfg, eps, device), "test/")})
-            left, s, step = _train(cfg, TaskSet(full.path, left_out=[fam]), tmp / f"out-{fam}")
+            left, s, step = train_best(cfg, TaskSet(full.path, left_out=[fam]), tmp / f"out-{fam}")
             rows.append({**common, "setting": "left_out", **base, "variant": "universal",
                          "meta_train_seconds": round(s, 1), "best_step": step,
                          **_cols(_evaluate(left, cfg, eps, device), "test/")})
             if not opts.no_per_family:
                 others = [f for f in full.families if f != fam]
-                spec, s, step = _train(cfg, TaskSet(full.path, left_out=others), tmp / f"only-{fam}")
+                spec, s, step = train_best(cfg, TaskSet(full.path, left_out=others), tmp / f"only-{fam}")
                 rows.append({**common, "setting": "in_family", **base, "variant": "per_family",
                              "meta_train_seconds": round(s, 1), "best_step": step,
                              **_cols(_evaluate(spec, cfg, eps, device), "test/")})
