@@ -614,7 +614,7 @@ class MetaARX(nn.Module):
         of its own ridge is a candidate too, kept only where it is strictly better (measured on the
         universal study's validation episodes, 40-step model: the learned head's ESR was 0.47 on the
         limiter against classical ARX's 0.15, 1.1 against 0.39 on the tube clipper, while the learned
-        head wins on the cubic curve and the ladders; README). A single candidate is used as it is; a
+        head wins on the cubic curve and the ladders; benchmarks/arx_selection.md). A single candidate is used as it is; a
         support of one slice (nothing to leave out) fits with the meta-learned ridge, as :meth:`fit` does.
 
         Args:
