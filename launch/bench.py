@@ -9,6 +9,7 @@
     python launch/bench.py universal [--budget local]   # one meta-model for every family, and left-out families
     python launch/bench.py arx_selection               # classical ARX as a cross-validation candidate (validation)
     python launch/bench.py capture                     # capture every family's held-out setting (issue 13)
+    python launch/bench.py export_rtf                  # exported model speed: model.ts and model.so, every family
     python launch/bench.py universal_capture           # capture families the meta-model never saw (issue 14)
     python launch/bench.py bank                        # when a capture offers the Wiener bank (validation settings)
     python launch/bench.py ceiling                     # single-task ceiling per architecture, to convergence
@@ -36,6 +37,7 @@ SUITES = {
     "universal": "metafx.bench.universal",
     "arx_selection": "metafx.bench.arx_selection",  # [-- --steps 40 --episodes 8]: cv_classical on validation
     "capture": "metafx.bench.capture",  # python launch/bench.py capture [-- --families a,b --support 0.5,1,3,10]
+    "export_rtf": "metafx.bench.export_rtf",  # [-- --families a,b --support 3 --seconds 10]: model.ts vs model.so
     "universal_capture": "metafx.bench.universal_capture",  # [-- --families a,b --steps 500 --jobs 2 --workdir D]
     "bank": "metafx.bench.bank_rule",  # python launch/bench.py bank [-- --per-family 2 --support 0.5,1,2,3]
     "ceiling": "metafx.bench.ceiling",  # python launch/bench.py ceiling [-- --archs lstm,tcn,transformer --steps 2000]

@@ -106,6 +106,8 @@ def _capture(argv: list[str]) -> int:
     ap.add_argument("--tries", type=int, default=None,
                     help="searches for the cascade units, the best by the support's cross-validation kept (default: "
                          "metafx.capture.cascade_units.CASCADE_TRIES; more guard against a lost cascade)")
+    ap.add_argument("--no-native", action="store_true",
+                    help="skip the native export (model.c, model.so: an ARX model as C, 5-8x faster than model.ts)")
     args = ap.parse_args(argv)
     from metafx.capture import CaptureError, run_capture
     from metafx.capture.cascade_units import CASCADE_TRIES
@@ -119,7 +121,8 @@ def _capture(argv: list[str]) -> int:
                           max_latency_seconds=args.max_latency_ms / 1000.0, overwrite=args.overwrite,
                           threads=CAPTURE_THREADS if args.threads is None else args.threads,
                           wiener_units=WIENER_UNITS if args.wiener_units is None else args.wiener_units,
-                          tries=CASCADE_TRIES if args.tries is None else args.tries, command="python launch/capture.py " + shlex.join(argv))
+                          tries=CASCADE_TRIES if args.tries is None else args.tries, native=not args.no_native,
+                          command="python launch/capture.py " + shlex.join(argv))
     except CaptureError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return cli.EXIT_BAD_INPUT
@@ -135,7 +138,15 @@ def _capture(argv: list[str]) -> int:
     print(f"  capture {r['seconds']['capture']:.2f} s (load, align, adapt, export, predict, baselines, score); exported "
           f"{r['export']['kind']} model {r['export']['bytes'] / 1e6:.1f} MB" + (f", {rtf:.1f}x real time (one thread, "
           f"blocks of 256)" if rtf else ""))
-    print(f"wrote {res.out} (results.json, prediction.wav, model.ts, plots/, audio/)"
+    nat = r["export"].get("native") or {}
+    if nat.get("library"):
+        nrtf = nat.get("rtf_block256_one_thread")
+        print(f"  native export model.so (model.c compiled by {nat['compiler']})"
+              + (f": {nrtf:.1f}x real time (one thread, blocks of 256)" if nrtf else ""))
+    elif nat.get("error"):
+        print(f"  no native model.so: {nat['error']}")
+    files = "model.ts" + (", model.c" if nat.get("c") else "") + (", model.so" if nat.get("library") else "")
+    print(f"wrote {res.out} (results.json, prediction.wav, {files}, plots/, audio/)"
           + (f"; MLflow run {res.run_id}" if res.run_id else ""))
     return 0
 

@@ -269,6 +269,9 @@ class ARXStream(nn.Module):
                 else:  # tabulated
                     grid = torch.linspace(-TABLE_RANGE, TABLE_RANGE, TABLE_SIZE + 1, dtype=dt)
                     w1, b1 = phi.p1.weight.detach().reshape(-1).to(dt), phi.p1.bias.detach().to(dt)
+                    # the MLP's weights too (unused here): a native export (metafx/native_export.py) rebuilds the
+                    # table from them rather than carrying its 2^16 points per channel as C source
+                    self.P1, self.p1b, self.P2, self.p2b = w1[:, None].contiguous(), b1, W2, b2
                     tab = torch.tanh(grid[:, None] * w1[None] + b1[None]) @ W2.T + b2[None]  # (S + 1, n_point)
                     # (n_point, S + 2), one extra column (i + 1 at the top); channel-major, so a gather gives the
                     # (n_point, T) channels contiguous

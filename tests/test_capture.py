@@ -45,6 +45,7 @@ from metafx.capture.cascade_units import CASCADE_MAX_CRITERION  # noqa: E402
 from metafx.capture.dynamics_units import DYN_UNITS  # noqa: E402
 from metafx.capture.tuned_units import TUNED_SEED  # noqa: E402
 from metafx.capture import SHIPPED_MODEL, CaptureError, find_latency, load_meta_model, read_recording, run_capture  # noqa: E402
+from metafx.native_export import find_compiler  # noqa: E402
 from metafx.tracking import TrackingError, log_capture, register_meta_model  # noqa: E402
 from metafx.wiener import WIENER_UNITS, make_bank  # noqa: E402
 
@@ -101,7 +102,7 @@ def test_capture_signal_is_deterministic_and_written_by_the_cli(tmp_path, capsys
 
 def test_results_of_a_capture(captured, pair):
     out, _, r = captured
-    assert {p.name for p in out.iterdir()} >= {"results.json", "prediction.wav", "model.ts", "plots", "audio"}
+    assert {p.name for p in out.iterdir()} >= {"results.json", "prediction.wav", "model.ts", "model.c", "plots", "audio"}
     assert (out / "plots" / "spectrum.png").stat().st_size > 0 and (out / "plots" / "time.png").stat().st_size > 0
     assert r["rate"] == SR and r["support_seconds"] == pytest.approx(3.0)
     assert r["heldout_seconds"] == pytest.approx(SECONDS - 3.0, abs=0.01)
@@ -110,9 +111,17 @@ def test_results_of_a_capture(captured, pair):
     assert set(h) == {"esr", "mae", "stft", "mrstft"} and set(b) == {"lsfir", "arx", "identity"}
     assert h["esr"] < 0.1 * b["identity"]["esr"] and h["esr"] < b["lsfir"]["esr"], (h, b)
     assert r["export"]["kind"] == "arx" and r["export"]["streaming"] and r["export"]["rtf_block256_one_thread"] > 0
+    nat = r["export"]["native"]
+    if find_compiler() is None:  # model.c only, and a warning that names the fix
+        assert nat["library"] is None and "install gcc or clang" in nat["error"], nat
+    else:
+        assert nat["c"] == "model.c" and nat["library"] == "model.so" and nat["error"] is None, nat
+        assert (out / "model.so").is_file() and nat["compile_seconds"] > 0
+        assert nat["max_abs_diff_vs_model_ts"] <= 1e-5 and nat["rtf_block256_one_thread"] > 0
     assert r["model"]["wiener_offered"] is True and r["model"]["wiener_units"] in (0, WIENER_UNITS)
     assert r["model"]["wiener_gain_units"] in (0, make_bank().n_gains)
-    assert r["seconds"]["capture"] > 0 and r["cpu_seconds"]["capture"] > 0 and r["warnings"] == []
+    assert r["seconds"]["capture"] > 0 and r["cpu_seconds"]["capture"] > 0
+    assert r["warnings"] == ([] if find_compiler() else [w for w in r["warnings"] if "native export" in w])
     wet = sf.read(pair / "wet.wav", dtype="float32")[0]
     pred, sr = sf.read(out / "prediction.wav", dtype="float32")
     assert sr == SR and pred.shape == wet.shape  # aligned with the wet file: its rate and length
@@ -141,6 +150,57 @@ def test_exported_model_reproduces_the_prediction_without_metafx(captured, pair)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=pair)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("OK")
+
+
+@pytest.mark.skipif(find_compiler() is None, reason="no C compiler: the capture writes model.c only")
+def test_native_model_reproduces_the_prediction_without_torch_or_metafx(captured, pair):
+    """model.so (compiled from model.c at capture) in a fresh interpreter with ctypes: the whole dry file equals
+    prediction.wav, and blocks of 32, 256, 2048 and ragged sizes (state carried) the whole-file output, to 1e-5."""
+    out, _, r = captured
+    code = textwrap.dedent(f"""
+        import ctypes, sys
+        import numpy as np, soundfile as sf
+        lib = ctypes.CDLL({str(out / 'model.so')!r})
+        lib.mfx_create.restype = ctypes.c_void_p
+        lib.mfx_destroy.argtypes = [ctypes.c_void_p]
+        lib.mfx_process.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        assert lib.mfx_sample_rate() == {SR} and lib.mfx_latency_samples() == {r['latency']['samples']}
+        dry = sf.read({str(pair / 'dry.wav')!r}, dtype="float32")[0]
+        pred = sf.read({str(out / 'prediction.wav')!r}, dtype="float32")[0]
+
+        def run(blocks):
+            st, y, i, k = lib.mfx_create(), np.empty_like(dry), 0, 0
+            while i < dry.size:
+                n = blocks[k % len(blocks)]
+                b = dry[i:i + n].copy()
+                lib.mfx_process(st, b.ctypes.data, b.ctypes.data, b.size)
+                y[i:i + b.size] = b
+                i, k = i + n, k + 1
+            lib.mfx_destroy(st)
+            return y
+
+        whole = run([dry.size])
+        lat = {r['latency']['samples']}
+        ref = pred[lat:lat + whole.size]
+        assert float(np.max(np.abs(whole[:ref.size] - ref))) <= 1e-5
+        for blocks in ([32], [256], [2048], [1, 7, 300, 2999, 64]):
+            assert float(np.max(np.abs(run(blocks) - whole))) <= 1e-5, blocks
+        assert not any(m in sys.modules for m in ("torch", "metafx")), "torch or metafx was imported"
+        print("OK")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=pair)
+    assert p.returncode == 0 and p.stdout.startswith("OK"), p.stderr[-2000:]
+
+
+def test_a_capture_without_a_c_compiler_warns_and_keeps_model_ts(pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    res = run_capture(pair / "wet.wav", tmp_path / "out", dry=pair / "dry.wav", support_seconds=3.0, mlflow=False,
+                      wiener_units=0, measure_rtf=False)
+    nat = res.results["export"]["native"]
+    assert nat["c"] == "model.c" and nat["library"] is None and "no-such-cc" in nat["error"], nat
+    assert any("native export" in w and "install gcc or clang, or set CC" in w for w in res.warnings), res.warnings
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"model.ts", "model.c", "prediction.wav"} <= files and "model.so" not in files
 
 
 @pytest.mark.parametrize("family, setting, factor", [
@@ -236,7 +296,7 @@ def test_capture_run_reads_back_from_mlflow(captured):
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "diode-test"
     for k in ("heldout/esr", "heldout/mae", "heldout/stft", "heldout/mrstft", "baselines/arx/esr", "baselines/lsfir/esr",
-              "latency_samples", "seconds/capture", "rtf_block256"):
+              "latency_samples", "seconds/capture", "rtf_block256") + (("rtf_block256_native",) if find_compiler() else ()):
         assert k in run.data.metrics, k
     assert run.data.metrics["heldout/esr"] == pytest.approx(r["heldout"]["esr"])
     assert run.data.params["arch"] == "arx" and run.data.tags["metafx.role"] == "capture"
@@ -247,8 +307,9 @@ def test_capture_run_reads_back_from_mlflow(captured):
             got += files(f.path) if f.is_dir else [f.path]
         return set(got)
 
-    assert files() >= {"results.json", "model.ts", "prediction.wav", "plots/spectrum.png", "plots/time.png",
+    assert files() >= {"results.json", "model.ts", "model.c", "prediction.wav", "plots/spectrum.png", "plots/time.png",
                        "audio/dry.wav", "audio/wet.wav", "audio/prediction.wav"}
+    assert ("model.so" in files()) == (find_compiler() is not None)
     peaks = []
     for name in ("dry", "wet", "prediction"):
         a, sr = sf.read(out / "audio" / f"{name}.wav")
@@ -469,6 +530,8 @@ def test_capture_with_a_network_feature_head(pair, tmp_path, space, sizes):
     assert rc == 0
     r = json.loads((out / "results.json").read_text())
     assert r["export"]["kind"] == "arx" and r["export"]["streaming"]
+    assert r["export"]["native"]["library"] is None and "trunk" in r["export"]["native"]["error"]  # model.ts only
+    assert not (out / "model.c").exists() and r["warnings"] == []
     assert r["heldout"]["esr"] < r["baselines"]["identity"]["esr"], r
     code = textwrap.dedent(f"""
         import sys, numpy as np, soundfile as sf, torch
