@@ -335,11 +335,12 @@ static void block(mfx_state *s, const float *in, float *out, int n) {
         for (int t = 0; t < n; t++) {  /* the hold: max |x| over the last HOLD + 1 samples */
             long long idx = s->n_abs++;
             double v = ax[t];
+            /* expire first, then push: the deque never holds more than the window's HOLD + 1 samples */
+            while (s->dq_len && s->dq_i[s->dq_head] < idx - MFX_HOLD) { s->dq_head = (s->dq_head + 1) % cap; s->dq_len--; }
             while (s->dq_len && s->dq_v[(s->dq_head + s->dq_len - 1) % cap] <= v) s->dq_len--;
             s->dq_v[(s->dq_head + s->dq_len) % cap] = v;
             s->dq_i[(s->dq_head + s->dq_len) % cap] = idx;
             s->dq_len++;
-            while (s->dq_i[s->dq_head] < idx - MFX_HOLD) { s->dq_head = (s->dq_head + 1) % cap; s->dq_len--; }
             double h = s->dq_v[s->dq_head];
             s->dyn_u = (1.0 - MFX_DYN_ATT) * h + MFX_DYN_ATT * s->dyn_u;
             double c = (1.0 - MFX_DYN_REL) * s->dyn_u + MFX_DYN_REL * s->dyn_e;

@@ -203,6 +203,29 @@ def test_a_capture_without_a_c_compiler_warns_and_keeps_model_ts(pair, tmp_path,
     assert {"model.ts", "model.c", "prediction.wav"} <= files and "model.so" not in files
 
 
+@pytest.mark.skipif(find_compiler() is None, reason="no C compiler")
+def test_a_native_library_that_differs_from_model_ts_is_left_out(pair, tmp_path, monkeypatch):
+    """The capture's check of model.so against model.ts (here made to fail: a tolerance below 0) leaves model.c and
+    model.so out with a warning; the capture stands on model.ts, which computes prediction.wav."""
+    import metafx.capture.run as capture_run
+
+    monkeypatch.setattr(capture_run, "NATIVE_TOLERANCE", -1.0)
+    res = run_capture(pair / "wet.wav", tmp_path / "out", dry=pair / "dry.wav", support_seconds=3.0, mlflow=False,
+                      wiener_units=0, measure_rtf=False)
+    nat = res.results["export"]["native"]
+    assert nat["c"] is None and nat["library"] is None and "differs from model.ts" in nat["error"], nat
+    assert any("left out" in w for w in res.warnings), res.warnings
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"model.ts", "prediction.wav"} <= files and not files & {"model.c", "model.so"}
+    m = torch.jit.load(str(tmp_path / "out" / "model.ts"))
+    dry = torch.from_numpy(sf.read(pair / "dry.wav", dtype="float32")[0])
+    pred = sf.read(tmp_path / "out" / "prediction.wav", dtype="float32")[0]
+    lat = res.results["latency"]["samples"]
+    with torch.no_grad():
+        y = m.process(dry).numpy()
+    assert np.array_equal(y[:pred.size - lat], pred[lat:lat + y.size])  # model.ts's own output, bit for bit
+
+
 @pytest.mark.parametrize("family, setting, factor", [
     (TUBE, TUBE_SETTING, 0.7),  # +18 dB pre-emphasis into an asymmetric clipper: the curve units
     (LIMITER, LIMITER_SETTING, 0.5),  # a peak limiter: its gain follows the level, the gain units

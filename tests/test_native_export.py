@@ -44,10 +44,13 @@ def pole(seconds: float) -> float:
 
 
 def test_signal() -> torch.Tensor:
-    """Noise at two levels (crossing the pointwise table's +-2 range), silence, then a loud burst."""
+    """Noise at two levels (crossing the pointwise table's +-2 range), silence, a loud burst, quiet noise, then a
+    strictly decaying level over 3000 samples (a peak hold's window full of ever smaller maxima: its deque at its
+    longest)."""
     g = torch.Generator().manual_seed(9)
+    decay = 0.8 * torch.exp(-torch.arange(3000) / 500.0)
     return torch.cat([torch.randn(12000, generator=g) * 0.3, torch.zeros(3000), torch.randn(6000, generator=g) * 1.5,
-                      torch.randn(4000, generator=g) * 0.05])
+                      torch.randn(4000, generator=g) * 0.05, decay, torch.randn(2000, generator=g) * 0.2])
 
 
 test_signal.__test__ = False  # a helper, not a test
