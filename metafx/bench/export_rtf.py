@@ -45,11 +45,12 @@ def fresh_rtf(folder: Path, seconds: float) -> dict[str, Any]:
     """Real-time factors of a capture's ``model.ts`` and ``model.so``, each timed in its own fresh interpreter.
 
     Returns:
-        ``{"ts": {"wall", "cpu"}, "native": {"wall", "cpu"} | None}`` (None: no model.so).
+        ``{"ts": {"wall", "cpu", "kind", "bank_units"}, "native": {"wall", "cpu"} | None}`` (None: no model.so).
     """
     ts_code = ("import json, sys, torch; from metafx.export import real_time_factors; m = torch.jit.load(sys.argv[1]); "
                f"w, c = real_time_factors(m, block={BLOCK}, seconds=float(sys.argv[2])); "
-               "print(json.dumps({'wall': w, 'cpu': c}))")
+               "print(json.dumps({'wall': w, 'cpu': c, 'kind': str(m.kind), "
+               "'bank_units': int(m.n_bank) if hasattr(m, 'n_bank') else 0}))")
     so_code = ("import json, sys; from metafx.native_export import NativeModel; m = NativeModel(sys.argv[1]); "
                f"w, c = m.real_time_factors(block={BLOCK}, seconds=float(sys.argv[2])); "
                "print(json.dumps({'wall': w, 'cpu': c}))")
