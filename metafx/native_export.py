@@ -49,7 +49,10 @@ from metafx.export import EXPORT_VERSION, ExportError
 RUNTIME = Path(__file__).with_name("native_arx.c")  # the generic half of model.c
 NATIVE_ABI = 1  # mfx_abi_version() of that runtime (MFX_ABI there)
 CC_ENV = "CC"  # the C compiler: $CC, else cc, gcc or clang on PATH
-BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno"]
+# -O2 with the vectorizer's dynamic cost model: the speed of -O3 here (amp capture 77-79x either way) in a third
+# of its compile time (0.46 s against 1.4-1.6 s), which a capture waits for
+BASE_FLAGS = ["-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fPIC", "-shared", "-fno-math-errno"]
+MINIMAL_FLAGS = ["-O2", "-fPIC", "-shared"]  # any C compiler (clang has no -fvect-cost-model)
 VECMATH_FLAGS = ["-march=native", "-fopenmp-simd", "-DMFX_VECMATH"]  # + -lmvec: glibc >= 2.35 on x86_64
 
 
@@ -206,7 +209,7 @@ def compile_c(c_file: Path, library: Path, cc: str | None = None) -> dict[str, A
     """Compile ``model.c`` into a shared library for this machine.
 
     With glibc's vector math (:func:`_vecmath`) first (``-march=native``: built for this CPU, as a host
-    building its plugin would), then plain ``-O3`` if that fails.
+    building its plugin would), then without it, then with :data:`MINIMAL_FLAGS` if those fail.
 
     Args:
         c_file: the ``model.c`` of :func:`write_c`. library: the ``.so`` to write.
@@ -226,6 +229,7 @@ def compile_c(c_file: Path, library: Path, cc: str | None = None) -> dict[str, A
     if _vecmath():
         attempts.append([cc, *BASE_FLAGS, *VECMATH_FLAGS, str(c_file), "-o", str(library), "-lmvec", "-lm"])
     attempts.append([cc, *BASE_FLAGS, str(c_file), "-o", str(library), "-lm"])
+    attempts.append([cc, *MINIMAL_FLAGS, str(c_file), "-o", str(library), "-lm"])
     t0 = time.perf_counter()
     err = ""
     for cmd in attempts:
