@@ -6,7 +6,7 @@
     python launch/capture.py --dry in.wav --wet out.wav --out DIR [--support-seconds S] [--model M]
         [--apply song.wav --apply-out song_fx.wav] [--tracking-uri URI | --no-mlflow] [--experiment capture]
         [--wiener-units N] [--tries N]
-    python launch/capture.py apply --model DIR/model.ts IN OUT  # process a file with an exported model
+    python launch/capture.py apply --model DIR/model.ts IN OUT  # process a file with an exported model (or model.so)
 
 --model: a checkpoint (best.pt / checkpoint.pt or its folder), a search folder (ray_results/<name>:
 its best trial), or models:/<name>/<version> from the MLflow Model Registry; default: the meta-model
@@ -67,7 +67,8 @@ def _signal(argv: list[str]) -> int:
 
 def _apply(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="capture.py apply", description="process a file with an exported model")
-    ap.add_argument("--model", type=Path, required=True, help="a capture's model.ts (or its folder)")
+    ap.add_argument("--model", type=Path, required=True,
+                    help="a capture's model.ts or model.so (the native export), or its folder (model.ts)")
     ap.add_argument("input", type=Path)
     ap.add_argument("output", type=Path)
     args = ap.parse_args(argv)

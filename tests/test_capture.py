@@ -203,6 +203,27 @@ def test_a_capture_without_a_c_compiler_warns_and_keeps_model_ts(pair, tmp_path,
     assert {"model.ts", "model.c", "prediction.wav"} <= files and "model.so" not in files
 
 
+@pytest.mark.parametrize("name", ["model.ts", "model.so"])
+def test_apply_processes_a_file_with_an_exported_model(captured, pair, tmp_path, capsys, name):
+    """``capture.py apply --model DIR/model.ts|model.so IN OUT``: the dry file through the exported model equals
+    prediction.wav (aligned); a file that is not an exported model is one line and exit 2."""
+    out, _, r = captured
+    if not (out / name).is_file():
+        pytest.skip(f"no {name} (no C compiler)")
+    assert launch_capture.main(["apply", "--model", str(out / name), str(pair / "dry.wav"), str(tmp_path / "y.wav")]) == 0
+    y, sr = sf.read(tmp_path / "y.wav", dtype="float32")
+    pred = sf.read(out / "prediction.wav", dtype="float32")[0]
+    lat = r["latency"]["samples"]
+    assert sr == SR and y.size == SECONDS * SR
+    assert float(np.max(np.abs(y - pred[lat:lat + y.size]))) <= 1e-5
+    (tmp_path / "bad.so").write_text("not a library")
+    capsys.readouterr()
+    assert launch_capture.main(["apply", "--model", str(tmp_path / "bad.so"), str(pair / "dry.wav"),
+                                str(tmp_path / "z.wav")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a metafx native library" in err[0] and not (tmp_path / "z.wav").exists()
+
+
 @pytest.mark.skipif(find_compiler() is None, reason="no C compiler")
 def test_a_native_library_that_differs_from_model_ts_is_left_out(pair, tmp_path, monkeypatch):
     """The capture's check of model.so against model.ts (here made to fail: a tolerance below 0) leaves model.c and

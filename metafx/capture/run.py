@@ -486,8 +486,11 @@ def _apply(module: Any, src: Path, dst: Path, sr: int) -> Path:
     import soundfile as sf
 
     rec = read_recording(src, "--apply", sr)
-    with torch.no_grad():
-        y = module.process(torch.from_numpy(rec.samples)).numpy()
+    if isinstance(module, torch.jit.ScriptModule):
+        with torch.no_grad():
+            y = module.process(torch.from_numpy(rec.samples)).numpy()
+    else:  # a native library (metafx.native_export.NativeModel): float32 numpy in and out
+        y = module.process(rec.samples)
     y = fit_length(resample(y.astype(np.float64), sr, rec.rate_in), rec.frames_in)
     peak = float(np.max(np.abs(y))) if y.size else 0.0
     if peak > 1.0:
@@ -500,7 +503,8 @@ def _apply(module: Any, src: Path, dst: Path, sr: int) -> Path:
 
 
 def apply_exported(model_file: Path, src: Path, dst: Path) -> dict[str, Any]:
-    """Process ``src`` with an exported model file (``model.ts`` of a capture) into ``dst`` (float WAV).
+    """Process ``src`` with an exported model file (a capture's ``model.ts``, or its native ``model.so``) into ``dst``
+    (float WAV).
 
     Raises:
         CaptureError: a missing or unreadable model or audio file.
@@ -509,12 +513,23 @@ def apply_exported(model_file: Path, src: Path, dst: Path) -> dict[str, Any]:
     if model_file.is_dir():
         model_file = model_file / "model.ts"
     if not model_file.is_file():
-        raise CaptureError(f"exported model {model_file} does not exist: pass a capture's model.ts or its folder")
-    try:
-        m = torch.jit.load(str(model_file))
-        sr = int(m.sample_rate)
-    except Exception as e:
-        raise CaptureError(f"{model_file} is not an exported metafx model ({type(e).__name__}): pass a capture's model.ts") from e
+        raise CaptureError(f"exported model {model_file} does not exist: pass a capture's model.ts or model.so, or its "
+                           f"folder")
+    if model_file.suffix in (".so", ".dylib", ".dll"):
+        from metafx.native_export import NativeExportError, NativeModel
+
+        try:
+            m: Any = NativeModel(model_file)
+        except NativeExportError as e:
+            raise CaptureError(str(e)) from e
+        sr = m.sample_rate
+    else:
+        try:
+            m = torch.jit.load(str(model_file))
+            sr = int(m.sample_rate)
+        except Exception as e:
+            raise CaptureError(f"{model_file} is not an exported metafx model ({type(e).__name__}): pass a capture's "
+                               f"model.ts or model.so") from e
     if not Path(src).is_file():
         raise CaptureError(f"input file {src} does not exist: check the path")
     tmp = _apply(m, Path(src), Path(dst), sr)
