@@ -107,6 +107,15 @@ __attribute__((constructor)) static void mfx_fill_table(void) {
 
 static inline float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
 
+/* one row of a float32 affine map over a block: z[t] = bias + sum_i w[i] in[i][t] */
+static void affine_f(float *restrict z, float bias, const float *w, const float (*in)[CH], int nin, int n) {
+    for (int t = 0; t < n; t++) z[t] = bias;
+    for (int i = 0; i < nin; i++) {
+        const float wi = w[i];
+        for (int t = 0; t < n; t++) z[t] += wi * in[i][t];
+    }
+}
+
 /* anti-aliased tanh of z[0..n) after *last (metafx.wiener.adaa_tanh); updates *last */
 static void adaa(mfx_state *s, const double *restrict z, double *restrict out, double *last, int n) {
     double *restrict lc = s->lc;
@@ -215,20 +224,12 @@ static void block(mfx_state *s, const float *in, float *out, int n) {
         for (int t = 0; t < n; t++) s->gin[MFX_NE + k][t] = (float)exp(-(s->t + (double)t) / START_TAU[k]);
     for (int k = 0; k < MFX_GH; k++) {
         float *z = s->fz;
-        for (int t = 0; t < n; t++) z[t] = G1B[k];
-        for (int i = 0; i < NGIN; i++) {
-            const float w = G1[k * NGIN + i];
-            for (int t = 0; t < n; t++) z[t] += w * s->gin[i][t];
-        }
+        affine_f(z, G1B[k], G1 + k * NGIN, (const float (*)[CH])s->gin, NGIN, n);
         for (int t = 0; t < n; t++) s->gh[k][t] = sigmoidf_(z[t]);
     }
     for (int j = 0; j < MFX_NGATE; j++) {
         float *z = s->fz;
-        for (int t = 0; t < n; t++) z[t] = G2B[j];
-        for (int k = 0; k < MFX_GH; k++) {
-            const float w = G2[j * MFX_GH + k];
-            for (int t = 0; t < n; t++) z[t] += w * s->gh[k][t];
-        }
+        affine_f(z, G2B[j], G2 + j * MFX_GH, (const float (*)[CH])s->gh, MFX_GH, n);
         double *o = F[m + j] + HL;
         for (int t = 0; t < n; t++) o[t] = x[t] * (double)sigmoidf_(z[t]);
     }
@@ -247,11 +248,7 @@ static void block(mfx_state *s, const float *in, float *out, int n) {
         for (int t = 0; t < n; t++) s->binf[i][t] = (float)bin[i][t];
     for (int r = 0; r < MFX_NR; r++) {
         float *z = s->fz;
-        for (int t = 0; t < n; t++) z[t] = BANK_C[r];
-        for (int i = 0; i < NIN; i++) {
-            const float w = BANK_W[r * NIN + i];
-            for (int t = 0; t < n; t++) z[t] += w * s->binf[i][t];
-        }
+        affine_f(z, BANK_C[r], BANK_W + r * NIN, (const float (*)[CH])s->binf, NIN, n);
         double *o = F[m + r] + HL;
         for (int t = 0; t < n; t++) o[t] = (double)(sigmoidf_(z[t]) * 2.0f - 1.0f);
     }
