@@ -386,7 +386,7 @@ def _write_results(path: Path, results: dict[str, Any]) -> None:
 
 def _start_native(module: Any, tmp: Path, enabled: bool) -> tuple[dict[str, Any] | None, Any]:
     """Write ``model.c`` and start compiling it on a thread (the compiler is its own process, so it runs beside
-    the prediction and the baselines); returns (the results' ``export.native`` entry or None, the future)."""
+    the baselines); returns (the results' ``export.native`` entry or None, the future)."""
     if not enabled:
         return None, None
     from concurrent.futures import ThreadPoolExecutor
