@@ -324,31 +324,108 @@ class NativeModel:
             self.destroy(st)
 
 
-def export_native(stream: Any, out_dir: Path, compile: bool = True) -> dict[str, Any]:
-    """Write ``out_dir/model.c`` and, with a compiler, build ``out_dir/model.so``.
+class NativeBuild:
+    """A native export under way: ``model.c`` written, ``model.so`` compiling on a thread.
+
+    Why: the compiler is its own process (0.1-0.7 s measured); a caller with other work (the capture
+    fits its baselines meanwhile) starts the build with :func:`start_native` and calls :meth:`finish`
+    when it needs the library. :func:`export_native` is the two in a row.
+
+    Attributes:
+        info: the export's record, the results' ``export.native``: ``{"c", "library", "compiler",
+            "command", "compile_seconds", "max_abs_diff", "error"}``; ``error`` says why there is no
+            library (no compiler, the compiler failed, or the check of :meth:`finish` failed), else None.
+    """
+
+    def __init__(self, out_dir: Path, c_file: Path, compile: bool):
+        self.out_dir = Path(out_dir)
+        self.info: dict[str, Any] = {"c": c_file.name, "library": None, "compiler": None, "command": None,
+                                     "compile_seconds": None, "max_abs_diff": None, "error": None}
+        self._future = None
+        if compile:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(1, thread_name_prefix="metafx-cc")
+            self._future = pool.submit(compile_c, c_file, self.out_dir / "model.so")
+            pool.shutdown(wait=False)  # the thread ends with the compiler
+
+    def finish(self, check: tuple[np.ndarray, np.ndarray] | None = None, tolerance: float = 0.0,
+               reference: str = "the reference") -> NativeModel | None:
+        """Wait for the compiler and load the library; with ``check``, compare its output with a reference.
+
+        Args:
+            check: ``(x, want)``: the library's whole-signal output on ``x`` must equal ``want`` (the
+                same model's TorchScript output, say) to ``tolerance``. A library that differs (a bug of
+                the runtime) is removed with ``model.c``: ``info["c"]`` and ``info["library"]`` become
+                None and ``info["error"]`` says why, so the caller stands on its other export.
+            tolerance: the largest absolute difference accepted.
+            reference: what ``want`` is, for the error message (``"model.ts"``).
+
+        Returns:
+            The loaded library, or None (``info["error"]`` says why; None with no error when built with
+            ``compile=False``).
+
+        Shape:
+            ``x`` and ``want``: (T,).
+        """
+        if self._future is None:
+            return None
+        try:
+            built = self._future.result()
+        except NativeExportError as e:
+            self.info["error"] = str(e)
+            return None
+        self.info.update(library="model.so", compiler=built["compiler"], command=built["command"],
+                         compile_seconds=round(built["seconds"], 4))
+        nm = NativeModel(self.out_dir / "model.so")
+        if check is None:
+            return nm
+        x, want = check
+        diff = float(np.max(np.abs(nm.process(x).astype(np.float64) - want))) if len(x) else 0.0
+        self.info["max_abs_diff"] = diff
+        if not diff <= tolerance:
+            del nm
+            (self.out_dir / "model.c").unlink()
+            (self.out_dir / "model.so").unlink()
+            self.info.update(c=None, library=None,
+                             error=f"model.so differs from {reference} by {diff:.3g} (a metafx bug, please report "
+                                   f"it); model.c and model.so were left out")
+            return None
+        return nm
+
+
+def start_native(stream: Any, out_dir: Path, compile: bool = True) -> NativeBuild:
+    """Write ``out_dir/model.c`` and, with ``compile``, start building ``out_dir/model.so`` on a thread.
 
     Args:
         stream: an ARX export (see :func:`c_header`). out_dir: the folder. compile: build the library.
 
     Returns:
-        ``{"c": "model.c", "library": "model.so" | None, "compiler", "command", "compile_seconds", "error"}``;
-        ``error`` says why there is no library (no compiler, or it failed), else None.
+        The build; :meth:`NativeBuild.finish` waits for it.
 
     Raises:
         NativeExportError: the model has no native export (nothing is written then).
     """
     c_file = write_c(stream, Path(out_dir) / "model.c")  # raises before anything is written
-    info: dict[str, Any] = {"c": c_file.name, "library": None, "compiler": None, "command": None,
-                            "compile_seconds": None, "error": None}
-    if compile:
-        try:
-            built = compile_c(c_file, Path(out_dir) / "model.so")
-            info.update(library="model.so", compiler=built["compiler"], command=built["command"],
-                        compile_seconds=built["seconds"])
-        except NativeExportError as e:
-            info["error"] = str(e)
-    return info
+    return NativeBuild(Path(out_dir), c_file, compile)
 
 
-__all__ = ["NATIVE_ABI", "NativeExportError", "NativeModel", "RUNTIME", "c_header", "compile_c", "export_native",
-           "find_compiler", "write_c"]
+def export_native(stream: Any, out_dir: Path, compile: bool = True) -> dict[str, Any]:
+    """Write ``out_dir/model.c`` and, with a compiler, build ``out_dir/model.so`` (waits for it).
+
+    Args:
+        stream: an ARX export (see :func:`c_header`). out_dir: the folder. compile: build the library.
+
+    Returns:
+        :attr:`NativeBuild.info`.
+
+    Raises:
+        NativeExportError: the model has no native export (nothing is written then).
+    """
+    build = start_native(stream, out_dir, compile)
+    build.finish()
+    return build.info
+
+
+__all__ = ["NATIVE_ABI", "NativeBuild", "NativeExportError", "NativeModel", "RUNTIME", "c_header", "compile_c",
+           "export_native", "find_compiler", "start_native", "write_c"]

@@ -9,6 +9,8 @@
   used for a block's vectorized part and its remainder, differ in their last bits);
 * a library loaded in a fresh interpreter with ctypes and numpy only (never torch, never metafx) reproduces
   the output, and so does model.c built by a host's plain ``cc -O2`` without metafx's flags;
+* a build started beside other work and finished with a check against a reference keeps a library that
+  matches and removes model.c and model.so when the reference differs (the error says by how much);
 * an export with a network trunk, a missing compiler and a foreign library are refused with a message that
   names the fix.
 """
@@ -29,7 +31,7 @@ from metafx.export import ARXStream, script
 from metafx.models.arx import MetaARX
 from metafx.models.lstm import LSTMModel
 from metafx.native_export import NATIVE_ABI, NativeExportError, NativeModel, compile_c, export_native, find_compiler, \
-    write_c
+    start_native, write_c
 from metafx.wiener import make_bank
 
 from test_cascade_units import cascade_bank_example
@@ -185,6 +187,27 @@ def test_a_network_trunk_has_no_native_export(tmp_path):
     with pytest.raises(NativeExportError, match="trunk.*model.ts"):
         export_native(st, tmp_path)
     assert not (tmp_path / "model.c").exists()  # refused before anything is written
+
+
+def test_a_started_build_is_checked_against_its_reference(tmp_path):
+    st = case("filtered, no envelopes")
+    x = test_signal()
+    with torch.no_grad():
+        want = script(st).process(x).numpy()
+    for d in ("ok", "bad", "c-only"):
+        (tmp_path / d).mkdir()
+    ok = start_native(st, tmp_path / "ok")
+    nm = ok.finish(check=(x.numpy(), want), tolerance=1e-5, reference="model.ts")
+    assert nm is not None and ok.info["error"] is None and ok.info["library"] == "model.so"
+    assert 0 <= ok.info["max_abs_diff"] <= 1e-5 and ok.info["compile_seconds"] > 0
+    bad = start_native(st, tmp_path / "bad")
+    assert bad.finish(check=(x.numpy(), want + 1e-3), tolerance=1e-5, reference="model.ts") is None
+    assert bad.info["c"] is None and bad.info["library"] is None and bad.info["max_abs_diff"] > 1e-5
+    assert "differs from model.ts by" in bad.info["error"] and "left out" in bad.info["error"]
+    assert not any((tmp_path / "bad").iterdir())  # model.c and model.so removed
+    unbuilt = start_native(st, tmp_path / "c-only", compile=False)
+    assert unbuilt.finish() is None and unbuilt.info["error"] is None and unbuilt.info["library"] is None
+    assert [p.name for p in (tmp_path / "c-only").iterdir()] == ["model.c"]
 
 
 def test_a_missing_compiler_is_named(tmp_path):

@@ -268,7 +268,9 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
         t = stage("export", t)
         base = baseline_predictions(mm.cfg, dry_a, wet_a, n_sup, sr, arx=classical)  # while the compiler runs
         t = stage("baselines", t)
-        native_model = _finish_native(native_info, building, tmp, dx, scripted, sr, warn)
+        native_model = None
+        if building is not None:
+            native_info, native_model = _finish_native(building, dx, scripted, sr, warn)
         t = stage("native", t)
         # the whole dry file from a zero state: by model.so where it was built (the same model, checked against
         # model.ts above; 5-8x faster), else by model.ts
@@ -385,64 +387,39 @@ def _write_results(path: Path, results: dict[str, Any]) -> None:
 
 
 def _start_native(module: Any, tmp: Path, enabled: bool) -> tuple[dict[str, Any] | None, Any]:
-    """Write ``model.c`` and start compiling it on a thread (the compiler is its own process, so it runs beside
-    the baselines); returns (the results' ``export.native`` entry or None, the future)."""
+    """Write ``model.c`` and start compiling it (:func:`metafx.native_export.start_native`: the compiler is its
+    own process, so it runs beside the baselines); returns (the results' ``export.native`` entry for a model
+    with no native export, else None; the build, else None)."""
     if not enabled:
         return None, None
-    from concurrent.futures import ThreadPoolExecutor
-
-    from metafx.native_export import NativeExportError, compile_c, find_compiler, write_c
+    from metafx.native_export import NativeExportError, start_native
 
     try:
-        write_c(module, tmp / "model.c")
+        return None, start_native(module, tmp)
     except NativeExportError as e:  # not an ARX model, or one with a network trunk: model.ts only
         return {"c": None, "library": None, "error": str(e)}, None
-    info: dict[str, Any] = {"c": "model.c", "library": None, "compiler": find_compiler(), "command": None,
-                            "compile_seconds": None, "max_abs_diff_vs_model_ts": None, "rtf_block256_one_thread": None,
-                            "error": None}
-    pool = ThreadPoolExecutor(1, thread_name_prefix="metafx-cc")
-    future = pool.submit(compile_c, tmp / "model.c", tmp / "model.so")
-    pool.shutdown(wait=False)
-    return info, future
 
 
-def _finish_native(info: dict[str, Any] | None, future: Any, tmp: Path, dx: np.ndarray, scripted: Any,
-                   sr: int, warn: Any) -> Any:
-    """Wait for the compiler, load ``model.so`` and check it against ``model.ts`` (the first
-    :data:`NATIVE_CHECK_SECONDS` of the dry file); returns the loaded :class:`metafx.native_export.NativeModel`
-    or None (no library: ``info["error"]`` says why, and a warning names the fix).
+def _finish_native(build: Any, dx: np.ndarray, scripted: Any, sr: int, warn: Any) -> tuple[dict[str, Any], Any]:
+    """Wait for the compiler, load ``model.so`` and check it against ``model.ts`` on the first
+    :data:`NATIVE_CHECK_SECONDS` of the dry file (to :data:`NATIVE_TOLERANCE`).
 
-    A library that computes something else than model.ts (a bug of the runtime) is left out with a warning:
-    the capture stands on model.ts.
+    Returns:
+        (the results' ``export.native`` entry, the loaded :class:`metafx.native_export.NativeModel` or None:
+        no library, ``error`` says why and a warning names the fix). A library that computes something else
+        than model.ts (a bug of the runtime) is left out with a warning: the capture stands on model.ts.
     """
-    if future is None:
-        return None
-    from metafx.native_export import NativeExportError, NativeModel
-
-    try:
-        built = future.result()
-    except NativeExportError as e:
-        info["error"] = str(e)
-        warn(f"native export: {e}")
-        return None
-    info.update(library="model.so", compiler=built["compiler"], command=built["command"],
-                compile_seconds=round(built["seconds"], 4))
-    nm = NativeModel(tmp / "model.so")
     k = min(dx.size, int(NATIVE_CHECK_SECONDS * sr))
     with torch.no_grad():
         ref = scripted.process(torch.from_numpy(dx[:k])).numpy()
-    diff = float(np.max(np.abs(nm.process(dx[:k]).astype(np.float64) - ref))) if k else 0.0
-    info["max_abs_diff_vs_model_ts"] = diff
-    if not diff <= NATIVE_TOLERANCE:  # a bug of the native runtime: leave it out, the capture stands on model.ts
-        msg = (f"native export: model.so differs from model.ts by {diff:.3g} on the dry file (a metafx bug, please "
-               f"report it); model.c and model.so were left out, model.ts is the exported model")
-        info.update(c=None, library=None, error=msg)
-        del nm
-        (tmp / "model.c").unlink()
-        (tmp / "model.so").unlink()
-        warn(msg)
-        return None
-    return nm
+    nm = build.finish(check=(dx[:k], ref), tolerance=NATIVE_TOLERANCE, reference="model.ts")
+    info = dict(build.info)
+    info["max_abs_diff_vs_model_ts"] = info.pop("max_abs_diff")
+    info["rtf_block256_one_thread"] = None
+    if nm is None:  # the compiler's errors say "model.ts still works"; a failed check says it here
+        checked = info["max_abs_diff_vs_model_ts"] is not None
+        warn(f"native export: {info['error']}" + ("; model.ts is the exported model" if checked else ""))
+    return info, nm
 
 
 def _log_mlflow(results: dict[str, Any], tmp: Path, tracking_uri: str | None, experiment: str | None, run_name: str,
