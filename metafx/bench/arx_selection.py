@@ -15,7 +15,6 @@ Writes benchmarks/arx_selection.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -27,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from metafx.bench.report_files import write_report
 from metafx.config import REPO_ROOT, load_config
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,7 @@ def main(args, rest) -> int:
               "best_step": step, "meta_train_seconds": round(seconds, 1), "wall_seconds": round(time.time() - t0, 1),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.machine(), "cores": os.cpu_count(),
               "rows": rows}
-    (out / "arx_selection.json").write_text(json.dumps(result, indent=2))
-    (out / "arx_selection.md").write_text(report(result))
+    write_report(out, "arx_selection", result, report(result))
     print(report(result))
     return 0
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shlex
 import tempfile
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from metafx.bench.report_files import write_report
 
 SUPPORTS = (0.5, 1.0, 2.0, 3.0)
 HELDOUT_FROM = 10.0  # seconds, as in benchmarks/capture.md
@@ -98,8 +99,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
               "study": str(study.relative_to(REPO_ROOT)), "split": "val", "heldout_from_seconds": HELDOUT_FROM,
               "wiener_units": WIENER_UNITS, "wiener_gain_units": bank.n_gains, "head_coefficients_with_bank": n_coef,
               "wiener_min_equations": WIENER_MIN_EQUATIONS, "rows": rows}
-    (out_dir / "capture_bank_rule.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
-    (out_dir / "capture_bank_rule.md").write_text(report_markdown(report), encoding="utf-8")
+    write_report(out_dir, "capture_bank_rule", report, report_markdown(report))
     print(f"wrote {out_dir / 'capture_bank_rule.md'} and {out_dir / 'capture_bank_rule.json'}")
     return 0
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import os
 import platform
@@ -60,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from metafx.bench.machine import cpu_model
+from metafx.bench.report_files import write_report
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +329,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
               "heldout_from_seconds": HELDOUT_FROM, "rtf_block256": rtf, "rtf_block256_bank": rtf_bank,
               "rtf_block256_cascade": rtf_cascade,
               "wiener_units_offered": WIENER_UNITS, "rows": rows}
-    (out_dir / "capture.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
-    (out_dir / "capture.md").write_text(_markdown(report, fits[0]), encoding="utf-8")
+    write_report(out_dir, "capture", report, _markdown(report, fits[0]))
     print(f"wrote {out_dir / 'capture.md'} and {out_dir / 'capture.json'}")
     return 0
 

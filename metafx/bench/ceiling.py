@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import shlex
 import time
 from pathlib import Path
 from typing import Any
+
+from metafx.bench.report_files import write_report
 
 CONVERGED_REL = 0.05
 METRICS = ("esr", "l1", "stft", "mrstft", "hf")
@@ -91,8 +92,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                        "python": platform.python_version(), "torch": torch.__version__}, "rows": rows}
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ceiling.json").write_text(json.dumps(rep, indent=2, default=str) + "\n", encoding="utf-8")
-    (out / "ceiling.md").write_text(_markdown(rep), encoding="utf-8")
+    write_report(out, "ceiling", rep, _markdown(rep))
     print(f"wrote {out / 'ceiling.md'} and {out / 'ceiling.json'}")
     return 0
 

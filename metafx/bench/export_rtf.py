@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from metafx.bench.machine import cpu_model
+from metafx.bench.report_files import write_report
 from metafx.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
               "cpu": cpu_model(), "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
               "python": sys.version.split()[0], "support_seconds": opts.support, "seconds": opts.seconds,
               "block": BLOCK, "target_rtf": TARGET_RTF, "rows": rows}
-    (out_dir / "export_rtf.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
-    (out_dir / "export_rtf.md").write_text(_markdown(report), encoding="utf-8")
+    write_report(out_dir, "export_rtf", report, _markdown(report))
     print(f"wrote {out_dir / 'export_rtf.md'} and {out_dir / 'export_rtf.json'}")
     return 0
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import shlex
@@ -42,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from metafx.bench.report_files import write_report
 
 #: (study, overrides) per case; sizes are each study's smoke sizes.
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -314,8 +315,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     rep = {"command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
            "wall_seconds": time.perf_counter() - t0, "meta_steps": steps, "placement": place, "packing": pack,
            "checks": checks.rows, "failed": checks.failed}
-    (out_dir / "gpu.json").write_text(json.dumps(rep, indent=2, default=str) + "\n", encoding="utf-8")
-    (out_dir / "gpu.md").write_text(_markdown(rep), encoding="utf-8")
+    write_report(out_dir, "gpu", rep, _markdown(rep))
     print(f"wrote {out_dir / 'gpu.md'} and {out_dir / 'gpu.json'}: {len(checks.failed)} of {len(checks.rows)} checks "
           f"failed" if checks.failed else f"wrote {out_dir / 'gpu.md'} and {out_dir / 'gpu.json'}: all "
           f"{len(checks.rows)} checks passed")

@@ -48,6 +48,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from metafx.bench.report_files import write_report as write_files
+
 log = logging.getLogger(__name__)
 
 # Grids of metafx/data/effects/README.md, with more points so that each family has ~100-120 tasks.
@@ -325,7 +327,6 @@ def _stft_text(slice_len: int) -> str:
 
 def write_report(result: dict[str, Any], out: Path) -> None:
     rows, seeds = result["rows"], result["seeds"]
-    (out / "leaderboard.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     merged = "".join(f" Rows of {', '.join(m['variants'])}: `{m['command']} --families "
                      f"{','.join(FAMILIES)} --variants {','.join(m['variants'])}` ({m['date']})."
                      for m in result.get("merged", []))
@@ -386,7 +387,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
                   f"{n_mae} of {len(seeds)} seeds have a lower MAE, {n_stft} of {len(seeds)} a lower STFT."]
         L.append("")
     L += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
-    (out / "leaderboard.md").write_text("\n".join(L))
+    write_files(out, "leaderboard", result, "\n".join(L))
 
 
 def main(args, rest) -> int:

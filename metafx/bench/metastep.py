@@ -43,6 +43,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from metafx.bench.report_files import write_report
 from metafx.config import BACKENDS
 
 BENCH_ARCHS = ("lstm", "tcn", "transformer")  # the paper's models
@@ -226,8 +227,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
         "load_average_at_start": load_start,
         "load_average_at_end": os.getloadavg(),
     }
-    (out_dir / "metastep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (out_dir / "metastep.md").write_text(_markdown(meta, rows))
+    write_report(out_dir, "metastep", {"meta": meta, "rows": rows}, _markdown(meta, rows))
     print(f"[metastep] wrote {out_dir / 'metastep.md'} and metastep.json in {meta['total_s']:.0f} s")
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -29,6 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from metafx.bench.report_files import write_report
+
 log = logging.getLogger(__name__)
 
 SSM = {"model.arch": "ssm", "model.ssm.channels": 16, "model.ssm.state": 16, "model.ssm.layers": 2,
@@ -321,8 +323,7 @@ def main(args, rest) -> int:
     result = {"command": cmd.strip(), "budget": args.budget, "part": opts.part, "machine": _machine(load0),
               "total_seconds": round(time.time() - t0, 1), "variants": {v: VARIANTS[v] for v in variants},
               "results": res, "verdict": verdict}
-    (out / f"methods_{opts.part}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    (out / f"methods_{opts.part}.md").write_text("\n".join(lines) + "\n")
+    write_report(out, f"methods_{opts.part}", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from metafx.bench.report_files import write_report
 from metafx.config import REPO_ROOT, load_config
 
 BASELINES = ("identity", "lsfir", "joint", "single_task")
@@ -70,10 +71,8 @@ def main(args, rest) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": cmd.strip(), "date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(),
             "load_average": os.getloadavg(), "torch_threads": 1}
-    (out / "quality.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-
     md = report({**meta, "rows": rows})
-    (out / "quality.md").write_text(md)
+    write_report(out, "quality", {**meta, "rows": rows}, md)
     print(md)
     return 0
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from metafx.bench.machine import cpu_model
+from metafx.bench.report_files import write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,7 +145,6 @@ def _write(out_dir: Path, result: dict[str, Any], command: str) -> None:
     result = {**result, "command": command, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "machine": _machine()}
     data["runs"][f"{result['space']}:{result['budget']}"] = result
-    jpath.write_text(json.dumps(data, indent=1) + "\n")
 
     lines = [
         "# Render benchmark",
@@ -176,7 +176,7 @@ def _write(out_dir: Path, result: dict[str, Any], command: str) -> None:
                      f"Source synthesis {r['synth_seconds']:.1f} s; render phase {r['render_seconds']:.1f} s; "
                      f"CPU user {r.get('cpu_user_seconds', '?')} s, system {r.get('cpu_system_seconds', '?')} s (whole process); "
                      f"families {', '.join(r['families'])}; {r['dropped']} unstable dropped; slices {r['slice']}.")
-    (out_dir / "render.md").write_text("\n".join(lines) + "\n")
+    write_report(out_dir, "render", data, "\n".join(lines) + "\n", indent=1)
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:

@@ -11,13 +11,13 @@ Results go to benchmarks/sharing.md and benchmarks/sharing.json.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
+from metafx.bench.report_files import write_report
 from metafx.config import REPO_ROOT, load_config
 
 N_TRIALS = 4
@@ -92,7 +92,6 @@ def main(args, rest) -> int:
     }
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sharing.json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Task set sharing: 4 concurrent trial processes on one node",
         "",
@@ -121,6 +120,6 @@ def main(args, rest) -> int:
         f"{total(copied, 'uss_mb') - total(shared, 'uss_mb'):.0f} MB for {N_TRIALS} trials.",
         "",
     ]
-    (out / "sharing.md").write_text("\n".join(lines))
+    write_report(out, "sharing", result, "\n".join(lines))
     print("\n".join(lines))
     return 0

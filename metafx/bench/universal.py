@@ -21,7 +21,6 @@ meta-training it took. ESR is the whole-signal error-to-signal ratio of
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
@@ -31,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from metafx.bench.report_files import write_report
 from metafx.config import REPO_ROOT, load_config
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ def main(args, rest) -> int:
                          "meta_steps": cfg.maml.meta_steps, "slice_len": cfg.maml.slice_len,
                          "k_support": cfg.maml.k_support, "k_query": cfg.maml.k_query},
               "rows": rows}
-    (out / "universal.json").write_text(json.dumps(result, indent=2))
-    (out / "universal.md").write_text(report(result))
+    write_report(out, "universal", result, report(result))
     print(report(result))
     return 0
 

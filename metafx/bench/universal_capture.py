@@ -54,6 +54,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from metafx.bench.report_files import write_report
+
 log = logging.getLogger(__name__)
 
 TARGET_LEFT_OUT_ESR = 0.05  # the left-out target (also: below LS-FIR and classical ARX)
@@ -267,8 +269,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
               "per_family_models": len(specialists), "rows": rows}
     if opts.update:
         result = merge_update(json.loads((out / "universal_capture.json").read_text()), result)
-    (out / "universal_capture.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
-    (out / "universal_capture.md").write_text(report(result), encoding="utf-8")
+    write_report(out, "universal_capture", result, report(result))
     print(report(result))
     return 0
 
