@@ -266,7 +266,10 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
         save(scripted, tmp / "model.ts")
         native_info, building = _start_native(module, tmp, native)
         t = stage("export", t)
-        base = baseline_predictions(mm.cfg, dry_a, wet_a, n_sup, sr, arx=classical)  # while the compiler runs
+        # the baselines, fitted and scored while the compiler runs
+        base = baseline_predictions(mm.cfg, dry_a, wet_a, n_sup, sr, arx=classical)
+        target = wet_a[h0:]
+        baselines = {k: score(v[h0:n], target) for k, v in base.items()}
         t = stage("baselines", t)
         native_model = None
         if building is not None:
@@ -281,9 +284,7 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
                 pred_full = scripted.process(torch.from_numpy(dx)).numpy()
         pred = pred_full[:n]
         t = stage("predict", t)
-        target = wet_a[h0:]
         held = score(pred[h0:], target)
-        baselines = {k: score(v[h0:n], target) for k, v in base.items()}
         support = {"esr": float(np.sum((wet_a[:n_sup] - pred[:n_sup]) ** 2) / (np.sum(wet_a[:n_sup] ** 2) + 1e-12))}
         t = stage("score", t)
         capture_seconds = sum(sec.values())
