@@ -2,6 +2,7 @@
 
     python launch/bench.py capture [-- --families a,b --support 0.5,1,3,probe,10 --scratch-steps 40 --no-scratch
                                        --model PATH --ridge-fit continuous|slices|both]
+    python launch/bench.py capture -- --report-only     # capture.md again from capture.json
 
 For each shipped effect family (metafx/data/effects/*.dsp), one *held-out* setting (a test-split
 task of the shipped meta-model's own task set, metafx/shipped/capture_arx.yaml: a setting no
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import logging
 import os
 import platform
@@ -226,10 +228,17 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                     "(the first is the wet as rendered; the others add -140 dBFS noise)")
     ap.add_argument("--tries", type=int, default=3, help="each take captured again with this many cascade searches "
                     "(launch/capture.py --tries; 1: not again)")
+    ap.add_argument("--report-only", action="store_true", help="re-write capture.md from the capture.json in --out "
+                    "(the figures and the command that made them unchanged)")
     rest = [a for a in rest if a != "--"]
     opts = ap.parse_args(rest)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out_dir = Path(args.out) if args.out else REPO_ROOT / "benchmarks"
+    if opts.report_only:
+        rep = json.loads((out_dir / "capture.json").read_text(encoding="utf-8"))
+        write_report(out_dir, "capture", rep, _markdown(rep, rep["rows"][0]["fit"]))  # rows start with fits[0]
+        print(f"wrote {out_dir / 'capture.md'} from {out_dir / 'capture.json'}")
+        return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     from metafx.capture_signal import probe_seconds
 
