@@ -345,6 +345,8 @@ class NativeBuild:
         if compile:
             from concurrent.futures import ThreadPoolExecutor
 
+            self.info["compiler"] = find_compiler()  # named in the record even where it fails
+
             pool = ThreadPoolExecutor(1, thread_name_prefix="metafx-cc")
             self._future = pool.submit(compile_c, c_file, self.out_dir / "model.so")
             pool.shutdown(wait=False)  # the thread ends with the compiler

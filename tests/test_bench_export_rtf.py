@@ -42,3 +42,15 @@ def test_capture_report_names_the_native_figure_where_it_has_one():
                                                                   "rtf_cpu": 13.0, "rtf_wall": 13.0},
                                     native_rtf_cpu=77.7)
     assert "(native model.so: 77.7x in CPU time)" in bench_capture._markdown(rep, fit)
+
+
+def test_capture_report_only_rewrites_the_markdown_from_the_json(tmp_path, capsys):
+    """``bench.py capture -- --report-only``: capture.md again from capture.json (the committed one), with the
+    command that made the figures, not the one that re-wrote the report."""
+    rep = json.loads((REPO / "benchmarks" / "capture.json").read_text())
+    (tmp_path / "capture.json").write_text(json.dumps(rep))
+    args = Namespace(out=str(tmp_path), budget="local", space="lstm.yaml")
+    assert bench_capture.main(args, ["--", "--report-only"]) == 0
+    md = (tmp_path / "capture.md").read_text()
+    assert md == bench_capture._markdown(rep, rep["rows"][0]["fit"]) and f"`{rep['command']}`" in md
+    assert json.loads((tmp_path / "capture.json").read_text()) == rep
