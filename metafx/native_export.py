@@ -351,6 +351,12 @@ class NativeBuild:
             self._future = pool.submit(compile_c, c_file, self.out_dir / "model.so")
             pool.shutdown(wait=False)  # the thread ends with the compiler
 
+    def wait(self) -> None:
+        """Wait for the compiler without loading anything, whatever it did (a caller that gives up and removes
+        ``out_dir`` calls it first: a compiler still writing ``model.so`` would leave the folder behind)."""
+        if self._future is not None:
+            self._future.exception()  # waits; the error, if any, is not the caller's concern here
+
     def finish(self, check: tuple[np.ndarray, np.ndarray] | None = None, tolerance: float = 0.0,
                reference: str = "the reference") -> NativeModel | None:
         """Wait for the compiler and load the library; with ``check``, compare its output with a reference.

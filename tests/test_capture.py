@@ -247,6 +247,22 @@ def test_a_native_library_that_differs_from_model_ts_is_left_out(pair, tmp_path,
     assert np.array_equal(y[:pred.size - lat], pred[lat:lat + y.size])  # model.ts's own output, bit for bit
 
 
+@pytest.mark.skipif(find_compiler() is None, reason="no C compiler")
+def test_a_capture_that_fails_while_the_compiler_runs_leaves_nothing(pair, tmp_path, monkeypatch):
+    """An error after model.c is written and its compiler started (here in the baselines' fit): the error
+    propagates, and neither --out nor the temporary folder beside it (where the compiler was writing) is left."""
+    import metafx.capture.run as capture_run
+
+    def broken(*a, **k):
+        raise RuntimeError("baselines failed")
+
+    monkeypatch.setattr(capture_run, "baseline_predictions", broken)
+    with pytest.raises(RuntimeError, match="baselines failed"):
+        run_capture(pair / "wet.wav", tmp_path / "out", dry=pair / "dry.wav", support_seconds=3.0, mlflow=False,
+                    wiener_units=0, measure_rtf=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("family, setting, factor", [
     (TUBE, TUBE_SETTING, 0.7),  # +18 dB pre-emphasis into an asymmetric clipper: the curve units
     (LIMITER, LIMITER_SETTING, 0.5),  # a peak limiter: its gain follows the level, the gain units

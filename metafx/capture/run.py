@@ -252,6 +252,7 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the published folder's mode
     apply_tmp: Path | None = None
+    building = None  # the native build while the compiler runs
     try:
         t = time.perf_counter()
         # classical ARX, fitted once: the continuous ARX fit's candidate and the ``arx`` baseline
@@ -375,6 +376,8 @@ def _run_capture(wet: Path, out: Path, *, dry: Path | None, support_seconds: flo
             os.replace(apply_tmp, Path(apply_out))
             apply_tmp = None
     except BaseException:
+        if building is not None:
+            building.wait()  # the compiler writes into tmp: let it finish before tmp goes
         shutil.rmtree(tmp, ignore_errors=True)
         if apply_tmp is not None:
             apply_tmp.unlink(missing_ok=True)
