@@ -8,7 +8,8 @@
  * (metafx adds -fopenmp-simd -fno-math-errno -DMFX_VECMATH -lmvec where glibc >= 2.35 has vector exp, log,
  * log1p and tanh: the loops over a block's samples then run several samples per instruction.)
  *
- * C API (a host allocates one state per channel it processes):
+ * C API (a host allocates one state per channel it processes; model.h, written beside model.c from
+ * metafx/native_arx.h, declares it for C and C++ hosts):
  *
  *     void *mfx_create(void);                     zeroed state (initial_state), or NULL (out of memory)
  *     void  mfx_reset(void *state);               back to the zero state

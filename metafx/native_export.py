@@ -7,7 +7,8 @@ far from what a real-time host needs beside other plugins. The same computation 
 a block's samples (:file:`metafx/native_arx.c`) has no dispatch, keeps the recursions sequential
 (two operations per one-pole per sample instead of a Toeplitz product), and lets the compiler run the
 memoryless parts several samples per instruction (glibc's vector ``exp``/``log``/``log1p``/``tanh``).
-It is also what an audio host can use directly: a plugin (VST3, CLAP, AU, LV2) compiles ``model.c`` in
+It is also what an audio host can use directly: a plugin (VST3, CLAP, AU, LV2) includes ``model.h``
+(:file:`metafx/native_arx.h`, written beside ``model.c``; C++ guards), compiles ``model.c`` in as C
 and calls four functions, no Python, no torch.
 
 ``model.c`` = a generated header (the model's sizes as ``MFX_*`` macros, its numbers as ``static const``
@@ -47,6 +48,7 @@ import numpy as np
 from metafx.export import EXPORT_VERSION, ExportError
 
 RUNTIME = Path(__file__).with_name("native_arx.c")  # the generic half of model.c
+HEADER = Path(__file__).with_name("native_arx.h")  # model.h: the C API, for a host that compiles model.c in
 NATIVE_ABI = 1  # mfx_abi_version() of that runtime (MFX_ABI there)
 CC_ENV = "CC"  # the C compiler: $CC, else cc, gcc or clang on PATH
 # -O2 with the vectorizer's dynamic cost model: the speed of -O3 here (amp capture 77-79x either way) in a third
@@ -171,7 +173,11 @@ def c_header(stream: Any) -> str:
 
 
 def write_c(stream: Any, path: Path) -> Path:
-    """Write ``model.c`` (the header of :func:`c_header`, then the runtime); returns the path.
+    """Write ``model.c`` (the header of :func:`c_header`, then the runtime) and, beside it, the C API's header
+    (``model.h`` for ``model.c``: :data:`HEADER`, with C++ guards) that a host includes.
+
+    Returns:
+        The path of the C file.
 
     Raises:
         NativeExportError: see :func:`c_header`.
@@ -179,6 +185,7 @@ def write_c(stream: Any, path: Path) -> Path:
     text = c_header(stream) + "\n" + RUNTIME.read_text(encoding="utf-8")  # raises before anything is written
     path = Path(path)
     path.write_text(text, encoding="utf-8")
+    path.with_suffix(".h").write_text(HEADER.read_text(encoding="utf-8"), encoding="utf-8")
     return path
 
 
@@ -332,15 +339,16 @@ class NativeBuild:
     when it needs the library. :func:`export_native` is the two in a row.
 
     Attributes:
-        info: the export's record, the results' ``export.native``: ``{"c", "library", "compiler",
+        info: the export's record, the results' ``export.native``: ``{"c", "header", "library", "compiler",
             "command", "compile_seconds", "max_abs_diff", "error"}``; ``error`` says why there is no
             library (no compiler, the compiler failed, or the check of :meth:`finish` failed), else None.
     """
 
     def __init__(self, out_dir: Path, c_file: Path, compile: bool):
         self.out_dir = Path(out_dir)
-        self.info: dict[str, Any] = {"c": c_file.name, "library": None, "compiler": None, "command": None,
-                                     "compile_seconds": None, "max_abs_diff": None, "error": None}
+        self.info: dict[str, Any] = {"c": c_file.name, "header": c_file.with_suffix(".h").name, "library": None,
+                                     "compiler": None, "command": None, "compile_seconds": None, "max_abs_diff": None,
+                                     "error": None}
         self._future = None
         if compile:
             from concurrent.futures import ThreadPoolExecutor
@@ -393,11 +401,11 @@ class NativeBuild:
         self.info["max_abs_diff"] = diff
         if not diff <= tolerance:
             del nm
-            (self.out_dir / "model.c").unlink()
-            (self.out_dir / "model.so").unlink()
-            self.info.update(c=None, library=None,
+            for name in (self.info["c"], self.info["header"], "model.so"):
+                (self.out_dir / name).unlink()
+            self.info.update(c=None, header=None, library=None,
                              error=f"model.so differs from {reference} by {diff:.3g} (a metafx bug, please report "
-                                   f"it); model.c and model.so were left out")
+                                   f"it); model.c, model.h and model.so were left out")
             return None
         return nm
 
@@ -435,5 +443,5 @@ def export_native(stream: Any, out_dir: Path, compile: bool = True) -> dict[str,
     return build.info
 
 
-__all__ = ["NATIVE_ABI", "NativeBuild", "NativeExportError", "NativeModel", "RUNTIME", "c_header", "compile_c",
+__all__ = ["HEADER", "NATIVE_ABI", "NativeBuild", "NativeExportError", "NativeModel", "RUNTIME", "c_header", "compile_c",
            "export_native", "find_compiler", "start_native", "write_c"]

@@ -102,7 +102,8 @@ def test_capture_signal_is_deterministic_and_written_by_the_cli(tmp_path, capsys
 
 def test_results_of_a_capture(captured, pair):
     out, _, r = captured
-    assert {p.name for p in out.iterdir()} >= {"results.json", "prediction.wav", "model.ts", "model.c", "plots", "audio"}
+    assert {p.name for p in out.iterdir()} >= {"results.json", "prediction.wav", "model.ts", "model.c", "model.h", "plots",
+                                              "audio"}
     assert (out / "plots" / "spectrum.png").stat().st_size > 0 and (out / "plots" / "time.png").stat().st_size > 0
     assert r["rate"] == SR and r["support_seconds"] == pytest.approx(3.0)
     assert r["heldout_seconds"] == pytest.approx(SECONDS - 3.0, abs=0.01)
@@ -237,7 +238,7 @@ def test_a_native_library_that_differs_from_model_ts_is_left_out(pair, tmp_path,
     assert nat["c"] is None and nat["library"] is None and "differs from model.ts" in nat["error"], nat
     assert any("left out" in w for w in res.warnings), res.warnings
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"model.ts", "prediction.wav"} <= files and not files & {"model.c", "model.so"}
+    assert {"model.ts", "prediction.wav"} <= files and not files & {"model.c", "model.h", "model.so"}
     m = torch.jit.load(str(tmp_path / "out" / "model.ts"))
     dry = torch.from_numpy(sf.read(pair / "dry.wav", dtype="float32")[0])
     pred = sf.read(tmp_path / "out" / "prediction.wav", dtype="float32")[0]

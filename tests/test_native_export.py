@@ -10,7 +10,10 @@
 * a library loaded in a fresh interpreter with ctypes and numpy only (never torch, never metafx) reproduces
   the output, and so does model.c built by a host's plain ``cc -O2`` without metafx's flags;
 * a build started beside other work and finished with a check against a reference keeps a library that
-  matches and removes model.c and model.so when the reference differs (the error says by how much);
+  matches and removes model.c, model.h and model.so when the reference differs (the error says by how much);
+* a C++ host includes model.h, links model.c compiled as C into its own executable (no shared library, no
+  Python) and processes two channels, one state each, in blocks of 128 in place, reporting the model's rate
+  and latency: its output is the library's;
 * an export with a network trunk, a missing compiler and a foreign library are refused with a message that
   names the fix.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -175,6 +179,64 @@ def test_the_library_runs_without_torch_or_metafx_and_model_c_builds_alone(built
     assert p.returncode == 0 and p.stdout.startswith("OK"), (name, p.stderr[-2000:])
 
 
+HOST_CPP = r"""
+#include "model.h"
+#include <cstdio>
+#include <vector>
+
+// A host's view: two channels (one state each), blocks of 128 processed in place, the rate and latency reported.
+int main(int argc, char **argv) {
+    std::FILE *f = std::fopen(argv[1], "rb");
+    std::vector<float> x;
+    float v;
+    while (std::fread(&v, sizeof v, 1, f) == 1) x.push_back(v);
+    std::fclose(f);
+    const long n = (long)x.size() / 2;  // interleaved stereo
+    void *st[2] = {mfx_create(), mfx_create()};
+    if (!st[0] || !st[1]) return 3;
+    std::vector<float> out(x.size()), buf(128);
+    for (long i = 0; i < n; i += 128) {
+        const long b = n - i < 128 ? n - i : 128;
+        for (int c = 0; c < 2; ++c) {
+            for (long k = 0; k < b; ++k) buf[k] = x[2 * (i + k) + c];
+            mfx_process(st[c], buf.data(), buf.data(), b);
+            for (long k = 0; k < b; ++k) out[2 * (i + k) + c] = buf[k];
+        }
+    }
+    mfx_destroy(st[0]);
+    mfx_destroy(st[1]);
+    std::FILE *g = std::fopen(argv[2], "wb");
+    std::fwrite(out.data(), sizeof(float), out.size(), g);
+    std::fclose(g);
+    std::printf("%d %d %d\n", mfx_sample_rate(), mfx_latency_samples(), mfx_abi_version());
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_a_cpp_host_compiles_model_c_in_through_model_h(built, tmp_path):
+    name, _, d, nm = built
+    cc = find_compiler()
+    (tmp_path / "host.cpp").write_text(HOST_CPP)
+    subprocess.run([cc, "-O2", "-c", str(d / "model.c"), "-o", str(tmp_path / "model.o")], check=True,
+                   capture_output=True)
+    r = subprocess.run(["c++", "-O2", f"-I{d}", str(tmp_path / "host.cpp"), str(tmp_path / "model.o"), "-lm", "-o",
+                        str(tmp_path / "host")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    left = test_signal().numpy()
+    right = np.roll(left, 5000) * 0.5
+    np.stack([left, right], 1).astype(np.float32).tofile(tmp_path / "in.raw")
+    p = subprocess.run([str(tmp_path / "host"), str(tmp_path / "in.raw"), str(tmp_path / "out.raw")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [str(SR), "7", str(NATIVE_ABI)]
+    y = np.fromfile(tmp_path / "out.raw", dtype=np.float32).reshape(-1, 2)
+    for c, x in enumerate((left, right)):
+        err = float(np.abs(y[:, c] - nm.process(x)).max())
+        assert err <= 1e-5, (name, c, err)
+
+
 def test_the_real_time_factor_is_measured(built):
     _, _, _, nm = built
     wall, cpu = nm.real_time_factors(block=256, seconds=0.2)
@@ -204,10 +266,10 @@ def test_a_started_build_is_checked_against_its_reference(tmp_path):
     assert bad.finish(check=(x.numpy(), want + 1e-3), tolerance=1e-5, reference="model.ts") is None
     assert bad.info["c"] is None and bad.info["library"] is None and bad.info["max_abs_diff"] > 1e-5
     assert "differs from model.ts by" in bad.info["error"] and "left out" in bad.info["error"]
-    assert not any((tmp_path / "bad").iterdir())  # model.c and model.so removed
+    assert not any((tmp_path / "bad").iterdir())  # model.c, model.h and model.so removed
     unbuilt = start_native(st, tmp_path / "c-only", compile=False)
     assert unbuilt.finish() is None and unbuilt.info["error"] is None and unbuilt.info["library"] is None
-    assert [p.name for p in (tmp_path / "c-only").iterdir()] == ["model.c"]
+    assert sorted(p.name for p in (tmp_path / "c-only").iterdir()) == ["model.c", "model.h"]
 
 
 def test_a_missing_compiler_is_named(tmp_path):

@@ -401,7 +401,7 @@ def _start_native(module: Any, tmp: Path, enabled: bool) -> tuple[dict[str, Any]
     try:
         return None, start_native(module, tmp)
     except NativeExportError as e:  # not an ARX model, or one with a network trunk: model.ts only
-        return {"c": None, "library": None, "error": str(e)}, None
+        return {"c": None, "header": None, "library": None, "error": str(e)}, None
 
 
 def _finish_native(build: Any, dx: np.ndarray, scripted: Any, sr: int, warn: Any) -> tuple[dict[str, Any], Any]:
