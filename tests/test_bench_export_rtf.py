@@ -25,6 +25,7 @@ def test_export_rtf_times_both_exports_of_a_capture(tmp_path, capsys):
     assert export_rtf.main(args, ["--", "--families", "diode_ladder", "--seconds", "0.5"]) == 0
     rep = json.loads((tmp_path / "export_rtf.json").read_text())
     assert rep["command"] == "python launch/bench.py export_rtf -- --families diode_ladder --seconds 0.5"
+    assert rep["speed_probe"]["python_loop_s"] > 0 and rep["speed_probe"]["numpy_matmul_s"] > 0
     (row,) = rep["rows"]
     assert row["family"] == "diode_ladder" and row["native_error"] is None
     assert row["rtf_ts_cpu"] > 0 and row["rtf_native_cpu"] > 0 and 0 <= row["max_abs_diff_vs_model_ts"] <= 1e-5

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metafx.bench.machine import cpu_model
+from metafx.bench.machine import cpu_model, speed_probe
 from metafx.bench.report_files import write_report
 from metafx.config import REPO_ROOT
 
@@ -115,7 +115,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     report = {"command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.machine(),
               "cpu": cpu_model(), "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
               "python": sys.version.split()[0], "support_seconds": opts.support, "seconds": opts.seconds,
-              "block": BLOCK, "target_rtf": TARGET_RTF, "rows": rows}
+              "block": BLOCK, "target_rtf": TARGET_RTF, "speed_probe": speed_probe(), "rows": rows}
     write_report(out_dir, "export_rtf", report, _markdown(report))
     print(f"wrote {out_dir / 'export_rtf.md'} and {out_dir / 'export_rtf.json'}")
     return 0
@@ -127,7 +127,10 @@ def _markdown(rep: dict[str, Any]) -> str:
     lines = [
         "# Exported model speed: model.ts (TorchScript) and model.so (native export), every family", "",
         f"Command: `{rep['command']}` ({rep['date']}; {rep['cores']} CPU cores ({rep['cpu']}), load average "
-        f"{', '.join(f'{x:.1f}' for x in rep['load_average'])} at the end; Python {rep['python']}).", "",
+        f"{', '.join(f'{x:.1f}' for x in rep['load_average'])} at the end; Python {rep['python']})."
+        + (f" Machine speed probe (CPU s, lower is faster; `metafx.bench.machine.speed_probe`): Python loop "
+           f"{rep['speed_probe']['python_loop_s']:.3f}, numpy matmul {rep['speed_probe']['numpy_matmul_s']:.3f}."
+           if rep.get("speed_probe") else ""), "",
         f"Each family's held-out setting captured with the shipped meta-model from {rep['support_seconds']:g} s of "
         f"support; each export then timed in a fresh interpreter on one thread over {rep['seconds']:g} s of noise at "
         f"-18 dBFS RMS in blocks of {rep['block']} with the state carried. Real-time factor = seconds of audio per "

@@ -1,7 +1,10 @@
 """What a benchmark report says of the machine it ran on (the parts several reports share)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+import numpy as np
 
 
 def cpu_model() -> str:
@@ -20,3 +23,35 @@ def cpu_model() -> str:
     except OSError:
         pass
     return ""
+
+
+def speed_probe() -> dict[str, float]:
+    """CPU seconds of two fixed workloads on this thread: a reference for a report's speed figures.
+
+    Why: the model name says nothing of the speed a virtual machine gets; the same CPU string measured the
+    same exports 3x apart in CPU time within one day (benchmarks/export_rtf.md and export_rtf_rerun/). A
+    report that carries these two figures can be compared with another: ratios of its speeds scale with them.
+
+    Returns:
+        ``{"python_loop_s": CPU seconds of 3 million interpreted additions, "numpy_matmul_s": CPU seconds of
+        50 float64 512 x 512 products on one BLAS thread}`` (the best of three runs each).
+    """
+    from threadpoolctl import threadpool_limits
+
+    def loop() -> float:
+        t, s = time.process_time(), 0
+        for i in range(3_000_000):
+            s += i
+        return time.process_time() - t
+
+    a = np.random.default_rng(0).standard_normal((512, 512))
+
+    def matmul() -> float:
+        t = time.process_time()
+        for _ in range(50):
+            a @ a
+        return time.process_time() - t
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return {"python_loop_s": round(min(loop() for _ in range(3)), 4),
+                "numpy_matmul_s": round(min(matmul() for _ in range(3)), 4)}
