@@ -19,6 +19,7 @@ from metafx.native_export import find_compiler
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a capture and four fresh interpreters (26 s); make test-slow
 @pytest.mark.skipif(not SHIPPED_MODEL.is_file() or find_compiler() is None, reason="shipped model or C compiler missing")
 def test_export_rtf_times_both_exports_of_a_capture(tmp_path, capsys):
     args = Namespace(out=str(tmp_path), budget="local", space="lstm.yaml")

@@ -309,6 +309,7 @@ def test_the_amp_keeps_its_cascade_where_the_short_runs_end_near_the_give_up(tmp
     assert res["heldout"]["esr"] < 0.1, res["heldout"]
 
 
+@pytest.mark.slow  # 23 s; make test-slow
 def test_tries_keep_the_head_the_support_cross_validates_best(tmp_path):
     """Two searches for the amp's cascade (DAWDreamer, +24 dB drive), each on other runs of the support: both are
     recorded, and the head kept is the one whose cross-validated ESR on the support is the smallest."""
@@ -571,6 +572,7 @@ def test_capture_with_the_default_signal_and_a_registered_model(tmp_path):
     assert r["heldout"]["esr"] < 1e-3 and r["latency"]["samples"] <= 2
 
 
+@pytest.mark.slow  # 75 s on a slow 2-core machine; make test-slow
 @pytest.mark.parametrize("space,sizes", [("lstm.yaml", {"model.lstm.hidden": 8}), ("tcn.yaml", {"model.tcn.channels": 4})])
 def test_capture_with_a_network_feature_head(pair, tmp_path, space, sizes):
     """The studies' ridge trials (model.arx.features: lstm | tcn) capture and export like the shipped ARX: the exported

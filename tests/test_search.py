@@ -298,6 +298,7 @@ RAY_NOISE = ("Checkpoint successfully created", "tensorboard", "TensorBoard", "m
              "A new study created", "(_trainable pid=", "View detailed results here")
 
 
+@pytest.mark.slow  # a second search (47 s); make test-slow
 def test_search_cli_prints_metafx_lines_not_ray_noise(tmp_path):
     r = _cli(tmp_path, "--num-samples", "3", "--name", "quiet")
     out = r.stdout + r.stderr
