@@ -51,6 +51,7 @@ RUNTIME = Path(__file__).with_name("native_arx.c")  # the generic half of model.
 HEADER = Path(__file__).with_name("native_arx.h")  # model.h: the C API, for a host that compiles model.c in
 NATIVE_ABI = 1  # mfx_abi_version() of that runtime (MFX_ABI there)
 CC_ENV = "CC"  # the C compiler: $CC, else cc, gcc or clang on PATH
+LIBRARY = "model.so"  # the shared library a native export builds beside model.c (loaded by ctypes)
 # -O2 with the vectorizer's dynamic cost model: the speed of -O3 here (amp capture 77-79x either way) in a third
 # of its compile time (0.46 s against 1.4-1.6 s), which a capture waits for
 BASE_FLAGS = ["-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fPIC", "-shared", "-fno-math-errno"]
@@ -356,7 +357,7 @@ class NativeBuild:
             self.info["compiler"] = find_compiler()  # named in the record even where it fails
 
             pool = ThreadPoolExecutor(1, thread_name_prefix="metafx-cc")
-            self._future = pool.submit(compile_c, c_file, self.out_dir / "model.so")
+            self._future = pool.submit(compile_c, c_file, self.out_dir / LIBRARY)
             pool.shutdown(wait=False)  # the thread ends with the compiler
 
     def wait(self) -> None:
@@ -391,9 +392,9 @@ class NativeBuild:
         except NativeExportError as e:
             self.info["error"] = str(e)
             return None
-        self.info.update(library="model.so", compiler=built["compiler"], command=built["command"],
+        self.info.update(library=LIBRARY, compiler=built["compiler"], command=built["command"],
                          compile_seconds=round(built["seconds"], 4))
-        nm = NativeModel(self.out_dir / "model.so")
+        nm = NativeModel(self.out_dir / LIBRARY)
         if check is None:
             return nm
         x, want = check
@@ -401,11 +402,11 @@ class NativeBuild:
         self.info["max_abs_diff"] = diff
         if not diff <= tolerance:
             del nm
-            for name in (self.info["c"], self.info["header"], "model.so"):
+            for name in (self.info["c"], self.info["header"], LIBRARY):
                 (self.out_dir / name).unlink()
             self.info.update(c=None, header=None, library=None,
-                             error=f"model.so differs from {reference} by {diff:.3g} (a metafx bug, please report "
-                                   f"it); model.c, model.h and model.so were left out")
+                             error=f"{LIBRARY} differs from {reference} by {diff:.3g} (a metafx bug, please report "
+                                   f"it); {self.info['c']}, {self.info['header']} and {LIBRARY} were left out")
             return None
         return nm
 

@@ -36,6 +36,7 @@ from typing import Any
 from metafx.bench.machine import cpu_model, speed_probe
 from metafx.bench.report_files import write_report
 from metafx.config import REPO_ROOT
+from metafx.native_export import LIBRARY
 
 log = logging.getLogger(__name__)
 TARGET_RTF = 50.0  # issue 13
@@ -61,7 +62,7 @@ def fresh_rtf(folder: Path, seconds: float) -> dict[str, Any]:
                              text=True, cwd=REPO_ROOT)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    so = folder / "model.so"
+    so = folder / LIBRARY
     return {"ts": run(ts_code, folder / "model.ts"), "native": run(so_code, so) if so.is_file() else None}
 
 

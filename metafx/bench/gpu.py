@@ -197,11 +197,11 @@ def placement(checks: Checks, device, cache: Path, work: Path) -> dict[str, Any]
 def packing(checks: Checks, device, cache: Path, work: Path, trials: int, share: float) -> dict[str, Any]:
     """Part 3: a smoke search packing ``trials`` trials at ``share`` of one GPU, tracked in MLflow."""
     import ray
-    from mlflow.tracking import MlflowClient
 
     from metafx.cluster import init_ray
     from metafx.config import load_config
     from metafx.search import run_search
+    from metafx.tracking import Tracker
 
     os.environ.pop("METAFX_DEVICE", None)  # the trials pin their own device from what Ray gave them
     if ray.is_initialized():
@@ -223,15 +223,16 @@ def packing(checks: Checks, device, cache: Path, work: Path, trials: int, share:
     checks.check(part, "Ray sees one GPU", gpus >= 1, gpus)
     status = [r["status"] for r in out.table]
     checks.check(part, "every trial finished", status == ["finished"] * trials, status)
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
-    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == out.parent_run_id]
-    devs = sorted({r.data.tags.get("metafx.device", "") for r in kids})
+    rec = Tracker.read_search(uri, cfg.name, "gpu-packing", history=False, artifacts=False)
+    checks.check(part, "MLflow holds this search", rec["parent"]["run_id"] == out.parent_run_id,
+                 rec["parent"]["run_id"])
+    kids = rec["children"]
+    devs = sorted({r["tags"].get("metafx.device", "") for r in kids})
     want = "cuda" if device.type == "cuda" else "cpu"
     checks.check(part, f"every trial trained on {want}", devs == [want], devs)
-    ids = sorted({r.data.tags.get("metafx.gpu_ids", "") for r in kids})
+    ids = sorted({r["tags"].get("metafx.gpu_ids", "") for r in kids})
     checks.check(part, "every trial got GPU 0 from Ray", ids == ["0"], ids)
-    events = sorted([(r.info.start_time, 1) for r in kids] + [(r.info.end_time, -1) for r in kids])
+    events = sorted([(r["start_time"], 1) for r in kids] + [(r["end_time"], -1) for r in kids])
     now = most = 0
     for _, d in events:
         now += d

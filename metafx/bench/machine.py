@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metafx.blas_threads import one_blas_thread
+
 
 def cpu_model() -> str:
     """The processor's model name from ``/proc/cpuinfo``, or "" where there is none (not Linux).
@@ -36,8 +38,6 @@ def speed_probe() -> dict[str, float]:
         ``{"python_loop_s": CPU seconds of 3 million interpreted additions, "numpy_matmul_s": CPU seconds of
         50 float64 512 x 512 products on one BLAS thread}`` (the best of three runs each).
     """
-    from threadpoolctl import threadpool_limits
-
     def loop() -> float:
         t, s = time.process_time(), 0
         for i in range(3_000_000):
@@ -52,6 +52,6 @@ def speed_probe() -> dict[str, float]:
             a @ a
         return time.process_time() - t
 
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         return {"python_loop_s": round(min(loop() for _ in range(3)), 4),
                 "numpy_matmul_s": round(min(matmul() for _ in range(3)), 4)}

@@ -43,11 +43,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.optimize import minimize
-from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from metafx.capture.tuned_units import (TUNED_OFFSETS, TUNED_RUN_LEN, TUNED_SCALES, TUNED_SEED, TUNED_SPAN_S,
                                         PreFilter, criterion_rows)
+from metafx.blas_threads import one_blas_thread
 from metafx.wiener import ADAA_EPS, WienerBank, lowpass_pole
 
 CASCADE_SCALES = TUNED_SCALES  # the units' gains relative to the fitted w
@@ -185,7 +185,7 @@ def fit_cascade(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int,
     """
     # numpy's and scipy's OpenBLAS held to one thread: their idle threads spin between scipy's calls and took half
     # of the two cores torch's criterion runs on (the same search: 6.0 s, 2.8 s held)
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         return _fit_cascade(x, y, phi, nb, na, sr, start, seed)
 
 
