@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from metafx.bench.machine import cpu_model
+from metafx.bench.machine import cpu_model, speed_probe
 from metafx.bench.report_files import write_report
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     fams = opts.families.split(",") if opts.families else None
     command = "python launch/bench.py capture" + (" -- " + shlex.join(rest) if rest else "")
 
+    probe = speed_probe()  # before the captures: what this machine's 2 cores gave the timings below
     mm = load_meta_model(opts.model)
     settings = heldout_settings(Path(opts.study), fams)
     cache = Path(opts.cache) if opts.cache else Path(tempfile.mkdtemp(prefix="metafx-bench-capture-"))
@@ -331,7 +332,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     load = os.getloadavg()
     report = {"command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "capture_threads": CAPTURE_THREADS, "load_average": load,
+                          "capture_threads": CAPTURE_THREADS, "load_average": load, "speed_probe": probe,
                           "python": platform.python_version(), "torch": torch.__version__},
               "model": {"source": mm.source, "checkpoint": _repo_relative(mm.checkpoint, REPO_ROOT), "study": mm.cfg.name,
                         "arch": mm.cfg.model.arch, "method": mm.cfg.maml.method},
@@ -376,7 +377,10 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
         "",
         f"Command: `{rep['command']}` ({rep['date']}; {rep['machine']['cpus']} CPU cores"
         + (f" ({rep['machine']['cpu']})" if rep["machine"].get("cpu") else "") + ", load average "
-        f"{', '.join(f'{x:.1f}' for x in rep['machine']['load_average'])} at the end).",
+        f"{', '.join(f'{x:.1f}' for x in rep['machine']['load_average'])} at the end)."
+        + (f" Machine speed probe (CPU s, lower is faster; `metafx.bench.machine.speed_probe`): Python loop "
+           f"{rep['machine']['speed_probe']['python_loop_s']:.3f}, numpy matmul "
+           f"{rep['machine']['speed_probe']['numpy_matmul_s']:.3f}." if rep["machine"].get("speed_probe") else ""),
         "",
         f"Meta-model: `{rep['model']['checkpoint']}` ({rep['model']['study']}, {rep['model']['arch']}, "
         f"{rep['model']['method']}). The capture signal rendered through one test-split setting per family "
