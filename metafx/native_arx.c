@@ -6,7 +6,9 @@
  *     cc -O3 -march=native -fPIC -shared model.c -o model.so -lm
  *
  * (metafx adds -fopenmp-simd -fno-math-errno -DMFX_VECMATH -lmvec where glibc >= 2.35 has vector exp, log,
- * log1p and tanh: the loops over a block's samples then run several samples per instruction.)
+ * log1p and tanh: the loops over a block's samples then run several samples per instruction. It also adds
+ * -fno-trapping-math, without which GCC leaves every loop with a comparison in it (a clamp, a floor, a min)
+ * scalar: a banked model.so ran 1.35x slower without it.)
  *
  * C API (a host allocates one state per channel it processes; model.h, written beside model.c from
  * metafx/native_arx.h, declares it for C and C++ hosts):
@@ -111,7 +113,13 @@ static inline float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
 /* one row of a float32 affine map over a block: z[t] = bias + sum_i w[i] in[i][t] */
 static void affine_f(float *restrict z, float bias, const float *w, const float (*in)[CH], int nin, int n) {
     for (int t = 0; t < n; t++) z[t] = bias;
-    for (int i = 0; i < nin; i++) {
+    int i = 0;
+    for (; i + 4 <= nin; i += 4) {  /* four inputs per pass over z (a quarter of its loads and stores) */
+        const float w0 = w[i], w1 = w[i + 1], w2 = w[i + 2], w3 = w[i + 3];
+        const float *i0 = in[i], *i1 = in[i + 1], *i2 = in[i + 2], *i3 = in[i + 3];
+        for (int t = 0; t < n; t++) z[t] += w0 * i0[t] + w1 * i1[t] + w2 * i2[t] + w3 * i3[t];
+    }
+    for (; i < nin; i++) {
         const float wi = w[i];
         for (int t = 0; t < n; t++) z[t] += wi * in[i][t];
     }
@@ -126,15 +134,18 @@ static void adaa(mfx_state *s, const double *restrict z, double *restrict out, d
     }
     double zp = *last, ap = fabs(zp);
     double lcp = ap + log1p(exp(-2.0 * ap));
+    int small = 0;
     for (int t = 0; t < n; t++) {
         double prev = t ? z[t - 1] : zp, lprev = t ? lc[t - 1] : lcp;
         double dz = z[t] - prev;
+        small |= fabs(dz) < MFX_ADAA_EPS;
         out[t] = (lc[t] - lprev) / (fabs(dz) < MFX_ADAA_EPS ? 1.0 : dz);
     }
-    for (int t = 0; t < n; t++) {  /* steps below eps: the midpoint's tanh (rare) */
-        double prev = t ? z[t - 1] : zp;
-        if (fabs(z[t] - prev) < MFX_ADAA_EPS) out[t] = tanh(0.5 * (z[t] + prev));
-    }
+    if (small)  /* steps below eps: the midpoint's tanh (rare: a vectorized loop would take tanh of every step) */
+        for (int t = 0; t < n; t++) {
+            double prev = t ? z[t - 1] : zp;
+            if (fabs(z[t] - prev) < MFX_ADAA_EPS) out[t] = tanh(0.5 * (z[t] + prev));
+        }
     *last = z[n - 1];
 }
 
