@@ -18,7 +18,7 @@ import torch
 from scipy.signal import lfilter
 
 from metafx.capture.adapt import adapt_arx, score
-from metafx.capture.tuned_units import fit_prefilter
+from metafx.capture.tuned_units import EvalCounter, fit_prefilter, nelder_mead_from_best
 from metafx.export import ARXStream, script
 from metafx.models.arx import MetaARX
 from metafx.wiener import ADAA_EPS, adaa_tanh, bank_channels, make_bank
@@ -128,3 +128,40 @@ def test_bad_tuned_units_are_refused():
         bank.with_tuned_units(0.9, np.ones((2, 3)), np.zeros(2))  # F + 2 = 4 columns needed
     with pytest.raises(ValueError, match="pole in"):
         bank.with_tuned_units(1.0, np.ones((2, 4)), np.zeros(2))
+
+
+def test_nelder_mead_starts_run_on_threads_and_give_what_one_after_another_gives():
+    """The starts of :func:`nelder_mead_from_best` run on threads: the best of them is the one the runs one after
+    another give (the same point, the same value, the better start's), and the calls of every thread are counted."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((400, 4))
+
+    def make():
+        count = EvalCounter()
+
+        def crit(th: np.ndarray) -> float:  # two basins: th[0] near +1 or -1 (the -1 one deeper)
+            count()
+            r = A @ th
+            return float(np.mean(np.tanh(r) ** 2) + (th[0] ** 2 - 1) ** 2 + 0.1 * (th[0] + 1) ** 2 + np.sum(th[1:] ** 2))
+        return crit, count
+
+    grid = [np.array([s, 0.3, -0.2, 0.1]) for s in (1.2, -0.4, 0.8, -1.3)]
+    steps = (0.2, 0.1, 0.1, 0.1)
+    crit_p, count_p = make()
+    vals = [crit_p(g) for g in grid]
+    best = nelder_mead_from_best(crit_p, grid, vals, 3, steps, 120, 1e-10)
+
+    crit_s, count_s = make()
+    vals_s = [crit_s(g) for g in grid]
+    runs = []
+    for i in np.argsort(vals_s)[:3]:
+        th0 = grid[int(i)]
+        simplex = np.stack([th0] + [th0 + np.eye(4)[j] * steps[j] for j in range(4)])
+        runs.append(minimize(crit_s, th0, method="Nelder-Mead",
+                             options={"maxfev": 120, "xatol": 1e-2, "fatol": 1e-10, "initial_simplex": simplex}))
+    want = min(runs, key=lambda r: r.fun)
+    assert len({round(r.fun, 6) for r in runs}) > 1  # the starts end in different places: the choice matters
+    assert best.x[0] < 0 and np.allclose(best.x, want.x, rtol=0, atol=1e-12) and abs(best.fun - want.fun) < 1e-12
+    assert count_p.n == count_s.n == len(grid) + sum(r.nfev for r in runs)

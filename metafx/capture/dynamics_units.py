@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from metafx.capture.tuned_units import (TUNED_RUN_LEN, TUNED_SPAN_S, criterion_rows, nelder_mead_from_best,
+from metafx.capture.tuned_units import (TUNED_RUN_LEN, TUNED_SPAN_S, EvalCounter, criterion_rows, nelder_mead_from_best,
                                         unexplained)
 from metafx.wiener import GAIN_FLOOR, WienerBank, dynamics_envelope, time_constant_pole
 
@@ -112,10 +112,10 @@ def fit_dynamics(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int
     xs = x[: int(rows.max()) + 1]  # the envelope up to the last row
     xr = x[rows]
     scales = np.asarray(DYN_SCALES)
-    evals = [0]
+    evals = EvalCounter()
 
     def criterion(th: np.ndarray) -> float:
-        evals[0] += 1
+        evals()
         att, rel, hold, lev = _decode(th, sr)
         e = dynamics_envelope(xs, hold, float(time_constant_pole(att, sr)), float(time_constant_pole(rel, sr)))[rows]
         L = xr[:, None] * np.minimum(1.0, lev * scales[None] / np.maximum(e, GAIN_FLOOR)[:, None])  # (rows, K)
@@ -127,10 +127,10 @@ def fit_dynamics(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: int
     vals = [criterion(th) for th in grid]
     if min(vals) > DYN_GIVE_UP:
         att, rel, hold, lev = _decode(grid[int(np.argmin(vals))], sr)
-        return Dynamics(att, rel, hold / sr, lev, float(min(vals)), evals[0], time.perf_counter() - t0)
+        return Dynamics(att, rel, hold / sr, lev, float(min(vals)), evals.n, time.perf_counter() - t0)
     best = nelder_mead_from_best(criterion, grid, vals, DYN_STARTS, _STEP, DYN_EVALS, 1e-5)
     att, rel, hold, lev = _decode(best.x, sr)
-    return Dynamics(att, rel, hold / sr, lev, float(best.fun), evals[0], time.perf_counter() - t0)
+    return Dynamics(att, rel, hold / sr, lev, float(best.fun), evals.n, time.perf_counter() - t0)
 
 
 def dynamics_bank(bank: WienerBank, dyn: Dynamics, sr: int) -> WienerBank:

@@ -26,7 +26,9 @@ capture's cross-validation then keeps the bank with the units, without them, or 
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +37,7 @@ from scipy.linalg import solve_triangular
 from scipy.optimize import OptimizeResult, minimize
 from scipy.signal import lfilter
 
+from metafx.blas_threads import one_blas_thread
 from metafx.wiener import WienerBank, adaa_tanh, lowpass_pole
 
 TUNED_SCALES = (0.7, 1.0, 1.4)  # unit gains relative to the fitted g
@@ -148,16 +151,41 @@ def unexplained(L: np.ndarray, Q: np.ndarray, resid: np.ndarray, e0: float, ridg
     return float(e @ e) / e0
 
 
+class EvalCounter:
+    """Calls of a criterion, counted across the threads of :func:`nelder_mead_from_best` (``n``)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:  # ``n += 1`` is not atomic between threads
+            self.n += 1
+
+
 def nelder_mead_from_best(criterion: Callable[[np.ndarray], float], grid: list[np.ndarray], values: list[float],
                           starts: int, steps: tuple[float, ...], max_evals: int, fatol: float) -> OptimizeResult:
     """Nelder-Mead runs of ``criterion`` from the ``starts`` best points of a start grid, each with an initial simplex
-    of ``steps`` along the axes; the best result (scipy's ``OptimizeResult``: ``x``, ``fun``)."""
-    best = None
-    for i in np.argsort(values)[:starts]:
-        th0 = grid[int(i)]
+    of ``steps`` along the axes; the best result (scipy's ``OptimizeResult``: ``x``, ``fun``; the first start's on a
+    tie).
+
+    The runs are independent: they run on threads, one per start, each with one BLAS thread (numpy's products and
+    scipy's filters release the GIL; a run is a sequence of small products that a second BLAS thread barely
+    speeds up). On two cores the tuned units' search took 0.95-1.07 s instead of 1.22-1.60 s, the same points
+    found (its criterion differs in the 13th digit: one BLAS thread sums in another order). ``criterion`` must be
+    safe to call from several threads (count its calls with an :class:`EvalCounter`).
+    """
+    def run(i: int) -> OptimizeResult:
+        th0 = grid[i]
         simplex = np.stack([th0] + [th0 + np.eye(th0.size)[j] * steps[j] for j in range(th0.size)])
-        res = minimize(criterion, th0, method="Nelder-Mead",
-                       options={"maxfev": max_evals, "xatol": 1e-2, "fatol": fatol, "initial_simplex": simplex})
+        return minimize(criterion, th0, method="Nelder-Mead",
+                        options={"maxfev": max_evals, "xatol": 1e-2, "fatol": fatol, "initial_simplex": simplex})
+
+    order = [int(i) for i in np.argsort(values)[:starts]]
+    with one_blas_thread(), ThreadPoolExecutor(len(order), thread_name_prefix="metafx-nelder-mead") as pool:
+        results = list(pool.map(run, order))
+    best = None
+    for res in results:  # in start order: a tie keeps the earlier start, as one run after another did
         if best is None or res.fun < best.fun:
             best = res
     return best
@@ -186,10 +214,10 @@ def fit_prefilter(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: in
     n_runs = starts.size
     win = starts[:, None] + np.arange(-nb, TUNED_RUN_LEN)[None]  # (runs, nb + L): the units' lags and previous input
     n_u = TUNED_UNITS
-    evals = [0]
+    evals = EvalCounter()
 
     def criterion(th: np.ndarray) -> float:
-        evals[0] += 1
+        evals()
         g, r, fc, c = _decode(th)
         p = float(lowpass_pole(fc, sr))
         u = g * (x - r * lfilter([1.0 - p], [1.0, -p], x))
@@ -205,7 +233,7 @@ def fit_prefilter(x: np.ndarray, y: np.ndarray, phi: np.ndarray, nb: int, na: in
     vals = [criterion(th) for th in grid]
     best = nelder_mead_from_best(criterion, grid, vals, TUNED_STARTS, _STEP, TUNED_EVALS, 1e-4)
     g, r, fc, c = _decode(best.x)
-    return PreFilter(g, r, fc, c, float(best.fun), evals[0], time.perf_counter() - t0)
+    return PreFilter(g, r, fc, c, float(best.fun), evals.n, time.perf_counter() - t0)
 
 
 def tuned_bank(bank: WienerBank, pf: PreFilter, sr: int) -> WienerBank:
@@ -219,5 +247,5 @@ def tuned_bank(bank: WienerBank, pf: PreFilter, sr: int) -> WienerBank:
     return bank.with_tuned_units(float(lowpass_pole(pf.fc, sr)), w, b)
 
 
-__all__ = ["FC_RANGE_HZ", "PreFilter", "criterion_rows", "TUNED_EVALS", "TUNED_OFFSETS", "TUNED_RUNS", "TUNED_RUN_LEN", "TUNED_SCALES",
+__all__ = ["EvalCounter", "FC_RANGE_HZ", "PreFilter", "criterion_rows", "TUNED_EVALS", "TUNED_OFFSETS", "TUNED_RUNS", "TUNED_RUN_LEN", "TUNED_SCALES",
            "TUNED_SEARCH_LAGS", "TUNED_SPAN_S", "TUNED_STARTS", "TUNED_UNITS", "fit_prefilter", "nelder_mead_from_best", "tuned_bank", "unexplained"]
