@@ -182,7 +182,7 @@ def nelder_mead_from_best(criterion: Callable[[np.ndarray], float], grid: list[n
                         options={"maxfev": max_evals, "xatol": 1e-2, "fatol": fatol, "initial_simplex": simplex})
 
     order = [int(i) for i in np.argsort(values)[:starts]]
-    with one_blas_thread(), ThreadPoolExecutor(len(order), thread_name_prefix="metafx-nelder-mead") as pool:
+    with one_blas_thread(), ThreadPoolExecutor(max(1, len(order)), thread_name_prefix="metafx-nelder-mead") as pool:
         results = list(pool.map(run, order))
     best = None
     for res in results:  # in start order: a tie keeps the earlier start, as one run after another did
