@@ -8,7 +8,7 @@
  * (metafx adds -fopenmp-simd -fno-math-errno -DMFX_VECMATH -lmvec where glibc >= 2.35 has vector exp, log,
  * log1p and tanh: the loops over a block's samples then run several samples per instruction. It also adds
  * -fno-trapping-math, without which GCC leaves every loop with a comparison in it (a clamp, a floor, a min)
- * scalar: a banked model.so ran 1.35x slower without it.)
+ * scalar: banked libraries ran 1.09-1.35x slower without it, benchmarks/export_rtf.md.)
  *
  * C API (a host allocates one state per channel it processes; model.h, written beside model.c from
  * metafx/native_arx.h, declares it for C and C++ hosts):

@@ -7,7 +7,7 @@
  *
  * For speed, compile model.c with the flags metafx's own build uses (results.json's export.native.command):
  * -ftree-vectorize -fno-math-errno -fno-trapping-math (GCC vectorizes loops with comparisons only then:
- * a banked model 1.35x faster) and, on the machine it runs on, -march=native.
+ * banked models 1.09-1.35x faster) and, on the machine it runs on, -march=native.
  *
  * One state per channel processed; every function but mfx_create and mfx_destroy is real-time safe
  * (no allocation, no locks, no system calls). The model runs at mfx_sample_rate() only: a host at

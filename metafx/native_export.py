@@ -56,7 +56,7 @@ LIBRARY = "model.so"  # the shared library a native export builds beside model.c
 # of its compile time (0.46 s against 1.4-1.6 s), which a capture waits for
 # -fno-trapping-math: GCC if-converts (and so vectorizes) the loops with a comparison in them (the clamps, floors and
 # mins of the gain units, the envelopes' log, the curve table, ADAA's small steps) only where comparisons may not trap:
-# a banked amp export 1.35x faster (benchmarks/export_rtf.md); the runtime reads no floating-point exception flags
+# the banked libraries 1.09-1.35x faster (benchmarks/export_rtf.md); the runtime reads no floating-point exception flags
 BASE_FLAGS = ["-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fPIC", "-shared", "-fno-math-errno",
               "-fno-trapping-math"]
 MINIMAL_FLAGS = ["-O2", "-fPIC", "-shared"]  # any C compiler (clang has no -fvect-cost-model)

@@ -285,3 +285,21 @@ def test_a_foreign_library_is_refused(tmp_path):
     subprocess.run([find_compiler(), "-shared", "-fPIC", str(src), "-o", str(tmp_path / "other.so")], check=True)
     with pytest.raises(NativeExportError, match="not a metafx native library"):
         NativeModel(tmp_path / "other.so")
+
+
+def test_the_bench_times_a_library_against_one_built_without_a_flag(tmp_path):
+    """``bench.py export_rtf -- --compare-without=FLAG``: the same model.c built without FLAG (here the flag that lets
+    GCC vectorize the loops with comparisons), which computes the same samples; both timed; no such flag: None."""
+    from metafx.bench.export_rtf import compare_without
+
+    info = export_native(case("learned + tuned, cascade and dynamics units"), tmp_path)
+    if info["library"] is None:
+        pytest.skip(f"no library: {info['error']}")
+    assert "-fno-trapping-math" in info["command"].split()
+    r = compare_without(tmp_path, info["command"], "-fno-trapping-math", 0.2, rounds=1)
+    assert "-fno-trapping-math" not in r["command"].split() and (tmp_path / "without.so").is_file()
+    assert r["rtf_with_cpu"] > 0 and r["rtf_without_cpu"] > 0 and r["speedup"] > 0
+    x = test_signal().numpy()
+    a, b = NativeModel(tmp_path / "model.so").process(x), NativeModel(tmp_path / "without.so").process(x)
+    assert np.abs(a - b).max() <= 1e-6
+    assert compare_without(tmp_path, info["command"], "-fno-such-flag", 0.2) is None

@@ -1,6 +1,6 @@
 """The exported model's speed: TorchScript (model.ts) against the native export (model.so), every family.
 
-    python launch/bench.py export_rtf [-- --families a,b --support 3 --seconds 10]
+    python launch/bench.py export_rtf [-- --families a,b --support 3 --seconds 10 --compare-without=FLAG]
 
 Issue 13's target: the exported model >= 50x real time on one CPU core at 48 kHz, blocks of 256. Each
 family's held-out setting (the capture bench's: :func:`metafx.bench.capture.heldout_settings`, the test
@@ -13,7 +13,8 @@ state carried (:func:`metafx.export.real_time_factors`,
 :meth:`metafx.native_export.NativeModel.real_time_factors`); real-time factor = seconds of audio per
 second of CPU time of that process (the machine may be shared; wall time is reported beside it). Also:
 the bank's size, the compile time, the library's largest difference from model.ts on the capture's dry
-file (results.json), the capture's wall time and held-out ESR.
+file (results.json), the capture's wall time and held-out ESR. With ``--compare-without FLAG``, each library
+against the same model.c compiled without FLAG (:func:`compare_without`).
 Writes benchmarks/export_rtf.{json,md}.
 """
 from __future__ import annotations
@@ -66,6 +67,43 @@ def fresh_rtf(folder: Path, seconds: float) -> dict[str, Any]:
     return {"ts": run(ts_code, folder / "model.ts"), "native": run(so_code, so) if so.is_file() else None}
 
 
+def compare_without(folder: Path, command: str, flag: str, seconds: float, rounds: int = 2) -> dict[str, Any] | None:
+    """The capture's library against the same ``model.c`` compiled without one flag, timed alternately.
+
+    Why: the machine's speed moves within minutes (benchmarks/export_rtf_rerun/), so a flag's effect is measured
+    by the two libraries timed in turn, each ``rounds`` times in a fresh interpreter, the best of each kept.
+
+    Args:
+        folder: the capture's folder (``model.c``, ``model.so``). command: the capture's compile command
+            (results.json ``export.native.command``). flag: the flag to leave out. seconds: audio timed per run.
+
+    Returns:
+        ``{"flag", "command", "rtf_with_cpu", "rtf_without_cpu", "speedup"}``, or None where the command has no
+        such flag.
+    """
+    argv = shlex.split(command)
+    if flag not in argv:
+        return None
+    other = folder / f"without{Path(LIBRARY).suffix}"
+    argv = [str(folder / "model.c") if Path(a).name == "model.c" else a for a in argv if a != flag]  # the command
+    argv[argv.index("-o") + 1] = str(other)  # names the capture's temporary folder, since renamed
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    code = ("import json, sys; from metafx.native_export import NativeModel; m = NativeModel(sys.argv[1]); "
+            f"w, c = m.real_time_factors(block={BLOCK}, seconds=float(sys.argv[2])); print(json.dumps(c))")
+
+    def cpu_rtf(lib: Path) -> float:
+        out = subprocess.run([sys.executable, "-c", code, str(lib), str(seconds)], check=True, capture_output=True,
+                             text=True, cwd=REPO_ROOT)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    with_, without = [], []
+    for _ in range(rounds):
+        with_.append(cpu_rtf(folder / LIBRARY))
+        without.append(cpu_rtf(other))
+    return {"flag": flag, "command": " ".join(argv), "rtf_with_cpu": max(with_), "rtf_without_cpu": max(without),
+            "speedup": max(with_) / max(without)}
+
+
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     """Run the benchmark (see the module docstring)."""
     import soundfile as sf
@@ -77,6 +115,9 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     ap.add_argument("--families", default=None, help="comma-separated subset (default: every family of the study)")
     ap.add_argument("--support", type=float, default=3.0, help="seconds of support (issue 13's 3 s)")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds of audio each real-time factor times")
+    ap.add_argument("--compare-without", default=None, metavar="FLAG",
+                    help="also time each library compiled without this flag of its command, alternately with it "
+                         "(as --compare-without=-fno-trapping-math)")
     rest = [a for a in rest if a != "--"]
     opts = ap.parse_args(rest)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -109,6 +150,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
                    "rtf_native_cpu": rtf["native"]["cpu"] if rtf["native"] else None,
                    "rtf_native_wall": rtf["native"]["wall"] if rtf["native"] else None,
                    "compile_command": nat.get("command")}
+            if opts.compare_without and nat.get("command"):
+                row["compare"] = compare_without(work / fam, nat["command"], opts.compare_without, opts.seconds)
             rows.append(row)
             print(f"{fam:14s} bank {row['bank_units']:3d}  model.ts {row['rtf_ts_cpu']:6.1f}x  model.so "
                   + (f"{row['rtf_native_cpu']:6.1f}x" if row["rtf_native_cpu"] else "  none") + f"  capture "
@@ -157,4 +200,16 @@ def _markdown(rep: dict[str, Any]) -> str:
               f"{statistics.median(ts):.1f}x)." if nat else "* No library was built (no C compiler).",
               "", "Compiled with: `" + re.sub(r"\S*/(model\.(?:c|so))", r"\1", rows[0]["compile_command"]) + "`."
               if rows and rows[0]["compile_command"] else "", ""]
+    cmp = [r for r in rows if r.get("compare")]
+    if cmp:
+        flag = cmp[0]["compare"]["flag"]
+        ups = [r["compare"]["speedup"] for r in cmp]
+        lines += [f"## model.so with and without `{flag}`", "",
+                  "The same model.c compiled without the flag, the two libraries timed in turn in fresh interpreters "
+                  "(two rounds, the best of each: the machine's speed moves within minutes).", "",
+                  "| family | with | without | speed-up |", "|---|---|---|---|"]
+        lines += [f"| {r['family']} | {f(r['compare']['rtf_with_cpu'])}x | {f(r['compare']['rtf_without_cpu'])}x | "
+                  f"{r['compare']['speedup']:.2f}x |" for r in cmp]
+        lines += ["", f"Speed-up of `{flag}`: {min(ups):.2f}x to {max(ups):.2f}x (median {statistics.median(ups):.2f}x).",
+                  ""]
     return "\n".join(lines)
