@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from metafx.bench.machine import cpu_model, speed_probe
+from metafx.bench.machine import cpu_model, probe_sentence, speed_probe
 from metafx.bench.report_files import write_report
 
 log = logging.getLogger(__name__)
@@ -378,9 +378,7 @@ def _markdown(rep: dict[str, Any], fit: str) -> str:
         f"Command: `{rep['command']}` ({rep['date']}; {rep['machine']['cpus']} CPU cores"
         + (f" ({rep['machine']['cpu']})" if rep["machine"].get("cpu") else "") + ", load average "
         f"{', '.join(f'{x:.1f}' for x in rep['machine']['load_average'])} at the end)."
-        + (f" Machine speed probe (CPU s, lower is faster; `metafx.bench.machine.speed_probe`): Python loop "
-           f"{rep['machine']['speed_probe']['python_loop_s']:.3f}, numpy matmul "
-           f"{rep['machine']['speed_probe']['numpy_matmul_s']:.3f}." if rep["machine"].get("speed_probe") else ""),
+        + probe_sentence(rep["machine"].get("speed_probe")),
         "",
         f"Meta-model: `{rep['model']['checkpoint']}` ({rep['model']['study']}, {rep['model']['arch']}, "
         f"{rep['model']['method']}). The capture signal rendered through one test-split setting per family "

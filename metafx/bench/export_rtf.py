@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metafx.bench.machine import cpu_model, speed_probe
+from metafx.bench.machine import cpu_model, probe_sentence, speed_probe
 from metafx.bench.report_files import write_report
 from metafx.config import REPO_ROOT
 from metafx.native_export import LIBRARY
@@ -44,27 +44,32 @@ TARGET_RTF = 50.0  # issue 13
 BLOCK = 256
 
 
+# each timed in its own fresh interpreter (a host loads the file into its own process; the bench's has run captures)
+_TS_CODE = ("import json, sys, torch; from metafx.export import real_time_factors; m = torch.jit.load(sys.argv[1]); "
+            f"w, c = real_time_factors(m, block={BLOCK}, seconds=float(sys.argv[2])); "
+            "print(json.dumps({'wall': w, 'cpu': c, 'kind': str(m.kind), "
+            "'bank_units': int(m.n_bank) if hasattr(m, 'n_bank') else 0}))")
+_SO_CODE = ("import json, sys; from metafx.native_export import NativeModel; m = NativeModel(sys.argv[1]); "
+            f"w, c = m.real_time_factors(block={BLOCK}, seconds=float(sys.argv[2])); "
+            "print(json.dumps({'wall': w, 'cpu': c}))")
+
+
+def _fresh(code: str, path: Path, seconds: float) -> dict[str, Any]:
+    """Run ``code`` (:data:`_TS_CODE` or :data:`_SO_CODE`) on ``path`` in a fresh interpreter; its JSON line."""
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(seconds)], check=True, capture_output=True,
+                         text=True, cwd=REPO_ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def fresh_rtf(folder: Path, seconds: float) -> dict[str, Any]:
     """Real-time factors of a capture's ``model.ts`` and ``model.so``, each timed in its own fresh interpreter.
 
     Returns:
         ``{"ts": {"wall", "cpu", "kind", "bank_units"}, "native": {"wall", "cpu"} | None}`` (None: no model.so).
     """
-    ts_code = ("import json, sys, torch; from metafx.export import real_time_factors; m = torch.jit.load(sys.argv[1]); "
-               f"w, c = real_time_factors(m, block={BLOCK}, seconds=float(sys.argv[2])); "
-               "print(json.dumps({'wall': w, 'cpu': c, 'kind': str(m.kind), "
-               "'bank_units': int(m.n_bank) if hasattr(m, 'n_bank') else 0}))")
-    so_code = ("import json, sys; from metafx.native_export import NativeModel; m = NativeModel(sys.argv[1]); "
-               f"w, c = m.real_time_factors(block={BLOCK}, seconds=float(sys.argv[2])); "
-               "print(json.dumps({'wall': w, 'cpu': c}))")
-
-    def run(code: str, path: Path) -> dict[str, float]:
-        out = subprocess.run([sys.executable, "-c", code, str(path), str(seconds)], check=True, capture_output=True,
-                             text=True, cwd=REPO_ROOT)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
     so = folder / LIBRARY
-    return {"ts": run(ts_code, folder / "model.ts"), "native": run(so_code, so) if so.is_file() else None}
+    return {"ts": _fresh(_TS_CODE, folder / "model.ts", seconds),
+            "native": _fresh(_SO_CODE, so, seconds) if so.is_file() else None}
 
 
 def compare_without(folder: Path, command: str, flag: str, seconds: float, rounds: int = 2) -> dict[str, Any] | None:
@@ -88,18 +93,10 @@ def compare_without(folder: Path, command: str, flag: str, seconds: float, round
     argv = [str(folder / "model.c") if Path(a).name == "model.c" else a for a in argv if a != flag]  # the command
     argv[argv.index("-o") + 1] = str(other)  # names the capture's temporary folder, since renamed
     subprocess.run(argv, check=True, capture_output=True, text=True)
-    code = ("import json, sys; from metafx.native_export import NativeModel; m = NativeModel(sys.argv[1]); "
-            f"w, c = m.real_time_factors(block={BLOCK}, seconds=float(sys.argv[2])); print(json.dumps(c))")
-
-    def cpu_rtf(lib: Path) -> float:
-        out = subprocess.run([sys.executable, "-c", code, str(lib), str(seconds)], check=True, capture_output=True,
-                             text=True, cwd=REPO_ROOT)
-        return float(out.stdout.strip().splitlines()[-1])
-
     with_, without = [], []
     for _ in range(rounds):
-        with_.append(cpu_rtf(folder / LIBRARY))
-        without.append(cpu_rtf(other))
+        with_.append(_fresh(_SO_CODE, folder / LIBRARY, seconds)["cpu"])
+        without.append(_fresh(_SO_CODE, other, seconds)["cpu"])
     return {"flag": flag, "command": " ".join(argv), "rtf_with_cpu": max(with_), "rtf_without_cpu": max(without),
             "speedup": max(with_) / max(without)}
 
@@ -172,9 +169,7 @@ def _markdown(rep: dict[str, Any]) -> str:
         "# Exported model speed: model.ts (TorchScript) and model.so (native export), every family", "",
         f"Command: `{rep['command']}` ({rep['date']}; {rep['cores']} CPU cores ({rep['cpu']}), load average "
         f"{', '.join(f'{x:.1f}' for x in rep['load_average'])} at the end; Python {rep['python']})."
-        + (f" Machine speed probe (CPU s, lower is faster; `metafx.bench.machine.speed_probe`): Python loop "
-           f"{rep['speed_probe']['python_loop_s']:.3f}, numpy matmul {rep['speed_probe']['numpy_matmul_s']:.3f}."
-           if rep.get("speed_probe") else ""), "",
+        + probe_sentence(rep.get("speed_probe")), "",
         f"Each family's held-out setting captured with the shipped meta-model from {rep['support_seconds']:g} s of "
         f"support; each export then timed in a fresh interpreter on one thread over {rep['seconds']:g} s of noise at "
         f"-18 dBFS RMS in blocks of {rep['block']} with the state carried. Real-time factor = seconds of audio per "

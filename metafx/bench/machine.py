@@ -55,3 +55,12 @@ def speed_probe() -> dict[str, float]:
     with one_blas_thread():
         return {"python_loop_s": round(min(loop() for _ in range(3)), 4),
                 "numpy_matmul_s": round(min(matmul() for _ in range(3)), 4)}
+
+
+def probe_sentence(probe: dict[str, float] | None) -> str:
+    """A report's sentence for :func:`speed_probe`'s figures (" Machine speed probe ..."), or "" without them
+    (a report written before the probe existed)."""
+    if not probe:
+        return ""
+    return (f" Machine speed probe (CPU s, lower is faster; `metafx.bench.machine.speed_probe`): Python loop "
+            f"{probe['python_loop_s']:.3f}, numpy matmul {probe['numpy_matmul_s']:.3f}.")
