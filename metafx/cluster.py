@@ -1,9 +1,12 @@
 """The Ray cluster a search runs on: starting or joining Ray, the storage check, and node facts.
 
-Ray is imported here (lazily) and in :mod:`metafx.search` and :mod:`metafx.data.distributed`.
+Ray core is imported here (lazily); besides, :mod:`metafx.search` imports Ray Tune (the search
+driver), :mod:`metafx.data.distributed` Ray's tasks (rendering spread over the cluster) and
+:mod:`metafx.bench.sharing` Ray's actors and object store (what it measures).
 :func:`init_ray` is the one way metafx starts or joins Ray (the search, ``launch/render.py
---ray`` and the benchmarks use it); :func:`check_storage` refuses trial storage that not every
-node sees; :func:`worker_facts` says, inside a trial, which node and device it runs on.
+--ray`` and the benchmarks use it) and :func:`shutdown_ray` the one way it leaves;
+:func:`cluster_gpus` counts the cluster's GPUs; :func:`check_storage` refuses trial storage that
+not every node sees; :func:`worker_facts` says, inside a trial, which node and device it runs on.
 """
 from __future__ import annotations
 
@@ -78,6 +81,21 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, *, log_to
     finally:
         if callable(saved) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, saved)
+
+
+def shutdown_ray() -> None:
+    """Leave the Ray cluster this process started or joined (a local one stops); a no-op when not connected."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_gpus() -> float:
+    """GPUs the connected Ray cluster offers, over all its nodes (0 when it has none; Ray must be started)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
 
 
 def _join(address: str, log_to_driver: bool = True) -> None:

@@ -8,10 +8,9 @@ prediction (the paper's Figures 4 and 5), and the three training curves of the
 paper's Figure 3.
 
 This module writes files only. It imports matplotlib (Agg backend), soundfile
-and scipy; never mlflow or ray. Optuna is imported lazily, only by
-:func:`optuna_plots` and :func:`study_from_rows`, to draw the search summary
-plots (the searched parameters' distributions come from
-:func:`metafx.search_space.distribution`). The trials write these files into
+and scipy; never mlflow, ray or optuna: :func:`optuna_plots` saves the search summary
+plots whose axes :func:`metafx.search_space.summary_axes` draws from a study (live, or
+rebuilt from the trial table by :func:`metafx.search_space.study_from_rows`). The trials write these files into
 their checkpoint directory and the search driver uploads them (see
 :mod:`metafx.tracking`).
 """
@@ -21,9 +20,8 @@ import json
 import logging
 import math
 import re
-import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -236,125 +234,26 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def study_from_rows(
-    rows: Sequence[Mapping[str, Any]],
-    metric: str,
-    mode: str = "min",
-    search_params: Iterable[Any] | None = None,
-) -> Any:
-    """Rebuild an Optuna study from finished trial rows (for the summary plots).
-
-    Useful when the live study is not at hand (e.g. after ``Tuner.restore`` or
-    from an MLflow read-back): each row with a finite ``metric`` becomes a
-    COMPLETE trial. Distributions come from ``search_params`` (the
-    :class:`metafx.config.SearchParam` list of the study) when given, else are
-    inferred from the values seen (float range, int range or categorical).
-
-    Args:
-        rows: mappings holding the metric and the parameter values under their
-            dotted keys (``maml.inner_lr``), either at top level or in a
-            ``params`` sub-mapping.
-        metric: the objective's key in the rows, e.g. ``val/query_l1_post``.
-        mode: ``min`` or ``max``.
-        search_params: the study's :class:`metafx.config.SearchParam` list, or None.
-
-    Returns:
-        An in-memory ``optuna.Study``.
-
-    Raises:
-        ArtifactError: ``mode`` is not min/max or no row has a finite metric.
-    """
-    import optuna  # plotting only; the search's study lives in Ray Tune's OptunaSearch
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    if mode not in ("min", "max"):
-        raise ArtifactError(f"mode must be 'min' or 'max', got {mode!r}")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    scored = [(r, _finite(r.get(metric))) for r in rows]
-    scored = [(r, v) for r, v in scored if v is not None]
-    if not scored:
-        raise ArtifactError(f"no trial row has a finite value of metric {metric!r}; cannot build a study")
-
-    def values_of(r: Mapping[str, Any]) -> dict[str, Any]:
-        sub = r.get("params")
-        return dict(sub) if isinstance(sub, Mapping) else dict(r)
-
-    dists: dict[str, Any] = {}
-    if search_params is not None:
-        from metafx.search_space import distribution  # the search's own distributions
-
-        dists = {sp.key: distribution(sp) for sp in search_params}
-    else:
-        keys = {k for r, _ in scored for k in values_of(r) if k != metric}
-        for k in sorted(keys):
-            vals = [values_of(r)[k] for r, _ in scored if k in values_of(r)]
-            if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in vals):
-                dists[k] = IntDistribution(int(min(vals)), int(max(vals)))
-            elif all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in vals):
-                lo, hi = float(min(vals)), float(max(vals))
-                dists[k] = FloatDistribution(lo, hi, log=lo > 0 and hi / lo >= 100)
-            elif all(isinstance(x, (str, bool, int, float)) or x is None for x in vals):
-                dists[k] = CategoricalDistribution(sorted(set(vals), key=repr))
-    study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
-    for r, v in scored:
-        vals = values_of(r)
-        params, used = {}, {}
-        for k, d in dists.items():
-            if k not in vals:
-                continue  # conditional parameter absent in this trial
-            x = vals[k]
-            if isinstance(d, CategoricalDistribution) and x not in d.choices:
-                log.warning("row value %s=%r is not among the search choices %s; left out of the study", k, x, d.choices)
-                continue
-            if isinstance(d, (FloatDistribution, IntDistribution)):
-                if isinstance(x, bool) or not isinstance(x, (int, float, np.number)) or not d.low <= x <= d.high:
-                    log.warning("row value %s=%r is outside the search range [%s, %s]; left out", k, x, d.low, d.high)
-                    continue
-                x = int(x) if isinstance(d, IntDistribution) else float(x)
-            params[k], used[k] = x, d
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=used, value=v))
-    return study
-
-
 def optuna_plots(study: Any, out_dir: Path) -> list[Path]:
     """Optuna's optimization-history and parameter-importance plots as PNGs.
 
-    Uses ``optuna.visualization.matplotlib``. Parameter importances need at
-    least two completed trials and a parameter that varies; when Optuna cannot
-    compute them the plot is skipped with a logged warning rather than failing
-    the search summary.
+    The axes come from :func:`metafx.search_space.summary_axes` (the one optuna import);
+    this function sizes and saves them. Parameter importances need at least two completed
+    trials and a parameter that varies; when Optuna cannot compute them the plot is skipped
+    with a logged warning rather than failing the search summary.
 
     Args:
-        study: an ``optuna.Study`` (live, or from :func:`study_from_rows`).
+        study: an ``optuna.Study`` (live, or from :func:`metafx.search_space.study_from_rows`).
         out_dir: directory to write ``optuna_history.png`` and
             ``optuna_importances.png`` into (created if missing).
 
     Returns:
         The written files (possibly empty when no trial completed).
     """
-    import optuna
-    from optuna.visualization import matplotlib as ovm
+    from metafx.search_space import summary_axes
 
     out_dir = Path(out_dir)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not done:
-        log.warning("the study has no completed trial; no Optuna plots written")
-        return []
-    written: list[Path] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        written.append(_save_axes(ovm.plot_optimization_history(study), out_dir / "optuna_history.png"))
-        keys = {k for t in done for k in t.params}
-        if len(done) < 2 or not any(len({repr(t.params.get(k)) for t in done}) > 1 for k in keys):
-            log.warning("parameter importances need >= 2 completed trials with a varying parameter; skipped")
-            return written
-        try:
-            ax = ovm.plot_param_importances(study)
-        except (ValueError, RuntimeError, ZeroDivisionError) as e:
-            log.warning("Optuna could not compute parameter importances (%s: %s); plot skipped", type(e).__name__, e)
-            return written
-        written.append(_save_axes(ax, out_dir / "optuna_importances.png"))
-    return written
+    return [_save_axes(ax, out_dir / f"{name}.png") for name, ax in summary_axes(study)]
 
 
 # --------------------------------------------------------------------------- helpers

@@ -54,7 +54,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from metafx.cluster import check_storage, init_ray, worker_facts
+from metafx.cluster import check_storage, cluster_gpus, init_ray, worker_facts
 from metafx.config import REPO_ROOT, Config, ConfigError, SearchConfig, dump_config
 from metafx.records import (
     FAILED,
@@ -470,24 +470,22 @@ def _ray_output(verbose_ray: bool) -> Iterator[None]:
     if verbose_ray:
         yield
         return
-    import optuna
+    from metafx.search_space import quiet_optuna
 
     saved = {name: logging.getLogger(name).level for name in _RAY_LOGGERS}
-    saved_optuna = optuna.logging.get_verbosity()
     # Tune's new output engine prints its experiment table and a TensorBoard hint at any
     # verbosity; the legacy engine at verbose=0 prints nothing.
     env = {"RAY_COLOR_PREFIX": "0", "RAY_AIR_NEW_OUTPUT": "0"}
     saved_env = {k: os.environ.get(k) for k in env}
     for name, level in _RAY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.update(env)
     try:
-        yield
+        with quiet_optuna():
+            yield
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
-        optuna.logging.set_verbosity(saved_optuna)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -508,7 +506,6 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
     exp_path = f"{storage.rstrip('/')}/{name}"
     s = cfg.search
 
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -530,7 +527,7 @@ def _run_search(cfg: Config, *, name: str | None, storage: str | None, tracking_
 
     trainable = tune.with_parameters(_trainable, study=cfg)
     resources = {"cpu": s.cpus_per_trial}
-    if s.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) > 0:
+    if s.gpus_per_trial > 0 and cluster_gpus() > 0:
         resources["gpu"] = s.gpus_per_trial
     trainable = tune.with_resources(trainable, resources)
 
@@ -778,13 +775,14 @@ def _summary_files(cfg: Config, summary: SearchSummary, exp_path: str) -> list[P
     The study is rebuilt from the trial table: the searcher's own study does not
     survive ``Tuner.restore``. (The tracker writes the trial table and best config itself.)
     """
-    from metafx.plots import ArtifactError, optuna_plots, study_from_rows
+    from metafx.plots import optuna_plots
+    from metafx.search_space import study_from_rows
 
     out = _local_dir(exp_path, summary.name)
     try:
         study = study_from_rows([r for r in summary.table if r["status"] != FAILED], f"best {cfg.search.metric}",
                                 cfg.search.mode, cfg.search.params)
         return optuna_plots(study, out / "plots")
-    except ArtifactError as e:
+    except ValueError as e:  # no finite metric in any row (study_from_rows), or a malformed plot (ArtifactError)
         log.warning("Optuna plots skipped: %s", e)
         return []

@@ -1,16 +1,26 @@
 """The search space of a study: Optuna's define-by-run space over ``search.params``, its checks, and a trial's config.
 
-The only module of metafx importing optuna for the search (lazily: a trial imports this
-module for :func:`trial_config` without paying for optuna); :mod:`metafx.plots` imports it
-too, only to draw the summary plots, and takes its distributions from :func:`distribution`.
-Nothing here computes: OptunaSearch calls :class:`DefineByRun` for every trial it samples.
+The only module of metafx importing optuna (lazily: a trial imports this module for
+:func:`trial_config` without paying for optuna): the space Ray Tune's OptunaSearch samples
+(:class:`DefineByRun`, :func:`sampler`), the study the search summary's plots are drawn from
+(:func:`study_from_rows`, :func:`summary_axes`; :mod:`metafx.plots` saves them) and Optuna's
+logging (:func:`quiet_optuna`). Nothing here computes: OptunaSearch calls :class:`DefineByRun`
+for every trial it samples.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+import logging
+import math
+import warnings
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from metafx.config import (ARCHS, STEP_METHODS, VAL_METRICS, Config, ConfigError, SearchConfig, SearchParam, config_from_dict,
                            get_dotted)
+
+log = logging.getLogger(__name__)
 
 #: The training metrics a trial reports; with :data:`~metafx.config.VAL_METRICS`, what ``search.metric`` may be.
 REPORTED_METRICS = ("query_l1_post", "query_l1_pre", "support_l1_post", "support_l1_pre")
@@ -175,3 +185,140 @@ def trial_config(cfg: Config, sampled: Mapping[str, Any]) -> Config:
     """
     over = {k: v for k, v in sampled.items() if "." in k}
     return config_from_dict(cfg.to_dict(), cfg.source_file, overrides=over)
+
+
+def study_from_rows(
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    mode: str = "min",
+    search_params: Iterable[Any] | None = None,
+) -> Any:
+    """Rebuild an Optuna study from finished trial rows (for the summary plots).
+
+    Useful when the live study is not at hand (e.g. after ``Tuner.restore`` or
+    from an MLflow read-back): each row with a finite ``metric`` becomes a
+    COMPLETE trial. Distributions come from ``search_params`` (the
+    :class:`metafx.config.SearchParam` list of the study) when given, else are
+    inferred from the values seen (float range, int range or categorical).
+
+    Args:
+        rows: mappings holding the metric and the parameter values under their
+            dotted keys (``maml.inner_lr``), either at top level or in a
+            ``params`` sub-mapping.
+        metric: the objective's key in the rows, e.g. ``val/query_l1_post``.
+        mode: ``min`` or ``max``.
+        search_params: the study's :class:`metafx.config.SearchParam` list, or None.
+
+    Returns:
+        An in-memory ``optuna.Study``.
+
+    Raises:
+        ValueError: ``mode`` is not min/max or no row has a finite metric.
+    """
+    import optuna  # the search's own study lives in Ray Tune's OptunaSearch; this one is for the plots
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    scored = [(r, _finite_value(r.get(metric))) for r in rows]
+    scored = [(r, v) for r, v in scored if v is not None]
+    if not scored:
+        raise ValueError(f"no trial row has a finite value of metric {metric!r}; cannot build a study")
+
+    def values_of(r: Mapping[str, Any]) -> dict[str, Any]:
+        sub = r.get("params")
+        return dict(sub) if isinstance(sub, Mapping) else dict(r)
+
+    dists: dict[str, Any] = {}
+    if search_params is not None:
+        dists = {sp.key: distribution(sp) for sp in search_params}
+    else:
+        keys = {k for r, _ in scored for k in values_of(r) if k != metric}
+        for k in sorted(keys):
+            vals = [values_of(r)[k] for r, _ in scored if k in values_of(r)]
+            if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in vals):
+                dists[k] = IntDistribution(int(min(vals)), int(max(vals)))
+            elif all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in vals):
+                lo, hi = float(min(vals)), float(max(vals))
+                dists[k] = FloatDistribution(lo, hi, log=lo > 0 and hi / lo >= 100)
+            elif all(isinstance(x, (str, bool, int, float)) or x is None for x in vals):
+                dists[k] = CategoricalDistribution(sorted(set(vals), key=repr))
+    study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
+    for r, v in scored:
+        vals = values_of(r)
+        params, used = {}, {}
+        for k, d in dists.items():
+            if k not in vals:
+                continue  # conditional parameter absent in this trial
+            x = vals[k]
+            if isinstance(d, CategoricalDistribution) and x not in d.choices:
+                log.warning("row value %s=%r is not among the search choices %s; left out of the study", k, x, d.choices)
+                continue
+            if isinstance(d, (FloatDistribution, IntDistribution)):
+                if isinstance(x, bool) or not isinstance(x, (int, float, np.number)) or not d.low <= x <= d.high:
+                    log.warning("row value %s=%r is outside the search range [%s, %s]; left out", k, x, d.low, d.high)
+                    continue
+                x = int(x) if isinstance(d, IntDistribution) else float(x)
+            params[k], used[k] = x, d
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=used, value=v))
+    return study
+
+def _finite_value(v: Any) -> float | None:
+    """``v`` as a finite float, or None (a missing, boolean, non-numeric or non-finite metric)."""
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def summary_axes(study: Any) -> list[tuple[str, Any]]:
+    """Optuna's optimization-history and parameter-importance plots of a study, as matplotlib axes.
+
+    Drawn with ``optuna.visualization.matplotlib``; :func:`metafx.plots.optuna_plots` sizes and
+    saves them (this module draws, that one writes files). Parameter importances need at least two
+    completed trials and a parameter that varies; when Optuna cannot compute them the plot is
+    left out with a logged warning rather than failing the search summary.
+
+    Args:
+        study: an ``optuna.Study`` (live, or from :func:`study_from_rows`).
+
+    Returns:
+        ``[("optuna_history", ax), ("optuna_importances", ax)]``, the second left out when
+        importances cannot be computed; empty when no trial completed.
+    """
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        log.warning("the study has no completed trial; no Optuna plots written")
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        out = [("optuna_history", ovm.plot_optimization_history(study))]
+        keys = {k for t in done for k in t.params}
+        if len(done) < 2 or not any(len({repr(t.params.get(k)) for t in done}) > 1 for k in keys):
+            log.warning("parameter importances need >= 2 completed trials with a varying parameter; skipped")
+            return out
+        try:
+            out.append(("optuna_importances", ovm.plot_param_importances(study)))
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            log.warning("Optuna could not compute parameter importances (%s: %s); plot skipped", type(e).__name__, e)
+    return out
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's own logger at WARNING inside the block (its per-trial INFO lines off), restored after."""
+    import optuna
+
+    saved = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(saved)

@@ -13,10 +13,10 @@ from metafx.plots import (
     ArtifactError,
     optuna_plots,
     plot_training_curves,
-    study_from_rows,
     trial_table_markdown,
     write_trial_artifacts,
 )
+from metafx.search_space import study_from_rows
 from tracking_fakes import SR, make_examples, make_history
 
 
@@ -184,5 +184,5 @@ def test_optuna_plots_from_rows(tmp_path):
     # One trial: the history only, importances are skipped (not an error).
     one = study_from_rows(rows[:1], "val/query_l1_post", "min")
     assert [p.name for p in optuna_plots(one, tmp_path / "one")] == ["optuna_history.png"]
-    with pytest.raises(ArtifactError, match="finite"):
+    with pytest.raises(ValueError, match="finite"):
         study_from_rows(rows[-1:], "val/query_l1_post")

@@ -196,16 +196,13 @@ def placement(checks: Checks, device, cache: Path, work: Path) -> dict[str, Any]
 
 def packing(checks: Checks, device, cache: Path, work: Path, trials: int, share: float) -> dict[str, Any]:
     """Part 3: a smoke search packing ``trials`` trials at ``share`` of one GPU, tracked in MLflow."""
-    import ray
-
-    from metafx.cluster import init_ray
+    from metafx.cluster import cluster_gpus, init_ray, shutdown_ray
     from metafx.config import load_config
     from metafx.search import run_search
     from metafx.tracking import Tracker
 
     os.environ.pop("METAFX_DEVICE", None)  # the trials pin their own device from what Ray gave them
-    if ray.is_initialized():
-        ray.shutdown()
+    shutdown_ray()
     cpus = max(trials, min(os.cpu_count() or trials, 2 * trials))
     init_ray(cpus, num_gpus=1 if device.type != "cuda" else None, log_to_driver=False)
     cfg = load_config("lstm.yaml", "smoke", {
@@ -214,10 +211,10 @@ def packing(checks: Checks, device, cache: Path, work: Path, trials: int, share:
     uri = f"sqlite:///{work}/mlflow.db"
     t0 = time.perf_counter()
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = cluster_gpus()
         out = run_search(cfg, name="gpu-packing", storage=str(work / "ray"), tracking_uri=uri, verbose=0)
     finally:
-        ray.shutdown()
+        shutdown_ray()
     secs = time.perf_counter() - t0
     part = f"packing {trials} x {share} GPU"
     checks.check(part, "Ray sees one GPU", gpus >= 1, gpus)
