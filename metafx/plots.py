@@ -33,6 +33,7 @@ import soundfile as sf  # noqa: E402
 from scipy.signal import welch  # noqa: E402
 
 from metafx.config import is_cutoff_param  # noqa: E402
+from metafx.records import finite_value  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def plot_training_curves(path: Path, history: Sequence[Mapping[str, Any]]) -> Pa
             for key in (base, f"val/{base}"):
                 if key not in h:
                     continue
-                v = _finite(h[key])
+                v = finite_value(h[key])
                 if v is None:
                     continue
                 step = h.get("step")
@@ -422,16 +423,6 @@ def _save_axes(ax: Any, path: Path) -> Path:
         return _save(ax.figure, path)
     finally:
         plt.close(ax.figure)
-
-
-def _finite(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _safe_name(s: str) -> str:

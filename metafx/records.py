@@ -37,6 +37,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import subprocess
 from dataclasses import dataclass
@@ -339,6 +340,27 @@ def best_definition(metric: str, mode: str = "min") -> str:
     return (f"best trial = the trial that finished (ran its test evaluation) with the {low} {metric} "
             f"at any of its validation reports; that value is the checkpoint it was tested with. "
             f"Trials ASHA stopped early rank after every finished one")
+
+
+def finite_value(v: Any) -> float | None:
+    """A row's value as a finite float, or None: missing, boolean, not a number, NaN or infinite.
+
+    Why: trial rows and histories hold NaN for a failed or not-yet-reported metric, and strings
+    where a reader sends them through CSV; plots and the summary study keep only real values.
+
+    Args:
+        v: any value.
+
+    Returns:
+        ``float(v)`` when that is finite (a bool is not a number here), else None.
+    """
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
 
 
 def rank_rows(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "min") -> list[dict[str, Any]]:

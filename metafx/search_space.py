@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from metafx.config import (ARCHS, STEP_METHODS, VAL_METRICS, Config, ConfigError, SearchConfig, SearchParam, config_from_dict,
                            get_dotted)
+from metafx.records import finite_value
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def study_from_rows(
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    scored = [(r, _finite_value(r.get(metric))) for r in rows]
+    scored = [(r, finite_value(r.get(metric))) for r in rows]
     scored = [(r, v) for r, v in scored if v is not None]
     if not scored:
         raise ValueError(f"no trial row has a finite value of metric {metric!r}; cannot build a study")
@@ -263,17 +263,6 @@ def study_from_rows(
             params[k], used[k] = x, d
         study.add_trial(optuna.trial.create_trial(params=params, distributions=used, value=v))
     return study
-
-def _finite_value(v: Any) -> float | None:
-    """``v`` as a finite float, or None (a missing, boolean, non-numeric or non-finite metric)."""
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
 
 def summary_axes(study: Any) -> list[tuple[str, Any]]:
     """Optuna's optimization-history and parameter-importance plots of a study, as matplotlib axes.

@@ -186,3 +186,12 @@ def test_optuna_plots_from_rows(tmp_path):
     assert [p.name for p in optuna_plots(one, tmp_path / "one")] == ["optuna_history.png"]
     with pytest.raises(ValueError, match="finite"):
         study_from_rows(rows[-1:], "val/query_l1_post")
+
+
+def test_finite_value_keeps_only_real_numbers():
+    from metafx.records import finite_value
+
+    assert finite_value(0.25) == 0.25 and finite_value(np.float32(2.0)) == 2.0 and finite_value("1e-3") == 1e-3
+    assert finite_value(3) == 3.0 and isinstance(finite_value(np.int64(3)), float)
+    for bad in (None, True, False, float("nan"), float("inf"), -float("inf"), "nan", "abc", [1.0], {}):
+        assert finite_value(bad) is None, bad
