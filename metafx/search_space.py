@@ -264,6 +264,7 @@ def study_from_rows(
         study.add_trial(optuna.trial.create_trial(params=params, distributions=used, value=v))
     return study
 
+
 def summary_axes(study: Any) -> list[tuple[str, Any]]:
     """Optuna's optimization-history and parameter-importance plots of a study, as matplotlib axes.
 
