@@ -39,7 +39,11 @@ def test_export_rtf_times_both_exports_of_a_capture(tmp_path, capsys):
 def test_capture_report_names_the_native_figure_where_it_has_one():
     rep = json.loads((REPO / "benchmarks" / "capture.json").read_text())
     fit = "continuous"
-    assert "native model.so" not in bench_capture._markdown(rep, fit)  # a report from before the native export
+    keys = ("rtf_block256", "rtf_block256_bank", "rtf_block256_cascade")
+    for k in keys:  # a report from before the native export: no native figure
+        if rep.get(k):
+            rep[k] = {f: v for f, v in rep[k].items() if not f.startswith("native")}
+    assert "native model.so" not in bench_capture._markdown(rep, fit)
     rep["rtf_block256_bank"] = dict(rep["rtf_block256_bank"] or {"family": "cubicnl", "bank_units": 111,
                                                                   "rtf_cpu": 13.0, "rtf_wall": 13.0},
                                     native_rtf_cpu=77.7)
