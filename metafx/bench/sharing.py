@@ -65,7 +65,7 @@ def main(args, rest) -> int:
         def memory(self) -> dict:
             return {"pid": os.getpid(), **_rollup()}
 
-    from metafx.cluster import init_ray
+    from metafx.cluster import init_ray, shutdown_ray
 
     init_ray(N_TRIALS)  # the search's own local Ray: loopback only, as trials run
     try:
@@ -77,7 +77,7 @@ def main(args, rest) -> int:
         copied = ray.get([a.memory.remote() for a in actors])
         wall = time.time() - t0
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
     def total(rows, key):
         return sum(r[key] for r in rows)
