@@ -368,3 +368,17 @@ def test_arx_feature_sizes_that_feed_nothing_are_refused(over, needle):
 def test_arx_input_filters_are_accepted_with_pointwise_channels():
     cfg = load_config("arx.yaml", "smoke", {"model.arx.features": "learned", "model.arx.n_filter": 3})
     assert cfg.model.arx.n_filter == 3
+
+
+@pytest.mark.parametrize("budget", ["local", "paper"])
+def test_the_main_job_validates_on_every_validation_task(budget):
+    # The search picks its winner on the validation episodes: with 8 of the 18 Moog validation tasks it handed on
+    # the head that ranks last on all 18 (benchmarks/search_local.md). One episode per validation task at least.
+    from metafx.data.plan import assign_splits, plan_tasks
+
+    cfg = load_config(SPACES_DIR / "lstm.yaml", budget=budget)
+    d = cfg.data
+    labels = assign_splits([t.family for t in plan_tasks(d)], d.val_fraction, d.test_fraction, d.split_seed)
+    n_val = labels.count("val")
+    assert n_val == 18
+    assert cfg.maml.val_episodes >= n_val
